@@ -1,0 +1,39 @@
+from llm_supervisor.v1 import supervisor_pb2 as _supervisor_pb2
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class WorkerGenerateRequest(_message.Message):
+    __slots__ = ("prompt", "chat", "options")
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    CHAT_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    prompt: str
+    chat: _supervisor_pb2.ChatRequest
+    options: _supervisor_pb2.SamplingOptions
+    def __init__(self, prompt: _Optional[str] = ..., chat: _Optional[_Union[_supervisor_pb2.ChatRequest, _Mapping]] = ..., options: _Optional[_Union[_supervisor_pb2.SamplingOptions, _Mapping]] = ...) -> None: ...
+
+class WorkerInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class WorkerInfo(_message.Message):
+    __slots__ = ("pid", "n_ctx", "n_batch", "n_threads", "requests_served", "architecture", "has_chat_template")
+    PID_FIELD_NUMBER: _ClassVar[int]
+    N_CTX_FIELD_NUMBER: _ClassVar[int]
+    N_BATCH_FIELD_NUMBER: _ClassVar[int]
+    N_THREADS_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_SERVED_FIELD_NUMBER: _ClassVar[int]
+    ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
+    HAS_CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    pid: int
+    n_ctx: int
+    n_batch: int
+    n_threads: int
+    requests_served: int
+    architecture: str
+    has_chat_template: bool
+    def __init__(self, pid: _Optional[int] = ..., n_ctx: _Optional[int] = ..., n_batch: _Optional[int] = ..., n_threads: _Optional[int] = ..., requests_served: _Optional[int] = ..., architecture: _Optional[str] = ..., has_chat_template: _Optional[bool] = ...) -> None: ...

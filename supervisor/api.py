@@ -1,0 +1,122 @@
+"""The public gRPC service. It translates; the registry and the model runtimes do the work."""
+
+from __future__ import annotations
+
+import time
+from typing import AsyncIterator
+
+import grpc
+import structlog
+
+from llm_supervisor.v1 import supervisor_pb2 as pb
+from llm_supervisor.v1 import supervisor_pb2_grpc
+from llm_supervisor.v1 import worker_pb2
+
+from . import __version__
+from .errors import ApiError, invalid
+from .procfs import read_memory
+from .registry import Registry
+from .scheduler import ModelRuntime
+from .validation import check_messages, check_model_name, check_options, check_prompt
+
+log = structlog.get_logger("llm_supervisor.api")
+
+
+async def _abort(context: grpc.aio.ServicerContext, error: ApiError) -> None:
+    await context.abort(error.code, error.message)
+
+
+class SupervisorService(supervisor_pb2_grpc.SupervisorServicer):
+    def __init__(self, registry: Registry, clock=time.monotonic) -> None:
+        self.registry = registry
+        self._clock = clock
+        self._started = clock()
+
+    async def _stream(self, model: str, request: worker_pb2.WorkerGenerateRequest,
+                      context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateChunk]:
+        try:
+            check_model_name(model)
+            runtime = self.registry.get(model)
+            request.options.CopyFrom(check_options(request.options, runtime.config))
+            async for chunk in runtime.generate(request):
+                yield chunk
+        except ApiError as e:
+            await _abort(context, e)
+
+    async def Generate(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateChunk]:
+        try:
+            check_prompt(request.prompt)
+        except ApiError as e:
+            await _abort(context, e)
+        work = worker_pb2.WorkerGenerateRequest(prompt=request.prompt, options=request.options)
+        async for chunk in self._stream(request.model, work, context):
+            yield chunk
+
+    async def Chat(self, request: pb.ChatRequest, context) -> AsyncIterator[pb.GenerateChunk]:
+        try:
+            check_messages(request.messages)
+        except ApiError as e:
+            await _abort(context, e)
+        work = worker_pb2.WorkerGenerateRequest(chat=request, options=request.options)
+        async for chunk in self._stream(request.model, work, context):
+            yield chunk
+
+    async def Tokenize(self, request: pb.TokenizeRequest, context) -> pb.TokenizeResponse:
+        try:
+            check_model_name(request.model)
+            return await self.registry.get(request.model).tokenize(request)
+        except ApiError as e:
+            await _abort(context, e)
+
+    async def LoadModel(self, request: pb.LoadModelRequest, context) -> pb.LoadModelResponse:
+        try:
+            if not request.path:
+                raise invalid("path is empty: give a GGUF file inside a model directory")
+            config = self.registry.model_config(request.name, request.path, dict(request.options))
+            runtime = await self.registry.load(config, source="api")
+        except ApiError as e:
+            await _abort(context, e)
+        log.info("model_loaded", model=runtime.name, path=str(runtime.gguf.path), source="api")
+        return pb.LoadModelResponse(model=model_info(runtime))
+
+    async def UnloadModel(self, request: pb.UnloadModelRequest, context) -> pb.UnloadModelResponse:
+        try:
+            await self.registry.unload(request.name)
+        except ApiError as e:
+            await _abort(context, e)
+        log.info("model_unloaded", model=request.name)
+        return pb.UnloadModelResponse()
+
+    async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(models=[model_info(rt) for rt in self.registry.models.values()])
+
+    async def Status(self, request: pb.StatusRequest, context) -> pb.StatusResponse:
+        return pb.StatusResponse(
+            version=__version__,
+            uptime_s=self._clock() - self._started,
+            workers=[worker_status(rt) for rt in self.registry.models.values()],
+        )
+
+
+def model_info(runtime: ModelRuntime) -> pb.ModelInfo:
+    c, g = runtime.config, runtime.gguf
+    return pb.ModelInfo(
+        name=c.name, path=str(g.path), state=runtime.state, n_ctx=c.n_ctx, n_gpu_layers=c.n_gpu_layers,
+        use_mmap=c.use_mmap, source=runtime.source, architecture=g.architecture, file_size_bytes=g.file_size,
+        has_chat_template=g.has_chat_template,
+    )
+
+
+def worker_status(runtime: ModelRuntime) -> pb.WorkerStatus:
+    worker = runtime.worker
+    status = pb.WorkerStatus(model=runtime.name, state=runtime.state, queue_depth=runtime.waiting,
+                             restarts=runtime.restarts, last_exit=runtime.fatal_reason or runtime.last_exit)
+    if worker is not None and worker.alive:
+        status.pid = worker.pid
+        status.requests_served = worker.requests_served
+        status.uptime_s = worker.uptime()
+        memory = read_memory(worker.pid)
+        if memory is not None:
+            status.private_memory_bytes = memory.private
+            status.file_rss_bytes = memory.rss_file
+    return status

@@ -1,0 +1,255 @@
+"""The TOML config as typed, frozen objects. Parsing is pure: host facts come in as arguments."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from .units import parse_duration, parse_size
+
+KV_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl")
+DEFAULT_ENGINE = "worker.engine:LlamaEngine"
+
+
+class ConfigError(ValueError):
+    """A config value an operator must fix; the message names the key and what is allowed."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    path: str
+    # llama.cpp's own names.
+    n_ctx: int = 2048
+    n_batch: int = 512
+    n_threads: int = 0  # 0 = the cores the worker may run on (sched_getaffinity)
+    n_gpu_layers: int = 0
+    use_mmap: bool = True
+    use_mlock: bool = False
+    flash_attn: bool = False
+    type_k: str = "f16"
+    type_v: str = "f16"
+    # Supervision.
+    replicas: int = 1
+    pinned: bool = False
+    keep_alive: float = 300.0  # seconds after the last request; inf = never; 0 = right after each
+    max_private_memory: int | None = None  # soft line: graceful recycle (watchdog)
+    max_gpu_memory: int | None = None
+    leak_threshold: int | None = None
+    max_requests: int = 0  # 0 = no limit
+    request_timeout: float = 600.0
+    max_queue: int = 64
+    max_tokens: int = 0  # cap on a request's max_tokens; 0 = no cap beyond the context
+    rlimit_data: int | None = None  # kernel's last line on private memory (RLIMIT_DATA)
+    rlimit_nofile: int = 1024
+    load_timeout: float = 120.0
+    engine: str = DEFAULT_ENGINE
+
+    def worker_options(self) -> dict[str, Any]:
+        """What the worker process needs to load the model (it knows nothing of policies)."""
+        keys = ("n_ctx", "n_batch", "n_threads", "n_gpu_layers", "use_mmap", "use_mlock", "flash_attn", "type_k", "type_v")
+        return {k: getattr(self, k) for k in keys}
+
+
+@dataclass(frozen=True)
+class SupervisorConfig:
+    address: str
+    state_dir: Path
+    runtime_dir: Path
+    model_dirs: tuple[Path, ...]
+    poll_interval: float = 1.0
+    memory_budget: int | None = None
+    gpu_memory_budget: int | None = None
+    max_loaded_models: int = 0  # 0 = no limit
+    shutdown_timeout: float = 30.0
+    log_level: str = "info"
+    journald: bool = False
+    metrics_address: str = ""
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    models: tuple[ModelConfig, ...] = ()
+
+
+@dataclass(frozen=True)
+class Host:
+    """Facts about the machine that parsing needs: percentages, default paths."""
+
+    memory_bytes: int
+    is_root: bool
+    env: Mapping[str, str]
+
+
+def default_dirs(host: Host) -> tuple[Path, Path]:
+    """(state_dir, runtime_dir): systemd's directories when it gave them, FHS ones as root, XDG otherwise."""
+    env = host.env
+    if env.get("STATE_DIRECTORY") and env.get("RUNTIME_DIRECTORY"):
+        return Path(env["STATE_DIRECTORY"].split(":")[0]), Path(env["RUNTIME_DIRECTORY"].split(":")[0])
+    if host.is_root:
+        return Path("/var/lib/llm-supervisor"), Path("/run/llm-supervisor")
+    home = Path(env.get("HOME", "/tmp"))
+    state = Path(env.get("XDG_STATE_HOME", home / ".local/state")) / "llm-supervisor"
+    runtime = Path(env.get("XDG_RUNTIME_DIR", f"/tmp/llm-supervisor-{os.getuid()}")) / "llm-supervisor"
+    return state, runtime
+
+
+def default_address(host: Host) -> str:
+    return f"unix://{default_dirs(host)[1] / 'supervisor.sock'}"
+
+
+def _coerce(key: str, kind: Any, value: Any, host: Host) -> Any:
+    """One key's value, from TOML (typed) or from a LoadModel option (always a string)."""
+    if key in ("max_private_memory", "max_gpu_memory", "leak_threshold", "rlimit_data"):
+        return None if value in ("", "none", None) else parse_size(value, host.memory_bytes)
+    if key == "keep_alive":
+        return parse_duration(value, allow_forever=True)
+    if key in ("request_timeout", "load_timeout"):
+        return parse_duration(value)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("true", "1", "yes", "on"):
+            return True
+        if text in ("false", "0", "no", "off"):
+            return False
+        raise ValueError(f"expected true or false, got {value!r}")
+    if kind is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError(f"expected a whole number, got {value!r}")
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"expected a whole number, got {value!r}") from None
+    return str(value)
+
+
+_MODEL_FIELDS = {f.name: f for f in dataclasses.fields(ModelConfig) if f.name != "name"}
+_MODEL_TYPES = {"int": int, "bool": bool, "str": str, "float": float}
+
+
+def model_config(name: str, values: Mapping[str, Any], defaults: Mapping[str, Any], host: Host) -> ModelConfig:
+    """A model's config: [defaults] overlaid by its own table (or by LoadModel's options)."""
+    if not name or not all(c.isalnum() or c in "-_.:" for c in name) or len(name) > 64:
+        raise ConfigError(f"model name {name!r} is not allowed: use 1-64 letters, digits, '-', '_', '.' or ':'")
+    merged = {**defaults, **values}
+    kwargs: dict[str, Any] = {}
+    for key, value in merged.items():
+        f = _MODEL_FIELDS.get(key)
+        if f is None:
+            raise ConfigError(f"model {name!r}: unknown option {key!r}; known: {', '.join(sorted(_MODEL_FIELDS))}")
+        kind = _MODEL_TYPES.get(str(f.type).split(" ")[0], str)
+        try:
+            kwargs[key] = _coerce(key, kind, value, host)
+        except ValueError as e:
+            raise ConfigError(f"model {name!r}: option {key}: {e}") from None
+    if not kwargs.get("path"):
+        raise ConfigError(f"model {name!r}: 'path' is required (a GGUF file inside a model directory)")
+    cfg = ModelConfig(name=name, **kwargs)
+    _check_model(cfg)
+    return cfg
+
+
+def _check_model(cfg: ModelConfig) -> None:
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(f"model {cfg.name!r}: {message}")
+
+    need(16 <= cfg.n_ctx <= 1 << 20, f"n_ctx must be between 16 and 1048576, got {cfg.n_ctx}")
+    need(1 <= cfg.n_batch <= cfg.n_ctx, f"n_batch must be between 1 and n_ctx ({cfg.n_ctx}), got {cfg.n_batch}")
+    need(0 <= cfg.n_threads <= 1024, f"n_threads must be between 0 (auto) and 1024, got {cfg.n_threads}")
+    need(cfg.n_gpu_layers >= -1, f"n_gpu_layers must be -1 (all) or more, got {cfg.n_gpu_layers}")
+    for key in ("type_k", "type_v"):
+        need(getattr(cfg, key) in KV_TYPES, f"{key} must be one of {', '.join(KV_TYPES)}, got {getattr(cfg, key)!r}")
+    need(cfg.replicas == 1, f"replicas other than 1 are not supported yet, got {cfg.replicas}")
+    need(cfg.max_queue >= 0, f"max_queue must be 0 or more, got {cfg.max_queue}")
+    need(cfg.max_tokens >= 0, f"max_tokens must be 0 (no cap) or more, got {cfg.max_tokens}")
+    need(cfg.max_requests >= 0, f"max_requests must be 0 (no limit) or more, got {cfg.max_requests}")
+    need(cfg.request_timeout > 0, "request_timeout must be more than 0")
+    need(cfg.load_timeout > 0, "load_timeout must be more than 0")
+    need(cfg.rlimit_nofile >= 64, f"rlimit_nofile must be at least 64, got {cfg.rlimit_nofile}")
+    need(cfg.rlimit_data is None or cfg.rlimit_data >= 64 << 20, "rlimit_data below 64MiB cannot even load the runtime")
+    need(":" in cfg.engine, f"engine must be 'module:Class', got {cfg.engine!r}")
+
+
+_SUPERVISOR_KEYS = {"address", "state_dir", "runtime_dir", "model_dirs", "poll_interval", "memory_budget",
+                    "gpu_memory_budget", "max_loaded_models", "shutdown_timeout"}
+
+
+def parse_config(text: str, host: Host, base_dir: Path | None = None) -> SupervisorConfig:
+    """Parse a TOML config. Relative directories are relative to the config file's directory."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config is not valid TOML: {e}") from None
+    unknown = set(data) - {"supervisor", "logging", "metrics", "defaults", "models"}
+    if unknown:
+        raise ConfigError(f"unknown config section(s): {', '.join(sorted(unknown))}")
+    sup = dict(data.get("supervisor", {}))
+    bad = set(sup) - _SUPERVISOR_KEYS
+    if bad:
+        raise ConfigError(f"[supervisor]: unknown key(s) {', '.join(sorted(bad))}; known: {', '.join(sorted(_SUPERVISOR_KEYS))}")
+    base = base_dir or Path.cwd()
+    state_default, runtime_default = default_dirs(host)
+
+    def directory(value: Any) -> Path:
+        return (base / str(value)).resolve()
+
+    state_dir = directory(sup["state_dir"]) if "state_dir" in sup else state_default
+    runtime_dir = directory(sup["runtime_dir"]) if "runtime_dir" in sup else runtime_default
+    model_dirs = sup.get("model_dirs", [str(state_dir / "models")])
+    if isinstance(model_dirs, str) or not all(isinstance(d, str) for d in model_dirs):
+        raise ConfigError("[supervisor] model_dirs must be a list of directory paths")
+    try:
+        cfg = SupervisorConfig(
+            address=str(sup.get("address", f"unix://{runtime_dir / 'supervisor.sock'}")),
+            state_dir=state_dir,
+            runtime_dir=runtime_dir,
+            model_dirs=tuple(directory(d) for d in model_dirs),
+            poll_interval=parse_duration(sup.get("poll_interval", 1.0)),
+            memory_budget=parse_size(sup["memory_budget"], host.memory_bytes) if "memory_budget" in sup else None,
+            gpu_memory_budget=parse_size(sup["gpu_memory_budget"], None) if "gpu_memory_budget" in sup else None,
+            max_loaded_models=int(sup.get("max_loaded_models", 0)),
+            shutdown_timeout=parse_duration(sup.get("shutdown_timeout", 30.0)),
+            log_level=str(data.get("logging", {}).get("level", "info")).lower(),
+            journald=bool(data.get("logging", {}).get("journald", False)),
+            metrics_address=str(data.get("metrics", {}).get("address", "")),
+            defaults=dict(data.get("defaults", {})),
+        )
+    except ValueError as e:
+        raise ConfigError(f"[supervisor]: {e}") from None
+    if cfg.poll_interval <= 0 or not math.isfinite(cfg.poll_interval):
+        raise ConfigError("[supervisor] poll_interval must be more than 0")
+    if cfg.log_level not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"[logging] level must be debug, info, warning or error, got {cfg.log_level!r}")
+    models_table = data.get("models", {})
+    models = tuple(model_config(name, dict(values), cfg.defaults, host) for name, values in models_table.items())
+    return dataclasses.replace(cfg, models=models)
+
+
+def load_config(path: Path | None, host: Host) -> SupervisorConfig:
+    """The config file, or the embedded default (serves the generated `demo` model) when there is none."""
+    if path is None:
+        return parse_config(EMBEDDED_DEFAULT, host)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+    return parse_config(text, host, base_dir=path.parent)
+
+
+EMBEDDED_DEFAULT = """
+# llm-supervisor's embedded default: one tiny generated model, so the whole path can be seen working.
+[supervisor]
+poll_interval = "1s"
+
+[defaults]
+n_ctx = 2048
+keep_alive = "-1"
+
+[models.demo]
+path = "demo.gguf"   # generated into <state_dir>/models on first start
+"""

@@ -1,0 +1,179 @@
+"""llm-supervisord: the daemon's entry point and main loop.
+
+    llm-supervisord [--config FILE] [--address ADDR] [--log-level LEVEL]
+
+With no --config it runs the embedded default, which generates (once) and serves a tiny `demo` model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+from pathlib import Path
+
+import grpc
+import psutil
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from llm_supervisor.v1 import supervisor_pb2, supervisor_pb2_grpc
+
+from .api import SupervisorService
+from .config import ConfigError, Host, SupervisorConfig, load_config
+from .demo_model import write_model
+from .errors import ApiError
+from .logs import configure
+from .registry import Registry
+from .scheduler import ModelRuntime
+
+log = structlog.get_logger("llm_supervisor.daemon")
+
+SERVICE_NAME = supervisor_pb2.DESCRIPTOR.services_by_name["Supervisor"].full_name
+# Unix socket paths are limited to 107 bytes by sockaddr_un.
+MAX_SOCKET_PATH = 100
+
+
+def model_health_name(model: str) -> str:
+    """The grpc.health.v1 service name that reports one model: SERVING while a worker takes requests."""
+    return f"model/{model}"
+
+
+def unix_socket_path(address: str) -> Path | None:
+    if address.startswith("unix://"):
+        return Path(address[len("unix://"):])
+    if address.startswith("unix:"):
+        return Path(address[len("unix:"):])
+    return None
+
+
+def _claim_socket(path: Path) -> None:
+    """Refuse to start over a live supervisor; clear a stale socket left by a crashed one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        path.unlink()
+        return
+    finally:
+        probe.close()
+    raise ConfigError(f"another process is already listening on {path}; stop it or pick another --address")
+
+
+def ensure_demo_model(config: SupervisorConfig) -> None:
+    demo = config.model_dirs[0] / "demo.gguf"
+    if not demo.exists():
+        log.info("demo_model_generated", path=str(demo))
+        write_model(demo)
+
+
+async def serve(config: SupervisorConfig, host: Host, stop: asyncio.Event | None = None) -> int:
+    stop = stop or asyncio.Event()
+    config.state_dir.mkdir(parents=True, exist_ok=True)
+    config.runtime_dir.mkdir(parents=True, exist_ok=True)
+    socket_root = config.runtime_dir if len(str(config.runtime_dir)) < MAX_SOCKET_PATH - 40 else None
+    socket_dir = Path(tempfile.mkdtemp(prefix="workers-", dir=socket_root))  # mode 0700: ours alone
+
+    server = grpc.aio.server()
+    health_servicer = health.aio.HealthServicer()
+    loop = asyncio.get_running_loop()
+
+    def on_change(runtime: ModelRuntime) -> None:
+        live = runtime.serving and runtime.name in registry.models
+        status = health_pb2.HealthCheckResponse.SERVING if live else health_pb2.HealthCheckResponse.NOT_SERVING
+        loop.create_task(health_servicer.set(model_health_name(runtime.name), status))
+
+    registry = Registry(config, host, socket_dir, on_change)
+    supervisor_pb2_grpc.add_SupervisorServicer_to_server(SupervisorService(registry), server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
+
+    path = unix_socket_path(config.address)
+    if path is not None:
+        _claim_socket(path)
+    if server.add_insecure_port(config.address) == 0 and path is None:
+        raise ConfigError(f"cannot listen on {config.address}")
+    await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    await server.start()
+    if path is not None:
+        os.chmod(path, 0o660)
+    log.info("listening", address=config.address, pid=os.getpid())
+
+    async def load(model) -> None:
+        try:
+            await registry.load(model, source="config", keep_on_failure=True)
+            log.info("model_loaded", model=model.name, source="config")
+        except ApiError as e:
+            log.error("model_load_failed", model=model.name, reason=e.message)
+
+    await asyncio.gather(*(load(m) for m in config.models))
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    log.info("ready", models=len(registry.models))
+
+    await stop.wait()
+    log.info("stopping", grace_s=config.shutdown_timeout)
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(config.shutdown_timeout)  # in-flight streams finish within the grace
+    await registry.stop_all(grace=5.0)
+    shutil.rmtree(socket_dir, ignore_errors=True)
+    if path is not None:
+        path.unlink(missing_ok=True)
+    log.info("stopped")
+    return 0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="llm-supervisord", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, help="TOML config file (default: the embedded demo config)")
+    parser.add_argument("--address", help="listen here instead of the config's address: unix:///path or host:port")
+    parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    host = Host(memory_bytes=psutil.virtual_memory().total, is_root=os.geteuid() == 0, env=os.environ)
+    configure("info")
+    try:
+        config = load_config(args.config, host)
+        if args.address:
+            config = dataclasses.replace(config, address=args.address)
+        if args.log_level:
+            config = dataclasses.replace(config, log_level=args.log_level)
+        configure(config.log_level)
+        if args.config is None:
+            ensure_demo_model(config)
+    except ConfigError as e:
+        print(f"llm-supervisord: {e}", file=sys.stderr)
+        return 2
+
+    async def run() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        # Handlers only set the event: no logging or work inside a signal handler.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        return await serve(config, host, stop)
+
+    try:
+        return asyncio.run(run())
+    except ConfigError as e:
+        print(f"llm-supervisord: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""Find a model file inside the allowed directories and check it is a GGUF before any worker starts."""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from pathlib import Path, PurePath
+from typing import Sequence
+
+from .errors import not_found, precondition
+
+GGUF_MAGIC = b"GGUF"
+
+
+@dataclass(frozen=True)
+class GGUFInfo:
+    path: Path
+    architecture: str
+    name: str
+    file_size: int
+    n_ctx_train: int
+    n_layer: int
+    has_chat_template: bool
+
+
+def resolve_model_path(path: str, model_dirs: Sequence[Path]) -> Path:
+    """The real path of `path`, which must lie inside one of `model_dirs` once symlinks are resolved."""
+    if not path or "\x00" in path:
+        raise precondition("model path is empty")
+    if ".." in PurePath(path).parts:
+        raise precondition(f"model path {path!r} contains '..'; give a path inside the model directories")
+    roots = [d.resolve() for d in model_dirs]
+    candidates = [Path(path)] if Path(path).is_absolute() else [root / path for root in roots]
+    for candidate in candidates:
+        real = candidate.resolve()
+        inside = any(real.is_relative_to(root) for root in roots)
+        if not inside:
+            raise precondition(
+                f"model path {path!r} resolves to {real}, outside the allowed model directories "
+                f"({', '.join(map(str, roots))}); add its directory to [supervisor] model_dirs"
+            )
+        if real.is_file():
+            return real
+    raise not_found(f"no model file {path!r} in the model directories ({', '.join(map(str, roots))})")
+
+
+def read_gguf_info(path: Path) -> GGUFInfo:
+    """Parse the header with the gguf package; anything that is not a loadable GGUF is FAILED_PRECONDITION."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        raise precondition(f"cannot read model file {path}: {e.strerror}") from None
+    if len(head) < 8 or head[:4] != GGUF_MAGIC:
+        raise precondition(f"{path} is not a GGUF file (its first bytes are {head[:4]!r}, not b'GGUF')")
+    version = struct.unpack("<I", head[4:8])[0]
+    if version not in (2, 3):
+        raise precondition(f"{path} is GGUF version {version}; llama.cpp reads versions 2 and 3")
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path, "r")
+        fields = {name: field for name, field in reader.fields.items()}
+
+        def value(key: str, default=None):
+            field = fields.get(key)
+            return default if field is None else field.contents()
+
+        arch = value("general.architecture")
+        if not arch:
+            raise ValueError("general.architecture is missing")
+        n_tensors = len(reader.tensors)
+    except Exception as e:  # the reader raises many kinds on damaged files; all mean the same to a user
+        raise precondition(f"{path} is not a valid GGUF file: {e}") from None
+    if n_tensors == 0:
+        raise precondition(f"{path} is not a valid GGUF file: it holds no tensors")
+    return GGUFInfo(
+        path=path,
+        architecture=str(arch),
+        name=str(value("general.name", path.stem)),
+        file_size=path.stat().st_size,
+        n_ctx_train=int(value(f"{arch}.context_length", 0) or 0),
+        n_layer=int(value(f"{arch}.block_count", 0) or 0),
+        has_chat_template=value("tokenizer.chat_template") is not None,
+    )

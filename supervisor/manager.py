@@ -1,0 +1,189 @@
+"""Worker processes: spawn one under limits, wait until it serves, watch its exit, stop it.
+
+The manager acts; it decides nothing. Who to start or stop is the model runtime's call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import structlog
+
+from llm_supervisor.v1 import worker_pb2, worker_pb2_grpc
+
+from .config import ModelConfig
+from .errors import precondition
+from .states import ALLOWED, ALIVE_STATES, WorkerState, describe_exit
+
+log = structlog.get_logger("llm_supervisor.manager")
+
+STDERR_TAIL_LINES = 50
+
+
+@dataclass(frozen=True)
+class Spawn:
+    """Everything needed to start one worker of a model."""
+
+    model: ModelConfig
+    model_path: Path
+    socket_path: Path
+
+
+class WorkerProcess:
+    def __init__(self, spawn: Spawn, clock=time.monotonic) -> None:
+        self.spawn = spawn
+        self.name = spawn.model.name
+        self.state = WorkerState.STARTING
+        self.pid = 0
+        self.started_at = clock()
+        self.requests_served = 0
+        self.exit_reason = ""
+        self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
+        self.info: worker_pb2.WorkerInfo | None = None
+        self._clock = clock
+        self._proc: asyncio.subprocess.Process | None = None
+        self._channel: grpc.aio.Channel | None = None
+        self.stub: worker_pb2_grpc.WorkerStub | None = None
+        self.exited = asyncio.Event()
+        self.stop_requested = False
+        self._tasks: list[asyncio.Task] = []
+
+    # -- state ---------------------------------------------------------------------------------------
+    def change_state(self, new: WorkerState, reason: str = "") -> None:
+        if new == self.state:
+            return
+        if new not in ALLOWED[self.state]:
+            raise RuntimeError(f"worker {self.name} pid {self.pid}: {self.state.value} → {new.value} is not allowed")
+        log.info("worker_state", model=self.name, worker_pid=self.pid, old=self.state.value, new=new.value, reason=reason)
+        self.state = new
+
+    @property
+    def alive(self) -> bool:
+        return self.state in ALIVE_STATES
+
+    def uptime(self) -> float:
+        return self._clock() - self.started_at
+
+    # -- start ---------------------------------------------------------------------------------------
+    def command(self) -> list[str]:
+        m = self.spawn.model
+        return [
+            sys.executable, "-m", "worker.main",
+            "--name", m.name,
+            "--model", str(self.spawn.model_path),
+            "--socket", str(self.spawn.socket_path),
+            "--engine", m.engine,
+            "--options", json.dumps(m.worker_options()),
+            "--parent-pid", str(os.getpid()),
+            "--rlimit-data", str(m.rlimit_data or 0),
+            "--rlimit-nofile", str(m.rlimit_nofile),
+        ]
+
+    async def start(self) -> None:
+        """Spawn and wait until the worker answers; raises ApiError with the worker's own reason."""
+        self.spawn.socket_path.unlink(missing_ok=True)
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self._proc = await asyncio.create_subprocess_exec(
+            *self.command(),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True,  # its own process group: a signal to it reaches its children too
+            env=env,
+        )
+        self.pid = self._proc.pid
+        log.info("worker_spawned", model=self.name, worker_pid=self.pid, path=str(self.spawn.model_path))
+        self._tasks.append(asyncio.create_task(self._read_output(), name=f"output-{self.pid}"))
+        self._tasks.append(asyncio.create_task(self._watch_exit(), name=f"exit-{self.pid}"))
+        # Short reconnect back-off: the socket appears as soon as the model is loaded, and every
+        # second spent waiting here is a second of the load time an operator sees.
+        self._channel = grpc.aio.insecure_channel(f"unix://{self.spawn.socket_path}", options=[
+            ("grpc.initial_reconnect_backoff_ms", 20), ("grpc.min_reconnect_backoff_ms", 20),
+            ("grpc.max_reconnect_backoff_ms", 200),
+        ])
+        self.stub = worker_pb2_grpc.WorkerStub(self._channel)
+        async def ask_info() -> worker_pb2.WorkerInfo:
+            return await self.stub.Info(worker_pb2.WorkerInfoRequest(), wait_for_ready=True,
+                                        timeout=self.spawn.model.load_timeout)
+
+        info = asyncio.create_task(ask_info())
+        died = asyncio.create_task(self.exited.wait())
+        done, _ = await asyncio.wait({info, died}, return_when=asyncio.FIRST_COMPLETED)
+        if info in done and info.exception() is None:
+            died.cancel()
+            self.info = info.result()
+            self.change_state(WorkerState.READY, "loaded")
+            return
+        info.cancel()
+        died.cancel()
+        if not self.exited.is_set():
+            await self.stop(grace=1.0)  # timed out loading
+            raise precondition(f"model {self.name!r}: worker did not become ready within load_timeout "
+                               f"({self.spawn.model.load_timeout:g} s)")
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        raise precondition(f"model {self.name!r}: worker failed to load: {self.failure_summary()}")
+
+    def failure_summary(self) -> str:
+        """The worker's own last word (it prints 'error: …' before exiting) plus how it ended."""
+        said = [line for line in self.stderr_tail if line.startswith("error:")]
+        detail = said[-1][len("error:"):].strip() if said else (self.stderr_tail[-1] if self.stderr_tail else "")
+        return f"{detail} ({self.exit_reason})" if detail else self.exit_reason
+
+    async def _read_output(self) -> None:
+        assert self._proc and self._proc.stdout
+        async for raw in self._proc.stdout:
+            line = raw.decode("utf-8", "replace").rstrip()
+            if line:
+                self.stderr_tail.append(line)
+                log.debug("worker_output", model=self.name, worker_pid=self.pid, line=line)
+
+    async def _watch_exit(self) -> None:
+        assert self._proc
+        code = await self._proc.wait()
+        self.exit_reason = describe_exit(code)
+        level = log.info if self.state == WorkerState.STOPPING else log.warning
+        level("worker_exited", model=self.name, worker_pid=self.pid, reason=self.exit_reason, state=self.state.value)
+        self.state = WorkerState.EXITED  # any state may end here: the process is gone whatever we thought
+        self.exited.set()
+        if self._channel is not None:
+            await self._channel.close()
+
+    async def wait_exit(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self.exited.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    # -- stop ----------------------------------------------------------------------------------------
+    async def stop(self, grace: float = 5.0) -> None:
+        """TERM, wait `grace` seconds, then KILL the whole process group."""
+        self.stop_requested = True
+        if self._proc is None or self.exited.is_set():
+            return
+        if self.state != WorkerState.STOPPING:
+            self.change_state(WorkerState.STOPPING, "stop requested")
+        self._signal(signal.SIGTERM)
+        if not await self.wait_exit(grace):
+            log.warning("worker_kill", model=self.name, worker_pid=self.pid, reason=f"no exit {grace:g} s after SIGTERM")
+            self._signal(signal.SIGKILL)
+            await self.wait_exit(5.0)
+        self.spawn.socket_path.unlink(missing_ok=True)
+
+    def kill(self) -> None:
+        self._signal(signal.SIGKILL)
+
+    def _signal(self, sig: signal.Signals) -> None:
+        try:
+            os.killpg(self.pid, sig)
+        except ProcessLookupError:
+            pass

@@ -1,0 +1,31 @@
+"""Reads of /proc/PID/status: what a worker owns privately versus the shared, file-backed weights."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class MemorySample:
+    rss_anon: int
+    rss_file: int
+    swap: int
+
+    @property
+    def private(self) -> int:
+        # What a leak grows; mmap'd weights are file pages (RssFile), shared and reclaimable.
+        return self.rss_anon + self.swap
+
+
+def read_memory(pid: int, proc: str = "/proc") -> MemorySample | None:
+    """None when the process is gone (a normal race, not an error)."""
+    values: dict[str, int] = {}
+    try:
+        with open(f"{proc}/{pid}/status") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in ("RssAnon", "RssFile", "VmSwap"):
+                    values[key] = int(rest.split()[0]) * 1024
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    return MemorySample(values.get("RssAnon", 0), values.get("RssFile", 0), values.get("VmSwap", 0))

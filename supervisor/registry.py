@@ -1,0 +1,67 @@
+"""The loaded models: from the config at start, and loaded or unloaded at run time through the API."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Callable, Mapping
+
+from .config import ConfigError, Host, ModelConfig, SupervisorConfig, model_config
+from .errors import ApiError, invalid, not_found
+from .gguf_file import read_gguf_info, resolve_model_path
+from .scheduler import ModelRuntime
+
+import grpc
+
+
+class Registry:
+    def __init__(self, config: SupervisorConfig, host: Host, socket_dir: Path,
+                 on_change: Callable[[ModelRuntime], None] = lambda rt: None) -> None:
+        self.config = config
+        self.host = host
+        self.models: dict[str, ModelRuntime] = {}
+        self._socket_dir = socket_dir
+        self._on_change = on_change
+
+    def get(self, name: str) -> ModelRuntime:
+        runtime = self.models.get(name)
+        if runtime is None:
+            loaded = ", ".join(sorted(self.models)) or "none"
+            raise not_found(f"unknown model {name!r}; loaded models: {loaded}")
+        return runtime
+
+    def model_config(self, name: str, path: str, options: Mapping[str, str]) -> ModelConfig:
+        if "path" in options:
+            raise invalid("give the path as the request's path, not as an option")
+        try:
+            return model_config(name, {**options, "path": path}, self.config.defaults, self.host)
+        except ConfigError as e:
+            raise invalid(str(e)) from None
+
+    async def load(self, config: ModelConfig, source: str, keep_on_failure: bool = False) -> ModelRuntime:
+        """Check the file, then start the worker. A config model that fails stays listed as FATAL."""
+        if config.name in self.models:
+            raise ApiError(grpc.StatusCode.ALREADY_EXISTS,
+                           f"model {config.name!r} is already loaded; unload it first or pick another name")
+        path = resolve_model_path(config.path, self.config.model_dirs)
+        gguf = await asyncio.to_thread(read_gguf_info, path)
+        runtime = ModelRuntime(config, gguf, self._socket_dir, source, self._on_change)
+        self.models[config.name] = runtime  # reserve the name while loading
+        try:
+            await runtime.start()
+        except ApiError:
+            if not keep_on_failure:
+                del self.models[config.name]
+                self._on_change(runtime)
+            raise
+        return runtime
+
+    async def unload(self, name: str, grace: float = 5.0) -> None:
+        runtime = self.get(name)
+        del self.models[name]
+        await runtime.stop(grace)
+
+    async def stop_all(self, grace: float) -> None:
+        runtimes = list(self.models.values())
+        self.models.clear()
+        await asyncio.gather(*(rt.stop(grace) for rt in runtimes), return_exceptions=True)

@@ -1,0 +1,46 @@
+"""Worker states, as supervisord names its process states, and the groups policies ask about."""
+
+from __future__ import annotations
+
+import enum
+
+
+class WorkerState(enum.Enum):
+    STARTING = "STARTING"   # spawned, loading the model
+    READY = "READY"         # idle, takes requests
+    BUSY = "BUSY"           # generating
+    DRAINING = "DRAINING"   # finishes its request, takes no new one
+    STOPPING = "STOPPING"   # TERM sent, waiting for the exit
+    EXITED = "EXITED"       # gone; the model may start another
+    BACKOFF = "BACKOFF"     # waiting before a restart after a crash
+    FATAL = "FATAL"         # gave up: the reason says why; loading the model again retries
+
+
+SERVING_STATES = frozenset({WorkerState.READY, WorkerState.BUSY})
+ALIVE_STATES = frozenset({WorkerState.STARTING, WorkerState.READY, WorkerState.BUSY, WorkerState.DRAINING, WorkerState.STOPPING})
+
+# Which transitions make sense; anything else is a bug worth failing loudly on in tests.
+ALLOWED = {
+    WorkerState.STARTING: {WorkerState.READY, WorkerState.STOPPING, WorkerState.EXITED, WorkerState.FATAL},
+    WorkerState.READY: {WorkerState.BUSY, WorkerState.DRAINING, WorkerState.STOPPING, WorkerState.EXITED},
+    WorkerState.BUSY: {WorkerState.READY, WorkerState.DRAINING, WorkerState.STOPPING, WorkerState.EXITED},
+    WorkerState.DRAINING: {WorkerState.STOPPING, WorkerState.EXITED},
+    WorkerState.STOPPING: {WorkerState.EXITED},
+    WorkerState.EXITED: {WorkerState.STARTING, WorkerState.BACKOFF, WorkerState.FATAL},
+    WorkerState.BACKOFF: {WorkerState.STARTING, WorkerState.FATAL},
+    WorkerState.FATAL: {WorkerState.STARTING},
+}
+
+
+def describe_exit(returncode: int) -> str:
+    """'exited with status 3' / 'killed by signal SIGKILL (9)' — what an operator wants to read."""
+    import signal
+
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        hint = " — the kernel's OOM killer sends this too" if -returncode == signal.SIGKILL else ""
+        return f"killed by signal {name} ({-returncode}){hint}"
+    return f"exited with status {returncode}"

@@ -1,0 +1,69 @@
+"""Checks on what a client sends, before anything reaches a worker. Pure: request + model config in,
+a cleaned request or an INVALID_ARGUMENT with a message that says what is allowed."""
+
+from __future__ import annotations
+
+import math
+
+from llm_supervisor.v1 import supervisor_pb2 as pb
+
+from .config import ModelConfig
+from .errors import invalid
+
+MAX_STOP_SEQUENCES = 16
+MAX_STOP_LENGTH = 256
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
+def check_options(options: pb.SamplingOptions, model: ModelConfig) -> pb.SamplingOptions:
+    out = pb.SamplingOptions()
+    out.CopyFrom(options)
+
+    def in_range(field: str, low: float, high: float) -> None:
+        if options.HasField(field):
+            value = getattr(options, field)
+            if not math.isfinite(value) or not low <= value <= high:
+                raise invalid(f"{field} must be between {low:g} and {high:g}, got {value}")
+
+    in_range("temperature", 0.0, 100.0)
+    in_range("top_p", 0.0, 1.0)
+    in_range("min_p", 0.0, 1.0)
+    in_range("repeat_penalty", 0.0, 100.0)
+    if options.HasField("repeat_penalty") and options.repeat_penalty == 0.0:
+        raise invalid("repeat_penalty must be more than 0 (1.0 turns it off)")
+    if options.HasField("top_k") and options.top_k > 1_000_000:
+        raise invalid(f"top_k must be at most 1000000 (0 turns it off), got {options.top_k}")
+    if len(options.stop) > MAX_STOP_SEQUENCES:
+        raise invalid(f"at most {MAX_STOP_SEQUENCES} stop sequences, got {len(options.stop)}")
+    for stop in options.stop:
+        if not stop:
+            raise invalid("a stop sequence cannot be empty")
+        if len(stop) > MAX_STOP_LENGTH:
+            raise invalid(f"a stop sequence is at most {MAX_STOP_LENGTH} characters, got {len(stop)}")
+    if model.max_tokens:
+        if options.max_tokens > model.max_tokens:
+            raise invalid(f"max_tokens {options.max_tokens} is above model {model.name!r}'s cap of "
+                          f"{model.max_tokens} (max_tokens in its config)")
+        if options.max_tokens == 0:
+            out.max_tokens = model.max_tokens
+    return out
+
+
+def check_model_name(name: str) -> None:
+    if not name:
+        raise invalid("model is empty: name a loaded model (llmctl models lists them)")
+
+
+def check_prompt(prompt: str) -> None:
+    if not prompt:
+        raise invalid("prompt is empty")
+
+
+def check_messages(messages) -> None:
+    if not messages:
+        raise invalid("messages is empty: a chat needs at least one message")
+    for i, message in enumerate(messages):
+        if message.role not in CHAT_ROLES:
+            raise invalid(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {message.role!r}")
+    if all(not m.content for m in messages):
+        raise invalid("every message is empty: a chat needs some content")

@@ -1,0 +1,74 @@
+"""Entry point of a worker process: `python -m worker.main …`, started only by the supervisor.
+
+Order matters: the parent-death signal, no_new_privs and rlimits are set before llama_cpp is imported,
+so nothing the model loads runs unlimited or can outlive the supervisor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+from .limits import Limits, apply_limits, tie_to_parent
+
+EXIT_LOAD_FAILED = 3
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="llm-supervisor-worker")
+    p.add_argument("--name", required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--socket", required=True)
+    p.add_argument("--engine", required=True)
+    p.add_argument("--options", required=True, help="JSON: llama.cpp load options")
+    p.add_argument("--parent-pid", type=int, required=True)
+    p.add_argument("--rlimit-data", type=int, default=0, help="bytes; 0 = unlimited")
+    p.add_argument("--rlimit-nofile", type=int, default=1024)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    tie_to_parent(args.parent_pid)
+    apply_limits(Limits(data_bytes=args.rlimit_data or None, nofile=args.rlimit_nofile))
+
+    import grpc  # after the limits: its threads and allocations are bounded too
+
+    from llm_supervisor.v1 import worker_pb2_grpc
+
+    from .engine import load_engine_class
+    from .service import WorkerService
+
+    try:
+        engine = load_engine_class(args.engine)()
+        info = engine.load(args.model, json.loads(args.options))
+    except MemoryError:
+        limit = f" (rlimit_data = {args.rlimit_data} bytes)" if args.rlimit_data else ""
+        print(f"error: out of memory while loading {args.model}{limit}", file=sys.stderr, flush=True)
+        return EXIT_LOAD_FAILED
+    except Exception as e:  # the supervisor shows this line to whoever asked for the load
+        print(f"error: cannot load {args.model}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        return EXIT_LOAD_FAILED
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # ^C in the supervisor's terminal is the supervisor's to handle
+
+    server = grpc.server(ThreadPoolExecutor(max_workers=4))
+    worker_pb2_grpc.add_WorkerServicer_to_server(WorkerService(args.name, engine, info), server)
+    os.umask(0o077)  # the socket is the supervisor's alone
+    server.add_insecure_port(f"unix://{args.socket}")
+    server.start()
+    stop.wait()
+    server.stop(grace=10).wait()
+    engine.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

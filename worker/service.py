@@ -1,0 +1,142 @@
+"""The worker's gRPC service: one generation at a time, streamed back with coalescing.
+
+Generation runs on one dedicated thread (the worker's single slot) and hands pieces over a queue; the
+response stream takes whatever has piled up since its last message and sends it as one chunk, so a slow
+reader gets fewer, larger messages instead of a backlog of thousands.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterator
+
+import grpc
+
+from llm_supervisor.v1 import supervisor_pb2 as pb
+from llm_supervisor.v1 import worker_pb2, worker_pb2_grpc
+
+from .engine import Engine, EngineError, EngineInfo
+from .generation import Outcome, Piece, Sampling, generate_text
+
+_DONE = object()
+
+
+def sampling_from(options: pb.SamplingOptions) -> Sampling:
+    def opt(name: str, default):
+        return getattr(options, name) if options.HasField(name) else default
+
+    return Sampling(
+        max_tokens=options.max_tokens,
+        temperature=opt("temperature", 0.8),
+        top_p=opt("top_p", 0.95),
+        top_k=opt("top_k", 40),
+        min_p=opt("min_p", 0.05),
+        repeat_penalty=opt("repeat_penalty", 1.0),
+        seed=opt("seed", None),
+        stop=tuple(options.stop),
+    )
+
+
+class WorkerService(worker_pb2_grpc.WorkerServicer):
+    def __init__(self, name: str, engine: Engine, info: EngineInfo) -> None:
+        self.name = name
+        self.engine = engine
+        self.info = info
+        self.requests_served = 0
+        self._slot = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
+        self._lock = threading.Lock()  # the engine is not thread-safe: tokenize waits for generation
+
+    def Info(self, request, context) -> worker_pb2.WorkerInfo:
+        return worker_pb2.WorkerInfo(
+            pid=os.getpid(), n_ctx=self.info.n_ctx, n_batch=self.info.n_batch, n_threads=self.info.n_threads,
+            requests_served=self.requests_served, architecture=self.info.architecture,
+            has_chat_template=self.info.has_chat_template,
+        )
+
+    def Tokenize(self, request: pb.TokenizeRequest, context) -> pb.TokenizeResponse:
+        with self._lock:
+            tokens = self.engine.tokenize(request.text, request.add_special)
+        return pb.TokenizeResponse(tokens=tokens, count=len(tokens), n_ctx=self.info.n_ctx)
+
+    def _prompt(self, request: worker_pb2.WorkerGenerateRequest, context) -> list[int]:
+        with self._lock:
+            if request.WhichOneof("input") == "chat":
+                messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
+                prompt = self.engine.chat_prompt(messages)
+            else:
+                prompt = self.engine.tokenize(request.prompt, add_special=True)
+        n_ctx, max_tokens = self.info.n_ctx, request.options.max_tokens
+        if len(prompt) >= n_ctx:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"prompt is {len(prompt)} tokens but model {self.name!r} has a context of {n_ctx} tokens "
+                          f"(n_ctx), which must also hold the reply; shorten the prompt or load the model with a larger n_ctx")
+        if max_tokens and len(prompt) + max_tokens > n_ctx:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) is more than model {self.name!r}'s "
+                          f"context of {n_ctx} tokens (n_ctx); ask for at most {n_ctx - len(prompt)} tokens")
+        return prompt
+
+    def Generate(self, request: worker_pb2.WorkerGenerateRequest, context) -> Iterator[pb.GenerateChunk]:
+        try:
+            prompt = self._prompt(request, context)
+        except EngineError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        sampling = sampling_from(request.options)
+        cancel = threading.Event()
+        context.add_callback(cancel.set)  # client gone or cancelled: stop at the next token
+        pieces: queue.SimpleQueue = queue.SimpleQueue()
+        outcome = Outcome()
+        self._slot.submit(self._run, prompt, sampling, cancel, pieces, outcome)
+        while True:
+            items = [pieces.get()]
+            while True:
+                try:
+                    items.append(pieces.get_nowait())
+                except queue.Empty:
+                    break
+            done = items[-1] is _DONE or isinstance(items[-1], BaseException)
+            body = items[:-1] if done else items
+            if body:
+                text = "".join(p.text for p in body)
+                tokens = sum(p.tokens for p in body)
+                if not done:
+                    yield pb.GenerateChunk(text=text, tokens=tokens)
+            else:
+                text, tokens = "", 0
+            if done:
+                if isinstance(items[-1], BaseException):
+                    context.abort(grpc.StatusCode.INTERNAL, f"model {self.name!r}: generation failed: {items[-1]}")
+                yield self._final(text, tokens, outcome)
+                return
+
+    def _run(self, prompt: list[int], sampling: Sampling, cancel: threading.Event,
+             pieces: queue.SimpleQueue, outcome: Outcome) -> None:
+        with self._lock:
+            try:
+                outcome.cached_prompt_tokens = self.engine.cached_prefix(prompt)
+                for piece in generate_text(self.engine, prompt, sampling, self.info.n_ctx, cancel, outcome):
+                    pieces.put(piece)
+                self.requests_served += 1
+                pieces.put(_DONE)
+            except Exception as e:  # reported to the client as INTERNAL; the worker stays up
+                traceback.print_exc()
+                pieces.put(e)
+            finally:
+                self.engine.after_request()
+
+    def _final(self, text: str, tokens: int, outcome: Outcome) -> pb.GenerateChunk:
+        return pb.GenerateChunk(
+            text=text,
+            tokens=tokens,
+            finish_reason=pb.FinishReason.Value(f"FINISH_REASON_{outcome.finish_reason}"),
+            usage=pb.Usage(prompt_tokens=outcome.prompt_tokens, completion_tokens=outcome.completion_tokens,
+                           cached_prompt_tokens=outcome.cached_prompt_tokens),
+            timings=pb.Timings(time_to_first_token_s=outcome.time_to_first_token_s,
+                               tokens_per_second=outcome.tokens_per_second, total_s=outcome.total_s),
+            model=self.name,
+            worker_pid=os.getpid(),
+        )
