@@ -100,8 +100,11 @@ class SupervisorService(supervisor_pb2_grpc.SupervisorServicer):
 
 def model_info(runtime: ModelRuntime) -> pb.ModelInfo:
     c, g = runtime.config, runtime.gguf
+    worker = runtime.worker
+    # llama.cpp may round n_ctx up (to a multiple of 256): report what the worker really has.
+    n_ctx = worker.info.n_ctx if worker is not None and worker.info is not None else c.n_ctx
     return pb.ModelInfo(
-        name=c.name, path=str(g.path), state=runtime.state, n_ctx=c.n_ctx, n_gpu_layers=c.n_gpu_layers,
+        name=c.name, path=str(g.path), state=runtime.state, n_ctx=n_ctx, n_gpu_layers=c.n_gpu_layers,
         use_mmap=c.use_mmap, source=runtime.source, architecture=g.architecture, file_size_bytes=g.file_size,
         has_chat_template=g.has_chat_template,
     )

@@ -148,6 +148,8 @@ def model_config(name: str, values: Mapping[str, Any], defaults: Mapping[str, An
             raise ConfigError(f"model {name!r}: option {key}: {e}") from None
     if not kwargs.get("path"):
         raise ConfigError(f"model {name!r}: 'path' is required (a GGUF file inside a model directory)")
+    if "n_batch" not in kwargs and "n_ctx" in kwargs:
+        kwargs["n_batch"] = min(ModelConfig.n_batch, kwargs["n_ctx"])  # a small context needs no bigger batch
     cfg = ModelConfig(name=name, **kwargs)
     _check_model(cfg)
     return cfg

@@ -1,0 +1,1 @@
+"""llmctl: the supervisorctl-style client."""

@@ -1,0 +1,96 @@
+"""llmctl — drive llm-supervisord from a shell.
+
+    llmctl [--address ADDR] [--json] COMMAND ...
+
+The address is --address, else $LLM_SUPERVISOR_ADDRESS, else the daemon's default unix socket.
+Exit status: 0 on success, 1 with the server's message on any error, 2 on bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import grpc
+import psutil
+
+from ..config import Host, default_address
+from . import commands
+
+
+def resolve_address(flag: str | None, env: dict[str, str]) -> str:
+    if flag:
+        return flag
+    if env.get("LLM_SUPERVISOR_ADDRESS"):
+        return env["LLM_SUPERVISOR_ADDRESS"]
+    return default_address(Host(memory_bytes=psutil.virtual_memory().total, is_root=os.geteuid() == 0, env=env))
+
+
+def sampling_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-tokens", type=int, default=0, help="most tokens to generate (0: until the end)")
+    parser.add_argument("--temperature", type=float, help="0 = greedy (default 0.8)")
+    parser.add_argument("--top-p", type=float)
+    parser.add_argument("--top-k", type=int)
+    parser.add_argument("--min-p", type=float)
+    parser.add_argument("--repeat-penalty", type=float)
+    parser.add_argument("--seed", type=int, help="fixed seed: the same request gives the same text")
+    parser.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop before TEXT (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llmctl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--address", help="unix:///path/to.sock or host:port")
+    parser.add_argument("--json", action="store_true", help="JSON lines on stdout, for scripts")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sub.add_parser("status", help="every worker: state, pid, memory, requests, uptime")
+    sub.add_parser("models", help="loaded models and their settings")
+
+    p = sub.add_parser("load", help="load a GGUF from a model directory under NAME")
+    p.add_argument("name")
+    p.add_argument("--path", required=True, help="GGUF file, relative to a model directory")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="a [models.NAME] key (repeatable)")
+
+    p = sub.add_parser("unload", help="stop a model's worker and forget it")
+    p.add_argument("name")
+
+    p = sub.add_parser("generate", help="complete PROMPT, streaming the text as it comes")
+    p.add_argument("model")
+    p.add_argument("prompt")
+    sampling_flags(p)
+
+    p = sub.add_parser("chat", help="interactive chat with MODEL (its chat template); keeps the history")
+    p.add_argument("model")
+    p.add_argument("--system", help="a system message to start the chat with")
+    sampling_flags(p)
+
+    p = sub.add_parser("tokenize", help="count (and list) the tokens of TEXT for MODEL")
+    p.add_argument("model")
+    p.add_argument("text")
+    p.add_argument("--no-special", action="store_true", help="without BOS and the like")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    address = resolve_address(args.address, dict(os.environ))
+    out = commands.Output(sys.stdout, as_json=args.json)
+    try:
+        with grpc.insecure_channel(address) as channel:
+            return commands.run(args, channel, out)
+    except grpc.RpcError as e:
+        code, details = e.code(), e.details()
+        if code == grpc.StatusCode.UNAVAILABLE and "connect" in (details or ""):
+            details = f"cannot reach llm-supervisord at {address}: {details}"
+        print(f"llmctl: {code.name}: {details}", file=sys.stderr)
+        return 1
+    except commands.UsageError as e:
+        print(f"llmctl: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
