@@ -118,7 +118,7 @@ class WorkerProcess:
         info = asyncio.create_task(ask_info())
         died = asyncio.create_task(self.exited.wait())
         done, _ = await asyncio.wait({info, died}, return_when=asyncio.FIRST_COMPLETED)
-        if info in done and info.exception() is None:
+        if info in done and not info.cancelled() and info.exception() is None:
             died.cancel()
             self.info = info.result()
             self.change_state(WorkerState.READY, "loaded")
@@ -133,9 +133,13 @@ class WorkerProcess:
         raise precondition(f"model {self.name!r}: worker failed to load: {self.failure_summary()}")
 
     def failure_summary(self) -> str:
-        """The worker's own last word (it prints 'error: …' before exiting) plus how it ended."""
+        """The worker's own last word (it prints 'error: …' before exiting), llama.cpp's reason, and how it ended."""
         said = [line for line in self.stderr_tail if line.startswith("error:")]
-        detail = said[-1][len("error:"):].strip() if said else (self.stderr_tail[-1] if self.stderr_tail else "")
+        detail = said[-1][len("error:"):].strip() if said else ""
+        causes = [line for line in self.stderr_tail
+                  if not line.startswith("error:") and any(w in line.lower() for w in ("fail", "error", "insufficient"))]
+        if causes:
+            detail = f"{detail} — llama.cpp: {causes[-1]}" if detail else causes[-1]
         return f"{detail} ({self.exit_reason})" if detail else self.exit_reason
 
     async def _read_output(self) -> None:

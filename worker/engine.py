@@ -78,7 +78,7 @@ class LlamaEngine:
             flash_attn=bool(options.get("flash_attn", False)),
             type_k=KV_TYPE_IDS[options.get("type_k", "f16")],
             type_v=KV_TYPE_IDS[options.get("type_v", "f16")],
-            verbose=False,
+            verbose=True,  # llama.cpp's log goes to stderr, which the supervisor keeps and logs
         )
         metadata = self._llama.metadata
         template = metadata.get("tokenizer.chat_template")

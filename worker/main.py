@@ -37,14 +37,14 @@ def main(argv: list[str] | None = None) -> int:
     tie_to_parent(args.parent_pid)
     apply_limits(Limits(data_bytes=args.rlimit_data or None, nofile=args.rlimit_nofile))
 
-    import grpc  # after the limits: its threads and allocations are bounded too
-
-    from llm_supervisor.v1 import worker_pb2_grpc
-
-    from .engine import load_engine_class
-    from .service import WorkerService
-
     try:
+        import grpc  # after the limits: its threads and allocations are bounded too
+
+        from llm_supervisor.v1 import worker_pb2_grpc
+
+        from .engine import load_engine_class
+        from .service import WorkerService
+
         engine = load_engine_class(args.engine)()
         info = engine.load(args.model, json.loads(args.options))
     except MemoryError:

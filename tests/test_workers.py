@@ -1,0 +1,133 @@
+"""Worker processes: limits, cancellation, crashes, retries, and never an orphan."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import grpc
+import pytest
+
+from llm_supervisor.v1 import supervisor_pb2 as pb
+from tests.conftest import model_table, pid_alive, wait_for
+
+SLOW = 'engine = "tests.engines:SlowEngine"'
+
+
+def slow_model(**options) -> str:
+    return model_table("tiny", "tiny.gguf", n_ctx=1024, engine="tests.engines:SlowEngine", **options)
+
+
+def open_stream(daemon, max_tokens=500, prompt="hello"):
+    return daemon.stub.Generate(pb.GenerateRequest(model="tiny", prompt=prompt,
+                                                   options=pb.SamplingOptions(max_tokens=max_tokens, temperature=0)))
+
+
+def read_limits(pid: int) -> dict[str, tuple[str, str]]:
+    limits = {}
+    with open(f"/proc/{pid}/limits") as f:
+        next(f)
+        for line in f:
+            name, soft, hard = line[:26].strip(), *line[26:].split()[:2]
+            limits[name] = (soft, hard)
+    return limits
+
+
+def test_worker_runs_under_its_limits_in_its_own_process_group(start_daemon):
+    daemon = start_daemon(model_table("tiny", "tiny.gguf", rlimit_data="1GiB", rlimit_nofile=512))
+    pid = daemon.worker("tiny").pid
+    limits = read_limits(pid)
+    assert limits["Max data size"] == (str(1 << 30), str(1 << 30))
+    assert limits["Max core file size"] == ("0", "0")
+    assert limits["Max open files"] == ("512", "512")
+    status = open(f"/proc/{pid}/status").read()
+    assert "NoNewPrivs:\t1" in status
+    assert os.getpgid(pid) == pid  # its own group: a signal to the group reaches anything it spawned
+    assert os.getsid(pid) == pid
+
+
+def test_cancel_stops_generation_and_frees_the_worker(start_daemon):
+    # 30 ms a token: the cancelled request would run 15 s if the worker did not stop it.
+    daemon = start_daemon(slow_model(), env={"TEST_TOKEN_DELAY": "0.03"})
+    stream = open_stream(daemon, max_tokens=500)
+    next(stream)
+    stream.cancel()
+    started = time.monotonic()
+    chunks = list(open_stream(daemon, max_tokens=3))
+    assert chunks[-1].usage.completion_tokens == 3
+    assert time.monotonic() - started < 5, "the next request waited for the cancelled one"
+
+
+def test_worker_killed_mid_stream_gives_unavailable_with_the_signal(start_daemon):
+    daemon = start_daemon(slow_model(), env={"TEST_TOKEN_DELAY": "0.03"})
+    old_pid = daemon.worker("tiny").pid
+    stream = open_stream(daemon, max_tokens=500)
+    next(stream)
+    os.kill(old_pid, signal.SIGKILL)
+    with pytest.raises(grpc.RpcError) as caught:
+        list(stream)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "SIGKILL" in caught.value.details() and str(old_pid) in caught.value.details()
+    chunks = list(open_stream(daemon, max_tokens=3))
+    assert chunks[-1].usage.completion_tokens == 3
+    assert chunks[-1].worker_pid != old_pid
+    worker = daemon.worker("tiny")
+    assert worker.restarts == 1 and "SIGKILL" in worker.last_exit
+
+
+def test_request_not_started_is_retried_on_a_fresh_worker(start_daemon):
+    # The worker sits 5 s before its first token: killed then, nothing has reached the client yet.
+    daemon = start_daemon(slow_model(), env={"TEST_FIRST_TOKEN_DELAY": "5", "TEST_TOKEN_DELAY": "0"})
+    old_pid = daemon.worker("tiny").pid
+    result: dict = {}
+
+    def request():
+        try:
+            result["chunks"] = list(open_stream(daemon, max_tokens=3))
+        except grpc.RpcError as e:
+            result["error"] = e
+
+    thread = threading.Thread(target=request)
+    thread.start()
+    wait_for(lambda: daemon.worker("tiny").state == "BUSY", what="the request to reach the worker")
+    os.kill(old_pid, signal.SIGKILL)
+    thread.join(30)
+    assert "error" not in result, result.get("error")
+    assert result["chunks"][-1].usage.completion_tokens == 3
+    assert result["chunks"][-1].worker_pid not in (0, old_pid)
+    assert '"request_retried"' in daemon.log()
+
+
+def test_no_worker_outlives_a_killed_supervisor(start_daemon):
+    daemon = start_daemon(model_table("tiny", "tiny.gguf") + "\n" + model_table("other", "tiny.gguf"))
+    pids = [w.pid for w in daemon.stub.Status(pb.StatusRequest()).workers]
+    assert len(pids) == 2 and all(pid_alive(p) for p in pids)
+    daemon.proc.kill()
+    daemon.proc.wait()
+    wait_for(lambda: not any(pid_alive(p) for p in pids), timeout=10, what="workers to die with the supervisor")
+
+
+def test_sigterm_stops_workers_and_removes_the_socket(start_daemon):
+    daemon = start_daemon(model_table("tiny", "tiny.gguf"))
+    pid = daemon.worker("tiny").pid
+    socket_path = daemon.address.removeprefix("unix://")
+    assert oct(os.stat(socket_path).st_mode & 0o777) == "0o660"
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.proc.wait(30) == 0
+    assert not pid_alive(pid)
+    assert not os.path.exists(socket_path)
+
+
+def test_a_worker_that_cannot_load_leaves_the_supervisor_serving(start_daemon, model_dir):
+    # A million-token context needs a 512 MiB KV cache; RLIMIT_DATA allows 256 MiB: llama.cpp's
+    # allocation fails inside the worker, which says so and exits.
+    daemon = start_daemon(model_table("tiny", "tiny.gguf") + "\n" +
+                          model_table("starved", "tiny.gguf", rlimit_data="256MiB", n_ctx=1 << 20))
+    starved = daemon.worker("starved")
+    assert starved.state == "FATAL"
+    assert "failed to load" in starved.last_exit and "status 3" in starved.last_exit
+    assert "kv cache" in starved.last_exit  # llama.cpp's own reason, not just "failed"
+    assert open_stream(daemon, max_tokens=2) is not None
+    assert list(open_stream(daemon, max_tokens=2))[-1].usage.completion_tokens == 2
