@@ -1,0 +1,115 @@
+"""The generation loop without a model: detokenisation, stop matching, limits and cancellation."""
+
+from __future__ import annotations
+
+import threading
+
+from hypothesis import given, strategies as st
+
+from worker.generation import (CANCELLED, END_OF_TEXT, LENGTH, STOP, Outcome, Sampling, StopMatcher,
+                               generate_text)
+
+EOS = -1
+
+
+class ByteEngine:
+    """Emits pre-cut byte pieces as tokens: lets a test split UTF-8 sequences across tokens."""
+
+    def __init__(self, pieces: list[bytes], then_eos: bool = False) -> None:
+        self.pieces = pieces
+        self.then_eos = then_eos
+        self.closed = False
+
+    def token_bytes(self, token: int) -> bytes:
+        return self.pieces[token]
+
+    def is_end_of_generation(self, token: int) -> bool:
+        return token == EOS
+
+    def generate(self, prompt, sampling):
+        try:
+            yield from range(len(self.pieces))
+            if self.then_eos:
+                yield EOS
+            while True:  # a model never stops on its own; the loop must
+                yield len(self.pieces) - 1
+        finally:
+            self.closed = True
+
+
+def run(engine, sampling=Sampling(), n_ctx=1000, prompt=(1, 2), cancel=None):
+    outcome = Outcome()
+    pieces = list(generate_text(engine, list(prompt), sampling, n_ctx, cancel or threading.Event(), outcome))
+    return "".join(p.text for p in pieces), outcome, pieces
+
+
+def cut(data: bytes, sizes: list[int]) -> list[bytes]:
+    out, i = [], 0
+    for size in sizes:
+        if i >= len(data):
+            break
+        out.append(data[i:i + size])
+        i += size
+    if i < len(data):
+        out.append(data[i:])
+    return out
+
+
+@given(st.text(min_size=1, max_size=40), st.lists(st.integers(1, 4), min_size=1, max_size=60))
+def test_utf8_split_across_tokens_comes_out_whole(text, sizes):
+    pieces = cut(text.encode("utf-8"), sizes)
+    out, outcome, _ = run(ByteEngine(pieces, then_eos=True))
+    assert out == text
+    assert outcome.finish_reason == END_OF_TEXT and outcome.completion_tokens == len(pieces)
+
+
+def test_broken_utf8_becomes_replacement_characters_not_silence():
+    out, _, _ = run(ByteEngine([b"ok ", b"\xe6\x97", b"!"], then_eos=True))
+    assert out == "ok \ufffd!"
+
+
+@given(st.text(alphabet="abc", min_size=0, max_size=30), st.text(alphabet="abc", min_size=1, max_size=4),
+       st.lists(st.integers(1, 5), min_size=1, max_size=30))
+def test_stop_matching_equals_cutting_the_whole_text(text, stop, sizes):
+    matcher = StopMatcher([stop])
+    sent, stopped, i = [], False, 0
+    for size in sizes + [len(text)]:
+        piece, stopped = matcher.feed(text[i:i + size])
+        sent.append(piece)
+        i += size
+        if stopped or i >= len(text):
+            break
+    if not stopped:
+        sent.append(matcher.flush())
+    whole = "".join(sent)
+    if stop in text:
+        assert stopped and whole == text[: text.index(stop)]
+    else:
+        assert not stopped and whole == text
+
+
+def test_stop_across_tokens_ends_with_stop_and_closes_the_engine():
+    engine = ByteEngine([b"hello ", b"wo", b"rld", b" again"])
+    out, outcome, _ = run(engine, Sampling(stop=("world",)))
+    assert (out, outcome.finish_reason, outcome.completion_tokens) == ("hello ", STOP, 3)
+    assert engine.closed
+
+
+def test_max_tokens_and_the_context_limit_end_with_length():
+    _, outcome, pieces = run(ByteEngine([b"a"] * 3), Sampling(max_tokens=10))
+    assert (outcome.finish_reason, outcome.completion_tokens) == (LENGTH, 10)
+    assert sum(p.tokens for p in pieces) == 10
+    _, outcome, _ = run(ByteEngine([b"a"]), Sampling(), n_ctx=12, prompt=range(8))
+    assert (outcome.finish_reason, outcome.completion_tokens) == (LENGTH, 4)  # the context holds 12 in all
+
+
+def test_cancel_stops_at_the_next_token():
+    cancel = threading.Event()
+    engine = ByteEngine([b"x"])
+    outcome = Outcome()
+    stream = generate_text(engine, [1], Sampling(), 10_000, cancel, outcome)
+    next(stream)
+    cancel.set()
+    rest = list(stream)
+    assert outcome.finish_reason == CANCELLED and outcome.completion_tokens == 1
+    assert sum(p.tokens for p in rest) == 0

@@ -1,0 +1,100 @@
+"""The worker's servicer through grpcio-testing: no process, no socket, a fake engine."""
+
+from __future__ import annotations
+
+import grpc
+import grpc_testing
+import pytest
+
+from llm_supervisor.v1 import supervisor_pb2 as pb
+from llm_supervisor.v1 import worker_pb2
+from worker.engine import EngineError, EngineInfo
+from worker.service import WorkerService
+
+SERVICE = worker_pb2.DESCRIPTOR.services_by_name["Worker"]
+
+
+class CharEngine:
+    """One token per character; generation repeats the letters of 'abc' forever."""
+
+    def __init__(self) -> None:
+        self.trimmed = 0
+
+    def tokenize(self, text, add_special):
+        return ([0] if add_special else []) + [ord(c) for c in text]
+
+    def chat_prompt(self, messages):
+        if any(m["role"] == "tool" for m in messages):
+            raise EngineError("the model's chat template refused these messages: no tools")
+        return self.tokenize("".join(f"<{m['role']}>{m['content']}" for m in messages), True)
+
+    def token_bytes(self, token):
+        return chr(token).encode()
+
+    def is_end_of_generation(self, token):
+        return False
+
+    def cached_prefix(self, prompt):
+        return 0
+
+    def generate(self, prompt, sampling):
+        while True:
+            yield from (ord("a"), ord("b"), ord("c"))
+
+    def after_request(self):
+        self.trimmed += 1
+
+
+@pytest.fixture
+def worker():
+    engine = CharEngine()
+    service = WorkerService("fake", engine, EngineInfo(n_ctx=64, n_batch=64, n_threads=1, architecture="fake",
+                                                       has_chat_template=True))
+    server = grpc_testing.server_from_dictionary({SERVICE: service}, grpc_testing.strict_real_time())
+    return server, engine
+
+
+def generate(server, request):
+    rpc = server.invoke_unary_stream(SERVICE.methods_by_name["Generate"], (), request, None)
+    chunks = []
+    while True:
+        try:
+            chunks.append(rpc.take_response())
+        except ValueError:  # no more responses: the RPC terminated
+            break
+    _, code, details = rpc.termination()
+    return chunks, code, details
+
+
+def test_stream_ends_with_usage_and_trims_the_heap(worker):
+    server, engine = worker
+    chunks, code, _ = generate(server, worker_pb2.WorkerGenerateRequest(
+        prompt="hey", options=pb.SamplingOptions(max_tokens=7, stop=["zz"])))
+    assert code == grpc.StatusCode.OK
+    assert "".join(c.text for c in chunks) == "abcabca"
+    last = chunks[-1]
+    assert (last.usage.prompt_tokens, last.usage.completion_tokens) == (4, 7)
+    assert last.finish_reason == pb.FinishReason.FINISH_REASON_LENGTH
+    assert sum(c.tokens for c in chunks) == 7
+    assert engine.trimmed == 1  # malloc_trim after the request
+
+
+def test_prompt_longer_than_the_context_names_both_numbers(worker):
+    server, _ = worker
+    _, code, details = generate(server, worker_pb2.WorkerGenerateRequest(prompt="x" * 80))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "81 tokens" in details and "64 tokens" in details
+
+
+def test_chat_template_refusal_is_invalid_argument(worker):
+    server, _ = worker
+    chat = pb.ChatRequest(messages=[pb.ChatMessage(role="tool", content="{}")])
+    _, code, details = generate(server, worker_pb2.WorkerGenerateRequest(chat=chat))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "no tools" in details
+
+
+def test_info_reports_the_context(worker):
+    server, _ = worker
+    rpc = server.invoke_unary_unary(SERVICE.methods_by_name["Info"], (), worker_pb2.WorkerInfoRequest(), None)
+    info, _, code, _ = rpc.termination()
+    assert code == grpc.StatusCode.OK and (info.n_ctx, info.architecture) == (64, "fake")
