@@ -70,6 +70,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--lengths", type=int, nargs="+", default=[64, 512, 2048])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--stream-interval", default="50ms", help="the model's stream_interval")
     args = parser.parse_args()
     n_ctx = max(args.lengths) + 256
     threads = default_threads()
@@ -82,7 +83,7 @@ def main() -> None:
         config.write_text(
             f'[supervisor]\naddress = "{address}"\nstate_dir = "{base}/state"\nruntime_dir = "{base}/run"\n'
             f'model_dirs = ["{base}/models"]\n[models.bench]\npath = "bench.gguf"\nn_ctx = {n_ctx}\n'
-            f'n_threads = {threads}\n'
+            f'n_threads = {threads}\nstream_interval = "{args.stream_interval}"\n'
         )
         daemon = subprocess.Popen([sys.executable, "-m", "supervisor.daemon", "--config", str(config), "--log-level", "warning"],
                                   cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
@@ -120,6 +121,7 @@ def main() -> None:
                     "supervisor_ttft_ms": round(med["supervisor"][1] * 1000, 2),
                 }
             print(json.dumps({"benchmark": "streaming", "model_bytes": model.stat().st_size, "n_threads": threads,
+                              "stream_interval": args.stream_interval,
                               "rounds": args.rounds, "lengths": results}, indent=2))
         finally:
             daemon.terminate()

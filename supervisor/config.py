@@ -48,6 +48,7 @@ class ModelConfig:
     rlimit_data: int | None = None  # kernel's last line on private memory (RLIMIT_DATA)
     rlimit_nofile: int = 1024
     load_timeout: float = 120.0
+    stream_interval: float = 0.05  # a stream message at most this often; tokens in between coalesce
     engine: str = DEFAULT_ENGINE
 
     def worker_options(self) -> dict[str, Any]:
@@ -106,7 +107,7 @@ def _coerce(key: str, kind: Any, value: Any, host: Host) -> Any:
         return None if value in ("", "none", None) else parse_size(value, host.memory_bytes)
     if key == "keep_alive":
         return parse_duration(value, allow_forever=True)
-    if key in ("request_timeout", "load_timeout"):
+    if key in ("request_timeout", "load_timeout", "stream_interval"):
         return parse_duration(value)
     if kind is bool:
         if isinstance(value, bool):
@@ -172,6 +173,7 @@ def _check_model(cfg: ModelConfig) -> None:
     need(cfg.max_requests >= 0, f"max_requests must be 0 (no limit) or more, got {cfg.max_requests}")
     need(cfg.request_timeout > 0, "request_timeout must be more than 0")
     need(cfg.load_timeout > 0, "load_timeout must be more than 0")
+    need(cfg.stream_interval <= 1.0, f"stream_interval above 1s makes streaming pointless, got {cfg.stream_interval:g} s")
     need(cfg.rlimit_nofile >= 64, f"rlimit_nofile must be at least 64, got {cfg.rlimit_nofile}")
     need(cfg.rlimit_data is None or cfg.rlimit_data >= 64 << 20, "rlimit_data below 64MiB cannot even load the runtime")
     need(":" in cfg.engine, f"engine must be 'module:Class', got {cfg.engine!r}")

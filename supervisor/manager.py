@@ -86,6 +86,7 @@ class WorkerProcess:
             "--parent-pid", str(os.getpid()),
             "--rlimit-data", str(m.rlimit_data or 0),
             "--rlimit-nofile", str(m.rlimit_nofile),
+            "--stream-interval", str(m.stream_interval),
         ]
 
     async def start(self) -> None:

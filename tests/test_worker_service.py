@@ -98,3 +98,15 @@ def test_info_reports_the_context(worker):
     rpc = server.invoke_unary_unary(SERVICE.methods_by_name["Info"], (), worker_pb2.WorkerInfoRequest(), None)
     info, _, code, _ = rpc.termination()
     assert code == grpc.StatusCode.OK and (info.n_ctx, info.architecture) == (64, "fake")
+
+
+def test_messages_coalesce_within_the_stream_interval_without_delaying_the_end():
+    service = WorkerService("fake", CharEngine(), EngineInfo(n_ctx=64, n_batch=64, n_threads=1, architecture="fake",
+                                                             has_chat_template=True), stream_interval=30.0)
+    server = grpc_testing.server_from_dictionary({SERVICE: service}, grpc_testing.strict_real_time())
+    chunks, code, _ = generate(server, worker_pb2.WorkerGenerateRequest(prompt="hey", options=pb.SamplingOptions(max_tokens=40)))
+    assert code == grpc.StatusCode.OK
+    # The first piece goes out at once; the other 39 tokens wait for the interval or the end, whichever is first.
+    assert len(chunks) <= 2
+    assert "".join(c.text for c in chunks) == ("abc" * 14)[:40]
+    assert chunks[-1].timings.total_s < 30

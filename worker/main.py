@@ -29,6 +29,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--parent-pid", type=int, required=True)
     p.add_argument("--rlimit-data", type=int, default=0, help="bytes; 0 = unlimited")
     p.add_argument("--rlimit-nofile", type=int, default=1024)
+    p.add_argument("--stream-interval", type=float, default=0.0, help="seconds between stream messages, at most")
     return p.parse_args(argv)
 
 
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # ^C in the supervisor's terminal is the supervisor's to handle
 
     server = grpc.server(ThreadPoolExecutor(max_workers=4))
-    worker_pb2_grpc.add_WorkerServicer_to_server(WorkerService(args.name, engine, info), server)
+    worker_pb2_grpc.add_WorkerServicer_to_server(WorkerService(args.name, engine, info, args.stream_interval), server)
     os.umask(0o077)  # the socket is the supervisor's alone
     server.add_insecure_port(f"unix://{args.socket}")
     server.start()

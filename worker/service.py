@@ -2,7 +2,9 @@
 
 Generation runs on one dedicated thread (the worker's single slot) and hands pieces over a queue; the
 response stream takes whatever has piled up since its last message and sends it as one chunk, so a slow
-reader gets fewer, larger messages instead of a backlog of thousands.
+reader gets fewer, larger messages instead of a backlog of thousands. Messages go out at most every
+`stream_interval` seconds (the first at once): each message wakes three processes (worker, supervisor,
+client), and on a box whose cores all run llama.cpp's threads those wake-ups cost tokens/s.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
+import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
@@ -42,8 +45,9 @@ def sampling_from(options: pb.SamplingOptions) -> Sampling:
 
 
 class WorkerService(worker_pb2_grpc.WorkerServicer):
-    def __init__(self, name: str, engine: Engine, info: EngineInfo) -> None:
+    def __init__(self, name: str, engine: Engine, info: EngineInfo, stream_interval: float = 0.0) -> None:
         self.name = name
+        self.stream_interval = stream_interval
         self.engine = engine
         self.info = info
         self.requests_served = 0
@@ -91,27 +95,33 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         pieces: queue.SimpleQueue = queue.SimpleQueue()
         outcome = Outcome()
         self._slot.submit(self._run, prompt, sampling, cancel, pieces, outcome)
+        last_sent = 0.0
         while True:
-            items = [pieces.get()]
-            while True:
-                try:
-                    items.append(pieces.get_nowait())
-                except queue.Empty:
-                    break
+            items = self._take(pieces, last_sent + self.stream_interval)
+            last_sent = time.monotonic()
             done = items[-1] is _DONE or isinstance(items[-1], BaseException)
             body = items[:-1] if done else items
-            if body:
-                text = "".join(p.text for p in body)
-                tokens = sum(p.tokens for p in body)
-                if not done:
-                    yield pb.GenerateChunk(text=text, tokens=tokens)
-            else:
-                text, tokens = "", 0
-            if done:
-                if isinstance(items[-1], BaseException):
-                    context.abort(grpc.StatusCode.INTERNAL, f"model {self.name!r}: generation failed: {items[-1]}")
-                yield self._final(text, tokens, outcome)
-                return
+            text = "".join(p.text for p in body)
+            tokens = sum(p.tokens for p in body)
+            if not done:
+                yield pb.GenerateChunk(text=text, tokens=tokens)
+                continue
+            if isinstance(items[-1], BaseException):
+                context.abort(grpc.StatusCode.INTERNAL, f"model {self.name!r}: generation failed: {items[-1]}")
+            yield self._final(text, tokens, outcome)
+            return
+
+    @staticmethod
+    def _take(pieces: queue.SimpleQueue, not_before: float) -> list:
+        """At least one item; then whatever arrives until `not_before`, or until the end of the stream."""
+        items = [pieces.get()]
+        while not (items[-1] is _DONE or isinstance(items[-1], BaseException)):
+            try:
+                remaining = not_before - time.monotonic()
+                items.append(pieces.get(timeout=remaining) if remaining > 0 else pieces.get_nowait())
+            except queue.Empty:
+                break
+        return items
 
     def _run(self, prompt: list[int], sampling: Sampling, cancel: threading.Event,
              pieces: queue.SimpleQueue, outcome: Outcome) -> None:
