@@ -109,6 +109,9 @@ async def serve(config: SupervisorConfig, host: Host, stop: asyncio.Event | None
     if path is not None:
         os.chmod(path, 0o660)
     log.info("listening", address=config.address, pid=os.getpid())
+    if path is None and not config.address.startswith(("127.", "localhost:", "[::1]:")):
+        log.warning("plaintext_tcp", address=config.address,
+                    reason="the API is reachable unencrypted and unauthenticated beyond this host")
 
     async def load(model) -> None:
         try:

@@ -14,17 +14,19 @@ _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "": 1.0, "m": 60.0, "h": 3600.0, "d": 
 _NUMBER_UNIT = re.compile(r"^\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*([a-zA-Z%]*)\s*$")
 
 
+def _split(value: object, numbers: tuple[type, ...], example: str) -> tuple[float, str]:
+    """(number, lower-case unit) from a bare number or a string like "512MiB"."""
+    if isinstance(value, numbers) and not isinstance(value, bool):
+        return float(value), ""
+    match = _NUMBER_UNIT.match(str(value)) if isinstance(value, str) else None
+    if not match:
+        raise ValueError(f"expected {example}, got {value!r}")
+    return float(match.group(1)), match.group(2).lower()
+
+
 def parse_size(value: object, total: int | None = None) -> int:
     """Bytes from an int, "512MiB", "2GB" or, when `total` is given, "75%" of it."""
-    if isinstance(value, bool):
-        raise ValueError(f"expected a size like '512MiB', got {value!r}")
-    if isinstance(value, int):
-        number, unit = float(value), ""
-    else:
-        match = _NUMBER_UNIT.match(str(value))
-        if not match:
-            raise ValueError(f"expected a size like '512MiB' or '75%', got {value!r}")
-        number, unit = float(match.group(1)), match.group(2).lower()
+    number, unit = _split(value, (int,), "a size like '512MiB' or '75%'")
     if number < 0:
         raise ValueError(f"a size cannot be negative: {value!r}")
     if unit == "%":
@@ -40,15 +42,7 @@ def parse_size(value: object, total: int | None = None) -> int:
 
 def parse_duration(value: object, allow_forever: bool = False) -> float:
     """Seconds from a number or "500ms", "30s", "5m", "1h". With allow_forever, -1 means math.inf."""
-    if isinstance(value, bool):
-        raise ValueError(f"expected a duration like '30s', got {value!r}")
-    if isinstance(value, (int, float)):
-        number, unit = float(value), ""
-    else:
-        match = _NUMBER_UNIT.match(str(value))
-        if not match:
-            raise ValueError(f"expected a duration like '500ms', '30s' or '5m', got {value!r}")
-        number, unit = float(match.group(1)), match.group(2).lower()
+    number, unit = _split(value, (int, float), "a duration like '500ms', '30s' or '5m'")
     if unit not in _DURATION_UNITS:
         raise ValueError(f"unknown duration unit {unit!r} in {value!r} (use ms, s, m, h or d)")
     if allow_forever and number == -1:

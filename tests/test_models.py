@@ -91,3 +91,17 @@ def test_embedded_default_generates_and_serves_the_demo_model(start_daemon):
     ensure_demo_model(load_config(None, Host(1 << 30, True, {"STATE_DIRECTORY": str(daemon.state_dir),
                                                              "RUNTIME_DIRECTORY": str(daemon.run_dir)})))
     assert demo.stat().st_mtime_ns == modified
+
+
+def test_a_models_max_tokens_caps_requests_without_truncating_them(start_daemon):
+    daemon = start_daemon()
+    load(daemon, "capped", "tiny.gguf", max_tokens=8)
+
+    def ask(n):
+        return list(daemon.stub.Generate(pb.GenerateRequest(model="capped", prompt="hi", options=pb.SamplingOptions(max_tokens=n))))
+
+    assert ask(0)[-1].usage.completion_tokens == 8  # no max_tokens: the cap applies
+    assert ask(5)[-1].usage.completion_tokens == 5
+    with pytest.raises(grpc.RpcError) as caught:
+        ask(9)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "cap of 8" in caught.value.details()

@@ -131,3 +131,19 @@ def test_a_worker_that_cannot_load_leaves_the_supervisor_serving(start_daemon, m
     assert "kv cache" in starved.last_exit  # llama.cpp's own reason, not just "failed"
     assert open_stream(daemon, max_tokens=2) is not None
     assert list(open_stream(daemon, max_tokens=2))[-1].usage.completion_tokens == 2
+
+
+def test_full_queue_is_resource_exhausted_and_timeouts_are_deadline_exceeded(start_daemon):
+    daemon = start_daemon(slow_model(max_queue=0, request_timeout="1500ms"), env={"TEST_TOKEN_DELAY": "0.03"})
+    busy = open_stream(daemon, max_tokens=500)
+    next(busy)
+    with pytest.raises(grpc.RpcError) as caught:
+        list(open_stream(daemon, max_tokens=2))
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "max_queue = 0" in caught.value.details()
+    # 500 tokens at 30 ms each would take 15 s; the model's request_timeout ends it after 1.5 s.
+    with pytest.raises(grpc.RpcError) as caught:
+        list(busy)
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "request_timeout (1.5 s)" in caught.value.details()
+    assert list(open_stream(daemon, max_tokens=2))[-1].usage.completion_tokens == 2
