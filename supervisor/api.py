@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import aclosing
 from typing import AsyncIterator
 
 import grpc
@@ -38,8 +39,10 @@ class SupervisorService(supervisor_pb2_grpc.SupervisorServicer):
             check_model_name(model)
             runtime = self.registry.get(model)
             request.options.CopyFrom(check_options(request.options, runtime.config))
-            async for chunk in runtime.generate(request):
-                yield chunk
+            # aclosing: a cancelled client must free the model's slot now, not when the generator is collected.
+            async with aclosing(runtime.generate(request)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
         except ApiError as e:
             await _abort(context, e)
 
@@ -49,8 +52,9 @@ class SupervisorService(supervisor_pb2_grpc.SupervisorServicer):
         except ApiError as e:
             await _abort(context, e)
         work = worker_pb2.WorkerGenerateRequest(prompt=request.prompt, options=request.options)
-        async for chunk in self._stream(request.model, work, context):
-            yield chunk
+        async with aclosing(self._stream(request.model, work, context)) as chunks:
+            async for chunk in chunks:
+                yield chunk
 
     async def Chat(self, request: pb.ChatRequest, context) -> AsyncIterator[pb.GenerateChunk]:
         try:
@@ -58,8 +62,9 @@ class SupervisorService(supervisor_pb2_grpc.SupervisorServicer):
         except ApiError as e:
             await _abort(context, e)
         work = worker_pb2.WorkerGenerateRequest(chat=request, options=request.options)
-        async for chunk in self._stream(request.model, work, context):
-            yield chunk
+        async with aclosing(self._stream(request.model, work, context)) as chunks:
+            async for chunk in chunks:
+                yield chunk
 
     async def Tokenize(self, request: pb.TokenizeRequest, context) -> pb.TokenizeResponse:
         try:

@@ -63,7 +63,10 @@ class WorkerProcess:
             return
         if new not in ALLOWED[self.state]:
             raise RuntimeError(f"worker {self.name} pid {self.pid}: {self.state.value} → {new.value} is not allowed")
-        log.info("worker_state", model=self.name, worker_pid=self.pid, old=self.state.value, new=new.value, reason=reason)
+        # READY ⇄ BUSY happens twice a request: worth a debug line, not an info one.
+        routine = {self.state, new} == {WorkerState.READY, WorkerState.BUSY}
+        (log.debug if routine else log.info)("worker_state", model=self.name, worker_pid=self.pid,
+                                              old=self.state.value, new=new.value, reason=reason)
         self.state = new
 
     @property
@@ -159,6 +162,10 @@ class WorkerProcess:
         level("worker_exited", model=self.name, worker_pid=self.pid, reason=self.exit_reason, state=self.state.value)
         self.state = WorkerState.EXITED  # any state may end here: the process is gone whatever we thought
         self.exited.set()
+        # The channel stays open: closing it would turn the calls still reading from it into
+        # asyncio.CancelledError, indistinguishable from a client's cancel. They fail UNAVAILABLE on their own.
+
+    async def close_channel(self) -> None:
         if self._channel is not None:
             await self._channel.close()
 
@@ -173,16 +180,17 @@ class WorkerProcess:
     async def stop(self, grace: float = 5.0) -> None:
         """TERM, wait `grace` seconds, then KILL the whole process group."""
         self.stop_requested = True
-        if self._proc is None or self.exited.is_set():
-            return
-        if self.state != WorkerState.STOPPING:
-            self.change_state(WorkerState.STOPPING, "stop requested")
-        self._signal(signal.SIGTERM)
-        if not await self.wait_exit(grace):
-            log.warning("worker_kill", model=self.name, worker_pid=self.pid, reason=f"no exit {grace:g} s after SIGTERM")
-            self._signal(signal.SIGKILL)
-            await self.wait_exit(5.0)
+        if self._proc is not None and not self.exited.is_set():
+            if self.state != WorkerState.STOPPING:
+                self.change_state(WorkerState.STOPPING, "stop requested")
+            self._signal(signal.SIGTERM)
+            if not await self.wait_exit(grace):
+                log.warning("worker_kill", model=self.name, worker_pid=self.pid,
+                            reason=f"no exit {grace:g} s after SIGTERM")
+                self._signal(signal.SIGKILL)
+                await self.wait_exit(5.0)
         self.spawn.socket_path.unlink(missing_ok=True)
+        await self.close_channel()
 
     def kill(self) -> None:
         self._signal(signal.SIGKILL)

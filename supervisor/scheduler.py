@@ -73,6 +73,8 @@ class ModelRuntime:
     async def _spawn(self) -> WorkerProcess:
         socket_path = self._socket_dir / f"{self.name}.{next(self._serial)}.sock"
         worker = WorkerProcess(Spawn(self.config, self.gguf.path, socket_path))
+        # The previous worker's channel is left to the garbage collector: closing it while a request
+        # may still be reading its last call would cancel that call under the request's feet.
         self.worker = worker
         self.fatal_reason = ""
         try:
@@ -135,7 +137,8 @@ class ModelRuntime:
             for attempt in (1, 2):
                 worker = await self._ready_worker()
                 sent = False
-                worker.change_state(WorkerState.BUSY, "request")
+                if worker.state == WorkerState.READY:  # it may have died since: the call below then says how
+                    worker.change_state(WorkerState.BUSY, "request")
                 call = worker.stub.Generate(request, timeout=self.config.request_timeout)
                 try:
                     async for chunk in call:
@@ -143,8 +146,11 @@ class ModelRuntime:
                         yield chunk
                     worker.requests_served += 1
                     return
-                except grpc.aio.AioRpcError as e:
-                    error, died = await self._explain(worker, e)
+                except (grpc.aio.AioRpcError, asyncio.CancelledError) as e:
+                    if isinstance(e, asyncio.CancelledError) and asyncio.current_task().cancelling():
+                        raise  # our own client went away
+                    # A CancelledError we did not ask for means the call's channel closed: the worker is gone.
+                    error, died = await self._explain(worker, e if isinstance(e, grpc.aio.AioRpcError) else None)
                     if died and not sent and attempt == 1:
                         log.warning("request_retried", model=self.name, worker_pid=worker.pid, reason=error.message)
                         continue
@@ -163,9 +169,9 @@ class ModelRuntime:
         except grpc.aio.AioRpcError as e:
             raise (await self._explain(worker, e))[0] from None
 
-    async def _explain(self, worker: WorkerProcess, e: grpc.aio.AioRpcError) -> tuple[ApiError, bool]:
+    async def _explain(self, worker: WorkerProcess, e: grpc.aio.AioRpcError | None) -> tuple[ApiError, bool]:
         """Turn a failed worker call into what the client should read, and whether the worker died."""
-        code = e.code()
+        code = e.code() if e is not None else grpc.StatusCode.UNAVAILABLE
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             return ApiError(code, f"model {self.name!r}: request ran past request_timeout "
                                   f"({self.config.request_timeout:g} s)"), False

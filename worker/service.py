@@ -51,8 +51,9 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self.engine = engine
         self.info = info
         self.requests_served = 0
+        # The single slot: generations run one after another on this thread. Tokenizing reads only the
+        # vocabulary, which llama.cpp never changes, so it runs on gRPC's threads meanwhile.
         self._slot = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
-        self._lock = threading.Lock()  # the engine is not thread-safe: tokenize waits for generation
 
     def Info(self, request, context) -> worker_pb2.WorkerInfo:
         return worker_pb2.WorkerInfo(
@@ -62,17 +63,15 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         )
 
     def Tokenize(self, request: pb.TokenizeRequest, context) -> pb.TokenizeResponse:
-        with self._lock:
-            tokens = self.engine.tokenize(request.text, request.add_special)
+        tokens = self.engine.tokenize(request.text, request.add_special)
         return pb.TokenizeResponse(tokens=tokens, count=len(tokens), n_ctx=self.info.n_ctx)
 
     def _prompt(self, request: worker_pb2.WorkerGenerateRequest, context) -> list[int]:
-        with self._lock:
-            if request.WhichOneof("input") == "chat":
-                messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
-                prompt = self.engine.chat_prompt(messages)
-            else:
-                prompt = self.engine.tokenize(request.prompt, add_special=True)
+        if request.WhichOneof("input") == "chat":
+            messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
+            prompt = self.engine.chat_prompt(messages)
+        else:
+            prompt = self.engine.tokenize(request.prompt, add_special=True)
         n_ctx, max_tokens = self.info.n_ctx, request.options.max_tokens
         if len(prompt) >= n_ctx:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
@@ -125,18 +124,17 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
     def _run(self, prompt: list[int], sampling: Sampling, cancel: threading.Event,
              pieces: queue.SimpleQueue, outcome: Outcome) -> None:
-        with self._lock:
-            try:
-                outcome.cached_prompt_tokens = self.engine.cached_prefix(prompt)
-                for piece in generate_text(self.engine, prompt, sampling, self.info.n_ctx, cancel, outcome):
-                    pieces.put(piece)
-                self.requests_served += 1
-                pieces.put(_DONE)
-            except Exception as e:  # reported to the client as INTERNAL; the worker stays up
-                traceback.print_exc()
-                pieces.put(e)
-            finally:
-                self.engine.after_request()
+        try:
+            outcome.cached_prompt_tokens = self.engine.cached_prefix(prompt)
+            for piece in generate_text(self.engine, prompt, sampling, self.info.n_ctx, cancel, outcome):
+                pieces.put(piece)
+            self.requests_served += 1
+            pieces.put(_DONE)
+        except Exception as e:  # reported to the client as INTERNAL; the worker stays up
+            traceback.print_exc()
+            pieces.put(e)
+        finally:
+            self.engine.after_request()
 
     def _final(self, text: str, tokens: int, outcome: Outcome) -> pb.GenerateChunk:
         return pb.GenerateChunk(
