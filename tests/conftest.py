@@ -104,24 +104,26 @@ def model_table(name: str, path: Path | str, **options) -> str:
 
 
 def launch(model_dir: Path, models: str = "", env: dict[str, str] | None = None, extra: str = "",
-           config: bool = True) -> Daemon:
-    """Start llm-supervisord in a fresh directory and wait until it serves."""
+           config: bool = True, address_flag: bool = False) -> Daemon:
+    """Start llm-supervisord in a fresh directory and wait until it serves (with --address if asked)."""
     # Unix socket paths must stay under 108 bytes: pytest's tmp_path can be too deep.
     base = Path(tempfile.mkdtemp(prefix="llms-"))
     run_dir, state_dir = base / "run", base / "state"
-    address = f"unix://{run_dir}/supervisor.sock"
+    address = f"unix://{base / 'flag.sock' if address_flag else run_dir / 'supervisor.sock'}"
     log_path = base / "daemon.log"
     process_env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
     cmd = [sys.executable, "-m", "supervisor.daemon"]
     if config:
         config_path = base / "config.toml"
         config_path.write_text(
-            f'[supervisor]\naddress = "{address}"\nstate_dir = "{state_dir}"\nruntime_dir = "{run_dir}"\n'
+            f'[supervisor]\naddress = "unix://{run_dir}/supervisor.sock"\nstate_dir = "{state_dir}"\nruntime_dir = "{run_dir}"\n'
             f'model_dirs = ["{model_dir}"]\n{extra}\n{models}\n'
         )
         cmd += ["--config", str(config_path)]
     else:  # the embedded default, with systemd's directory variables pointing into the test's directory
         process_env.update(STATE_DIRECTORY=str(state_dir), RUNTIME_DIRECTORY=str(run_dir))
+    if address_flag:
+        cmd += ["--address", address]
     with log_path.open("w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=process_env, cwd=ROOT)
     daemon = Daemon(proc, address, run_dir, state_dir, log_path, base)

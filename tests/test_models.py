@@ -105,3 +105,10 @@ def test_a_models_max_tokens_caps_requests_without_truncating_them(start_daemon)
     with pytest.raises(grpc.RpcError) as caught:
         ask(9)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "cap of 8" in caught.value.details()
+
+
+def test_address_flag_overrides_the_config(start_daemon):
+    daemon = start_daemon(address_flag=True)
+    assert daemon.address.endswith("/flag.sock")
+    assert daemon.stub.Status(pb.StatusRequest()).version
+    assert not (daemon.run_dir / "supervisor.sock").exists()
