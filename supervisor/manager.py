@@ -115,6 +115,7 @@ class WorkerProcess:
             ("grpc.max_reconnect_backoff_ms", 200),
         ])
         self.stub = worker_pb2_grpc.WorkerStub(self._channel)
+
         async def ask_info() -> worker_pb2.WorkerInfo:
             return await self.stub.Info(worker_pb2.WorkerInfoRequest(), wait_for_ready=True,
                                         timeout=self.spawn.model.load_timeout)
