@@ -1,0 +1,172 @@
+"""Decisions from samples: pure functions of measurements and config — no I/O, no clock reads.
+
+The monitor measures, these decide, the model runtime acts. Every decision carries its reason in words
+an operator can act on and the figures behind it, because "recycled" alone explains nothing.
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+from dataclasses import dataclass, field
+from typing import Sequence
+
+MiB = 1 << 20
+
+
+class Action(enum.IntEnum):
+    # Ordered by severity: when several rules fire in one tick, the most severe one is the decision.
+    NONE = 0
+    RECYCLE = 1  # graceful: finish the current request, then replace the worker
+    KILL = 2     # at once: the request in flight fails with the reason
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One measurement of a worker, from outside it."""
+
+    at: float                # monotonic seconds
+    private: int             # RssAnon + swap, bytes
+    file_rss: int            # mmap'd weights in the page cache, bytes (never a leak)
+    gpu: int | None = None   # NVML per-process GPU memory; None when there is no GPU
+    requests: int = 0        # requests the worker had served when sampled
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_private_memory: int | None = None
+    max_gpu_memory: int | None = None
+    leak_threshold: int | None = None
+    hard_factor: float = 1.5          # the hard line is this many times the soft one
+    rlimit_data: int | None = None    # the kernel's line: act before the worker's malloc starts failing
+    max_requests: int = 0             # with this worker's jitter already added; 0 = no limit
+    soft_samples: int = 2             # consecutive samples above a soft line before a recycle
+    leak_min_requests: int = 8        # per-request samples before a trend is believed
+    leak_min_fit: float = 0.8         # r² of the trend: steady growth, not noise or one step
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Action
+    reason: str = ""
+    figures: dict = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return self.action != Action.NONE
+
+
+NOTHING = Decision(Action.NONE)
+
+
+def mib(n: float) -> str:
+    return f"{n / MiB:.1f} MiB"
+
+
+def hard_line(soft: int | None, limits: Limits) -> int | None:
+    """Where the supervisor stops waiting for a request boundary: well above the soft line, and below
+    RLIMIT_DATA, past which the worker's own allocations would fail in the middle of a request."""
+    lines = [int(soft * limits.hard_factor)] if soft else []
+    if limits.rlimit_data:
+        lines.append(int(limits.rlimit_data * 0.95))
+    return min(lines) if lines else None
+
+
+def memory_decision(history: Sequence[Sample], limits: Limits) -> Decision:
+    """Soft lines recycle after `soft_samples` samples in a row above them; hard lines kill at once."""
+    if not history:
+        return NOTHING
+    latest = history[-1]
+    checks = [("private memory", "max_private_memory", limits.max_private_memory, lambda s: s.private)]
+    if latest.gpu is not None:
+        checks.append(("GPU memory", "max_gpu_memory", limits.max_gpu_memory, lambda s: s.gpu or 0))
+    decision = NOTHING
+    for what, key, soft, value in checks:
+        hard = hard_line(soft, limits) if key == "max_private_memory" else (int(soft * limits.hard_factor) if soft else None)
+        now = value(latest)
+        if hard and now >= hard:
+            return Decision(Action.KILL, f"{what} {mib(now)} is above the hard line {mib(hard)}",
+                            {"bytes": now, "limit_bytes": hard, "key": key})
+        recent = history[-limits.soft_samples:]
+        if soft and len(recent) == limits.soft_samples and all(value(s) > soft for s in recent):
+            decision = Decision(Action.RECYCLE, f"{what} {mib(now)} is above {key} ({mib(soft)})",
+                                {"bytes": now, "limit_bytes": soft, "key": key})
+    return decision
+
+
+def trend(points: Sequence[tuple[float, float]]) -> tuple[float, float]:
+    """Least-squares slope of y over x, and r² of the fit (0 when y does not vary)."""
+    n = len(points)
+    mx = sum(x for x, _ in points) / n
+    my = sum(y for _, y in points) / n
+    sxx = sum((x - mx) ** 2 for x, _ in points)
+    syy = sum((y - my) ** 2 for _, y in points)
+    sxy = sum((x - mx) * (y - my) for x, y in points)
+    if sxx == 0 or syy == 0:
+        return 0.0, 0.0
+    slope = sxy / sxx
+    return slope, (sxy * sxy) / (sxx * syy)
+
+
+def leak_decision(per_request: Sequence[Sample], baseline: int, limits: Limits, metric: str = "private") -> Decision:
+    """Growth of private (or GPU) memory over the baseline taken after the worker's warm-up.
+
+    Sampled after each request, so a steady per-request growth is seen as a trend long before it reaches a
+    line: recycle when the trend (r² ≥ leak_min_fit) would cross leak_threshold within as many requests
+    again as it has been watched, or when the growth, read as the median of the last three samples (one
+    spike is not a leak), already has.
+    """
+    threshold = limits.leak_threshold
+    if not threshold or not per_request:
+        return NOTHING
+
+    def value(s: Sample) -> int:
+        return getattr(s, metric) or 0
+
+    what = "private memory" if metric == "private" else "GPU memory"
+    recent = sorted(value(s) for s in per_request[-3:])
+    growth = recent[len(recent) // 2] - baseline
+    if len(per_request) >= 3 and growth > threshold:
+        return Decision(Action.RECYCLE, f"{what} grew {mib(growth)} over its baseline, above leak_threshold ({mib(threshold)})",
+                        {"growth_bytes": growth, "limit_bytes": threshold})
+    if len(per_request) < limits.leak_min_requests:
+        return NOTHING
+    window = per_request[-64:]
+    slope, fit = trend([(s.requests, value(s)) for s in window])
+    span = window[-1].requests - window[0].requests
+    if slope > 0 and fit >= limits.leak_min_fit and growth + slope * span > threshold:
+        return Decision(Action.RECYCLE,
+                        f"{what} leak: +{slope / MiB:.1f} MiB/request over {span} requests "
+                        f"(grown {mib(growth)}, leak_threshold {mib(threshold)})",
+                        {"bytes_per_request": int(slope), "requests": span, "growth_bytes": growth, "fit": round(fit, 3)})
+    return NOTHING
+
+
+def requests_decision(served: int, limits: Limits) -> Decision:
+    if limits.max_requests and served >= limits.max_requests:
+        return Decision(Action.RECYCLE, f"served {served} requests (max_requests with this worker's jitter: {limits.max_requests})",
+                        {"requests": served})
+    return NOTHING
+
+
+def draw_max_requests(max_requests: int, jitter: int, rng: random.Random) -> int:
+    """gunicorn's idea: drawn once per worker, so replicas started together do not recycle together."""
+    if not max_requests:
+        return 0
+    return max_requests + (rng.randint(0, jitter) if jitter > 0 else 0)
+
+
+def decide(history: Sequence[Sample], per_request: Sequence[Sample], baseline: Sample | None, limits: Limits) -> Decision:
+    """One decision per worker per tick: the most severe of what the rules say."""
+    candidates = [memory_decision(history, limits)]
+    if baseline is not None:
+        candidates.append(leak_decision(per_request, baseline.private, limits, "private"))
+        if baseline.gpu is not None:
+            candidates.append(leak_decision(per_request, baseline.gpu, limits, "gpu"))
+    if per_request:
+        candidates.append(requests_decision(per_request[-1].requests, limits))
+    return max(candidates, key=lambda d: d.action)
+
+
+def restart_delay(failures: int, base: float = 1.0, cap: float = 60.0) -> float:
+    """Exponential back-off before restarting a model whose workers keep dying: 1, 2, 4 … 60 s."""
+    return 0.0 if failures <= 0 else min(cap, base * 2 ** (failures - 1))

@@ -1,0 +1,91 @@
+"""Policies on synthetic sample series: pure, no processes."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from supervisor.policies import (Action, Limits, MiB, Sample, decide, draw_max_requests, hard_line, leak_decision,
+                                 memory_decision, restart_delay)
+
+
+def series(values_mib, start_requests=1, gpu_mib=None):
+    return [Sample(at=float(i), private=int(v * MiB), file_rss=100 * MiB, requests=start_requests + i,
+                   gpu=None if gpu_mib is None else int(gpu_mib[i] * MiB)) for i, v in enumerate(values_mib)]
+
+
+BASE = 100  # MiB after warm-up
+LEAK = Limits(leak_threshold=256 * MiB, max_private_memory=1024 * MiB)
+
+
+@pytest.mark.parametrize("name, values, action, words", [
+    ("flat", [BASE + (i % 3) for i in range(40)], Action.NONE, ""),
+    ("one spike", [BASE] * 20 + [BASE + 400] + [BASE] * 19, Action.NONE, ""),
+    ("steady leak", [BASE + 8 * i for i in range(20)], Action.RECYCLE, "+8.0 MiB/request over 19 requests"),
+    ("slow leak not yet", [BASE + 1 * i for i in range(12)], Action.NONE, ""),
+    ("noisy but growing", [BASE + 10 * i + (15 if i % 2 else -15) for i in range(20)], Action.RECYCLE, "MiB/request"),
+    ("already grown", [BASE + 300] * 3, Action.RECYCLE, "above leak_threshold"),
+    ("too few to judge a trend", [BASE + 20 * i for i in range(5)], Action.NONE, ""),
+    ("one step up, then flat", [BASE] * 10 + [BASE + 120] * 30, Action.NONE, ""),
+])
+def test_leak_trend_versus_spike_versus_flat(name, values, action, words):
+    decision = leak_decision(series(values), BASE * MiB, LEAK)
+    assert decision.action == action, (name, decision.reason)
+    assert words in decision.reason
+
+
+def test_leak_decision_names_rate_and_span_in_figures():
+    decision = leak_decision(series([BASE + 8 * i for i in range(20)]), BASE * MiB, LEAK)
+    assert decision.figures["bytes_per_request"] == 8 * MiB and decision.figures["requests"] == 19
+
+
+@pytest.mark.parametrize("values, limits, action, words", [
+    ([500, 500], Limits(max_private_memory=1024 * MiB), Action.NONE, ""),
+    ([500, 1100], Limits(max_private_memory=1024 * MiB), Action.NONE, ""),  # one sample above: not yet
+    ([1100, 1100], Limits(max_private_memory=1024 * MiB), Action.RECYCLE, "above max_private_memory (1024.0 MiB)"),
+    ([500, 1600], Limits(max_private_memory=1024 * MiB), Action.KILL, "above the hard line 1536.0 MiB"),
+    ([500, 1300], Limits(max_private_memory=1024 * MiB, rlimit_data=1280 * MiB), Action.KILL, "hard line 1216.0 MiB"),
+    ([5000, 5000], Limits(), Action.NONE, ""),
+])
+def test_memory_lines(values, limits, action, words):
+    decision = memory_decision(series(values), limits)
+    assert decision.action == action and words in decision.reason
+
+
+def test_gpu_memory_lines_only_when_there_is_a_gpu():
+    limits = Limits(max_gpu_memory=2048 * MiB)
+    assert memory_decision(series([100, 100], gpu_mib=[3000, 3000]), limits).action == Action.RECYCLE
+    assert memory_decision(series([100, 100], gpu_mib=[3100, 3100]), limits).reason.startswith("GPU memory")
+    assert memory_decision(series([100, 100]), limits).action == Action.NONE
+    assert memory_decision(series([100, 100], gpu_mib=[100, 3100]), limits).action == Action.KILL
+
+
+def test_hard_line_is_the_lower_of_factor_and_rlimit():
+    assert hard_line(1000, Limits(hard_factor=1.5)) == 1500
+    assert hard_line(1000, Limits(hard_factor=1.5, rlimit_data=1200)) == 1140
+    assert hard_line(None, Limits(rlimit_data=1000)) == 950
+    assert hard_line(None, Limits()) is None
+
+
+def test_one_decision_per_tick_the_most_severe():
+    limits = Limits(max_private_memory=1024 * MiB, leak_threshold=256 * MiB, max_requests=5)
+    history = series([400, 1600])
+    per_request = series([100 + 50 * i for i in range(10)])
+    decision = decide(history, per_request, per_request[0], limits)
+    assert decision.action == Action.KILL  # not also a recycle for the leak and the request count
+
+
+def test_max_requests_with_jitter_drawn_once():
+    rng = random.Random(1)
+    draws = {draw_max_requests(1000, 50, rng) for _ in range(50)}
+    assert min(draws) >= 1000 and max(draws) <= 1050 and len(draws) > 1
+    assert draw_max_requests(0, 50, rng) == 0
+    limits = Limits(max_requests=1020)
+    assert not decide([], series([100] * 3, start_requests=1017), None, limits)
+    assert decide([], series([100] * 3, start_requests=1018), None, limits).action == Action.RECYCLE
+
+
+@pytest.mark.parametrize("failures, delay", [(0, 0), (1, 1), (2, 2), (3, 4), (6, 32), (7, 60), (30, 60)])
+def test_restart_back_off(failures, delay):
+    assert restart_delay(failures) == delay
