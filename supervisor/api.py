@@ -95,6 +95,19 @@ class SupervisorService(supervisor_pb2_grpc.SupervisorServicer):
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(models=[model_info(rt) for rt in self.registry.models.values()])
 
+    async def RecycleModel(self, request: pb.RecycleModelRequest, context) -> pb.RecycleModelResponse:
+        try:
+            life = self.registry.get(request.name).lifecycle
+            old = await life.ready_worker()
+            if request.hard:
+                life.recycle_now(old, "restarted by hand (llmctl restart)")
+                fresh = await life.ready_worker()
+            else:
+                fresh = await life.recycle("recycled by hand (llmctl recycle)")
+        except ApiError as e:
+            await _abort(context, e)
+        return pb.RecycleModelResponse(old_pid=old.pid, new_pid=fresh.pid)
+
     async def Status(self, request: pb.StatusRequest, context) -> pb.StatusResponse:
         return pb.StatusResponse(
             version=__version__,
@@ -105,26 +118,31 @@ class SupervisorService(supervisor_pb2_grpc.SupervisorServicer):
 
 def model_info(runtime: ModelRuntime) -> pb.ModelInfo:
     c, g = runtime.config, runtime.gguf
-    worker = runtime.worker
+    worker = runtime.lifecycle.worker
     # llama.cpp may round n_ctx up (to a multiple of 256): report what the worker really has.
     n_ctx = worker.info.n_ctx if worker is not None and worker.info is not None else c.n_ctx
     return pb.ModelInfo(
-        name=c.name, path=str(g.path), state=runtime.state, n_ctx=n_ctx, n_gpu_layers=c.n_gpu_layers,
+        name=c.name, path=str(g.path), state=runtime.lifecycle.state, n_ctx=n_ctx, n_gpu_layers=c.n_gpu_layers,
         use_mmap=c.use_mmap, source=runtime.source, architecture=g.architecture, file_size_bytes=g.file_size,
         has_chat_template=g.has_chat_template,
     )
 
 
 def worker_status(runtime: ModelRuntime) -> pb.WorkerStatus:
-    worker = runtime.worker
-    status = pb.WorkerStatus(model=runtime.name, state=runtime.state, queue_depth=runtime.waiting,
-                             restarts=runtime.restarts, last_exit=runtime.fatal_reason or runtime.last_exit)
+    life = runtime.lifecycle
+    worker = life.worker
+    status = pb.WorkerStatus(model=runtime.name, state=life.state, queue_depth=runtime.waiting,
+                             restarts=life.restarts, last_exit=life.fatal_reason or life.last_exit,
+                             recycles=life.recycles, last_recycle_reason=life.last_recycle_reason)
     if worker is not None and worker.alive:
         status.pid = worker.pid
         status.requests_served = worker.requests_served
         status.uptime_s = worker.uptime()
-        memory = read_memory(worker.pid)
+        latest = life.history.periodic[-1] if life.history.periodic else None
+        memory = read_memory(worker.pid)  # fresh, not the last poll's: status is asked for rarely
         if memory is not None:
             status.private_memory_bytes = memory.private
             status.file_rss_bytes = memory.rss_file
+        if latest is not None and latest.gpu is not None:
+            status.gpu_memory_bytes = latest.gpu
     return status

@@ -42,6 +42,9 @@ class ModelConfig:
     max_gpu_memory: int | None = None
     leak_threshold: int | None = None
     max_requests: int = 0  # 0 = no limit
+    max_requests_jitter: int = 0  # up to this many more, drawn once per worker
+    hard_memory_factor: float = 1.5  # the hard line on memory is this × the soft one
+    max_restarts: int = 5  # fast failures in a row before the model is FATAL
     request_timeout: float = 600.0
     max_queue: int = 64
     max_tokens: int = 0  # cap on a request's max_tokens; 0 = no cap beyond the context
@@ -118,6 +121,14 @@ def _coerce(key: str, kind: Any, value: Any, host: Host) -> Any:
         if text in ("false", "0", "no", "off"):
             return False
         raise ValueError(f"expected true or false, got {value!r}")
+    if kind is float:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"expected a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise ValueError(f"expected a finite number, got {value!r}")
+        return number
     if kind is int:
         if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
             raise ValueError(f"expected a whole number, got {value!r}")
@@ -171,6 +182,9 @@ def _check_model(cfg: ModelConfig) -> None:
     need(cfg.max_queue >= 0, f"max_queue must be 0 or more, got {cfg.max_queue}")
     need(cfg.max_tokens >= 0, f"max_tokens must be 0 (no cap) or more, got {cfg.max_tokens}")
     need(cfg.max_requests >= 0, f"max_requests must be 0 (no limit) or more, got {cfg.max_requests}")
+    need(cfg.max_requests_jitter >= 0, f"max_requests_jitter must be 0 or more, got {cfg.max_requests_jitter}")
+    need(cfg.hard_memory_factor >= 1.0, f"hard_memory_factor must be 1 or more, got {cfg.hard_memory_factor:g}")
+    need(cfg.max_restarts >= 0, f"max_restarts must be 0 or more, got {cfg.max_restarts}")
     need(cfg.request_timeout > 0, "request_timeout must be more than 0")
     need(cfg.load_timeout > 0, "load_timeout must be more than 0")
     need(cfg.stream_interval <= 1.0, f"stream_interval above 1s makes streaming pointless, got {cfg.stream_interval:g} s")

@@ -30,6 +30,8 @@ from .api import SupervisorService
 from .config import ConfigError, Host, SupervisorConfig, load_config
 from .demo_model import write_model
 from .errors import ApiError
+from .gpu import GpuSource, Nvml
+from .monitor import Monitor
 from .logs import configure
 from .registry import Registry
 from .scheduler import ModelRuntime
@@ -77,7 +79,20 @@ def ensure_demo_model(config: SupervisorConfig) -> None:
         write_model(demo)
 
 
-async def serve(config: SupervisorConfig, host: Host, stop: asyncio.Event | None = None) -> int:
+async def watch(registry: Registry, monitor: Monitor, interval: float) -> None:
+    """The watchdog loop: measure every worker each interval and act on what the policies decide."""
+    while True:
+        await asyncio.sleep(interval)
+        gpu_memory = monitor.gpu.process_memory() if monitor.gpu.available else None  # one NVML query a tick
+        for runtime in list(registry.models.values()):
+            try:
+                runtime.lifecycle.tick(gpu_memory)
+            except Exception:  # one model's trouble must not stop the watch over the others
+                log.exception("watch_failed", model=runtime.name)
+
+
+async def serve(config: SupervisorConfig, host: Host, stop: asyncio.Event | None = None,
+                gpu: GpuSource | None = None) -> int:
     stop = stop or asyncio.Event()
     config.state_dir.mkdir(parents=True, exist_ok=True)
     config.runtime_dir.mkdir(parents=True, exist_ok=True)
@@ -89,11 +104,12 @@ async def serve(config: SupervisorConfig, host: Host, stop: asyncio.Event | None
     loop = asyncio.get_running_loop()
 
     def on_change(runtime: ModelRuntime) -> None:
-        live = runtime.serving and runtime.name in registry.models
+        live = runtime.lifecycle.serving and runtime.name in registry.models
         status = health_pb2.HealthCheckResponse.SERVING if live else health_pb2.HealthCheckResponse.NOT_SERVING
         loop.create_task(health_servicer.set(model_health_name(runtime.name), status))
 
-    registry = Registry(config, host, socket_dir, on_change)
+    monitor = Monitor(gpu or Nvml.open())
+    registry = Registry(config, host, socket_dir, monitor, on_change)
     supervisor_pb2_grpc.add_SupervisorServicer_to_server(SupervisorService(registry), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -124,8 +140,10 @@ async def serve(config: SupervisorConfig, host: Host, stop: asyncio.Event | None
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     log.info("ready", models=len(registry.models))
+    watcher = asyncio.create_task(watch(registry, monitor, config.poll_interval), name="watch")
 
     await stop.wait()
+    watcher.cancel()
     log.info("stopping", grace_s=config.shutdown_timeout)
     await health_servicer.enter_graceful_shutdown()
     await server.stop(config.shutdown_timeout)  # in-flight streams finish within the grace

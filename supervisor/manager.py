@@ -55,6 +55,7 @@ class WorkerProcess:
         self.stub: worker_pb2_grpc.WorkerStub | None = None
         self.exited = asyncio.Event()
         self.stop_requested = False
+        self.kill_reason = ""  # set when the supervisor kills it on purpose (a hard memory line)
         self._tasks: list[asyncio.Task] = []
 
     # -- state ---------------------------------------------------------------------------------------
@@ -159,6 +160,8 @@ class WorkerProcess:
         assert self._proc
         code = await self._proc.wait()
         self.exit_reason = describe_exit(code)
+        if self.kill_reason:
+            self.exit_reason = f"killed by the supervisor: {self.kill_reason}"
         level = log.info if self.state == WorkerState.STOPPING else log.warning
         level("worker_exited", model=self.name, worker_pid=self.pid, reason=self.exit_reason, state=self.state.value)
         self.state = WorkerState.EXITED  # any state may end here: the process is gone whatever we thought

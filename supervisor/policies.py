@@ -157,6 +157,7 @@ def draw_max_requests(max_requests: int, jitter: int, rng: random.Random) -> int
 
 def decide(history: Sequence[Sample], per_request: Sequence[Sample], baseline: Sample | None, limits: Limits) -> Decision:
     """One decision per worker per tick: the most severe of what the rules say."""
+    history, per_request = list(history), list(per_request)  # the monitor keeps deques; rules slice
     candidates = [memory_decision(history, limits)]
     if baseline is not None:
         candidates.append(leak_decision(per_request, baseline.private, limits, "private"))

@@ -6,19 +6,22 @@ import asyncio
 from pathlib import Path
 from typing import Callable, Mapping
 
+import grpc
+
 from .config import ConfigError, Host, ModelConfig, SupervisorConfig, model_config
 from .errors import ApiError, invalid, not_found
 from .gguf_file import read_gguf_info, resolve_model_path
+from .lifecycle import Lifecycle
+from .monitor import Monitor
 from .scheduler import ModelRuntime
-
-import grpc
 
 
 class Registry:
-    def __init__(self, config: SupervisorConfig, host: Host, socket_dir: Path,
+    def __init__(self, config: SupervisorConfig, host: Host, socket_dir: Path, monitor: Monitor,
                  on_change: Callable[[ModelRuntime], None] = lambda rt: None) -> None:
         self.config = config
         self.host = host
+        self.monitor = monitor
         self.models: dict[str, ModelRuntime] = {}
         self._socket_dir = socket_dir
         self._on_change = on_change
@@ -45,10 +48,12 @@ class Registry:
                            f"model {config.name!r} is already loaded; unload it first or pick another name")
         path = resolve_model_path(config.path, self.config.model_dirs)
         gguf = await asyncio.to_thread(read_gguf_info, path)
-        runtime = ModelRuntime(config, gguf, self._socket_dir, source, self._on_change)
+        # Late binding: the lambda reads `runtime` when a worker changes, by then it is assigned.
+        lifecycle = Lifecycle(config, gguf, self._socket_dir, self.monitor, on_change=lambda: self._on_change(runtime))
+        runtime = ModelRuntime(config, gguf, source, lifecycle)
         self.models[config.name] = runtime  # reserve the name while loading
         try:
-            await runtime.start()
+            await lifecycle.start()
         except ApiError:
             if not keep_on_failure:
                 del self.models[config.name]

@@ -9,9 +9,7 @@ reason — never a silently short answer.
 from __future__ import annotations
 
 import asyncio
-import itertools
-from pathlib import Path
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator
 
 import grpc
 import structlog
@@ -22,7 +20,8 @@ from llm_supervisor.v1 import worker_pb2
 from .config import ModelConfig
 from .errors import ApiError, exhausted, unavailable
 from .gguf_file import GGUFInfo
-from .manager import Spawn, WorkerProcess
+from .lifecycle import Lifecycle
+from .manager import WorkerProcess
 from .states import WorkerState
 
 log = structlog.get_logger("llm_supervisor.scheduler")
@@ -32,102 +31,28 @@ DEATH_REAP_S = 3.0
 
 
 class ModelRuntime:
-    def __init__(self, config: ModelConfig, gguf: GGUFInfo, socket_dir: Path, source: str,
-                 on_change: Callable[["ModelRuntime"], None] = lambda rt: None) -> None:
+    def __init__(self, config: ModelConfig, gguf: GGUFInfo, source: str, lifecycle: Lifecycle) -> None:
         self.config = config
         self.gguf = gguf
         self.source = source
-        self.worker: WorkerProcess | None = None
-        self.restarts = 0
-        self.last_exit = ""
-        self.fatal_reason = ""
+        self.lifecycle = lifecycle
         self.waiting = 0
-        self.closed = False
-        self._socket_dir = socket_dir
-        self._serial = itertools.count(1)
-        self._slot = asyncio.Lock()
-        self._starting: asyncio.Task[WorkerProcess] | None = None
-        self._on_change = on_change
 
     @property
     def name(self) -> str:
         return self.config.name
 
-    @property
-    def state(self) -> str:
-        if self.fatal_reason:
-            return WorkerState.FATAL.value
-        return self.worker.state.value if self.worker else WorkerState.EXITED.value
-
-    @property
-    def serving(self) -> bool:
-        return self.worker is not None and self.worker.state in (WorkerState.READY, WorkerState.BUSY)
-
-    # -- worker lifecycle ----------------------------------------------------------------------------
-    async def start(self) -> WorkerProcess:
-        """Start a worker (or join the start in progress). Raises ApiError when it cannot load."""
-        if self._starting is None or self._starting.done():
-            self._starting = asyncio.create_task(self._spawn())
-        return await asyncio.shield(self._starting)
-
-    async def _spawn(self) -> WorkerProcess:
-        socket_path = self._socket_dir / f"{self.name}.{next(self._serial)}.sock"
-        worker = WorkerProcess(Spawn(self.config, self.gguf.path, socket_path))
-        # The previous worker's channel is left to the garbage collector: closing it while a request
-        # may still be reading its last call would cancel that call under the request's feet.
-        self.worker = worker
-        self.fatal_reason = ""
-        try:
-            await worker.start()
-        except ApiError as e:
-            self.fatal_reason = e.message
-            self._on_change(self)
-            raise
-        asyncio.create_task(self._supervise(worker), name=f"supervise-{worker.pid}")
-        self._on_change(self)
-        return worker
-
-    async def _supervise(self, worker: WorkerProcess) -> None:
-        """Edge-triggered on a worker's exit: an exit nobody asked for is a crash; start a replacement."""
-        await worker.exited.wait()
-        self.last_exit = worker.exit_reason
-        self._on_change(self)
-        if self.closed or worker.stop_requested or worker is not self.worker:
-            return
-        self.restarts += 1
-        log.warning("worker_crashed", model=self.name, worker_pid=worker.pid, reason=worker.exit_reason,
-                    restarts=self.restarts)
-        try:
-            await self.start()
-        except ApiError as e:
-            log.error("worker_restart_failed", model=self.name, reason=e.message)
-
-    async def _ready_worker(self) -> WorkerProcess:
-        worker = self.worker
-        if worker is not None and worker.state == WorkerState.READY:
-            return worker
-        if self.closed:
-            raise unavailable(f"model {self.name!r} is being unloaded")
-        if self._starting is not None and not self._starting.done():
-            return await asyncio.shield(self._starting)
-        return await self.start()
-
     async def stop(self, grace: float = 5.0) -> None:
-        self.closed = True
-        if self._starting is not None and not self._starting.done():
-            await asyncio.gather(self._starting, return_exceptions=True)
-        if self.worker is not None:
-            await self.worker.stop(grace)
-        self._on_change(self)
+        await self.lifecycle.stop(grace)
 
     # -- requests ------------------------------------------------------------------------------------
     async def _enter_queue(self) -> None:
-        if self._slot.locked() and self.waiting >= self.config.max_queue:
+        if self.lifecycle.slot.locked() and self.waiting >= self.config.max_queue:
             raise exhausted(f"model {self.name!r}: queue is full ({self.waiting} waiting, max_queue = "
                             f"{self.config.max_queue}); retry later or raise max_queue")
         self.waiting += 1
         try:
-            await self._slot.acquire()
+            await self.lifecycle.slot.acquire()
         finally:
             self.waiting -= 1
 
@@ -135,7 +60,7 @@ class ModelRuntime:
         await self._enter_queue()
         try:
             for attempt in (1, 2):
-                worker = await self._ready_worker()
+                worker = await self.lifecycle.ready_worker()
                 sent = False
                 if worker.state == WorkerState.READY:  # it may have died since: the call below then says how
                     worker.change_state(WorkerState.BUSY, "request")
@@ -145,6 +70,10 @@ class ModelRuntime:
                         sent = True
                         yield chunk
                     worker.requests_served += 1
+                    try:
+                        self.lifecycle.after_request(worker)
+                    except Exception:  # the watchdog's trouble must never fail a request that succeeded
+                        log.exception("after_request_failed", model=self.name)
                     return
                 except (grpc.aio.AioRpcError, asyncio.CancelledError) as e:
                     if isinstance(e, asyncio.CancelledError) and asyncio.current_task().cancelling():
@@ -160,10 +89,10 @@ class ModelRuntime:
                     if worker.state == WorkerState.BUSY:
                         worker.change_state(WorkerState.READY, "request done")
         finally:
-            self._slot.release()
+            self.lifecycle.slot.release()
 
     async def tokenize(self, request: pb.TokenizeRequest) -> pb.TokenizeResponse:
-        worker = await self._ready_worker()
+        worker = await self.lifecycle.ready_worker()
         try:
             return await worker.stub.Tokenize(request, timeout=30)
         except grpc.aio.AioRpcError as e:

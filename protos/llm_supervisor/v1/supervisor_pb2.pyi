@@ -198,7 +198,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("model", "pid", "state", "private_memory_bytes", "file_rss_bytes", "requests_served", "uptime_s", "queue_depth", "restarts", "last_exit")
+    __slots__ = ("model", "pid", "state", "private_memory_bytes", "file_rss_bytes", "requests_served", "uptime_s", "queue_depth", "restarts", "last_exit", "gpu_memory_bytes", "recycles", "last_recycle_reason")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -209,6 +209,9 @@ class WorkerStatus(_message.Message):
     QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
     RESTARTS_FIELD_NUMBER: _ClassVar[int]
     LAST_EXIT_FIELD_NUMBER: _ClassVar[int]
+    GPU_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RECYCLES_FIELD_NUMBER: _ClassVar[int]
+    LAST_RECYCLE_REASON_FIELD_NUMBER: _ClassVar[int]
     model: str
     pid: int
     state: str
@@ -219,7 +222,26 @@ class WorkerStatus(_message.Message):
     queue_depth: int
     restarts: int
     last_exit: str
-    def __init__(self, model: _Optional[str] = ..., pid: _Optional[int] = ..., state: _Optional[str] = ..., private_memory_bytes: _Optional[int] = ..., file_rss_bytes: _Optional[int] = ..., requests_served: _Optional[int] = ..., uptime_s: _Optional[float] = ..., queue_depth: _Optional[int] = ..., restarts: _Optional[int] = ..., last_exit: _Optional[str] = ...) -> None: ...
+    gpu_memory_bytes: int
+    recycles: int
+    last_recycle_reason: str
+    def __init__(self, model: _Optional[str] = ..., pid: _Optional[int] = ..., state: _Optional[str] = ..., private_memory_bytes: _Optional[int] = ..., file_rss_bytes: _Optional[int] = ..., requests_served: _Optional[int] = ..., uptime_s: _Optional[float] = ..., queue_depth: _Optional[int] = ..., restarts: _Optional[int] = ..., last_exit: _Optional[str] = ..., gpu_memory_bytes: _Optional[int] = ..., recycles: _Optional[int] = ..., last_recycle_reason: _Optional[str] = ...) -> None: ...
+
+class RecycleModelRequest(_message.Message):
+    __slots__ = ("name", "hard")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    HARD_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    hard: bool
+    def __init__(self, name: _Optional[str] = ..., hard: _Optional[bool] = ...) -> None: ...
+
+class RecycleModelResponse(_message.Message):
+    __slots__ = ("old_pid", "new_pid")
+    OLD_PID_FIELD_NUMBER: _ClassVar[int]
+    NEW_PID_FIELD_NUMBER: _ClassVar[int]
+    old_pid: int
+    new_pid: int
+    def __init__(self, old_pid: _Optional[int] = ..., new_pid: _Optional[int] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
     __slots__ = ("version", "uptime_s", "workers")

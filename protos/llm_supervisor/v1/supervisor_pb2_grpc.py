@@ -69,6 +69,11 @@ class SupervisorStub:
                 request_serializer=llm__supervisor_dot_v1_dot_supervisor__pb2.StatusRequest.SerializeToString,
                 response_deserializer=llm__supervisor_dot_v1_dot_supervisor__pb2.StatusResponse.FromString,
                 _registered_method=True)
+        self.RecycleModel = channel.unary_unary(
+                '/llm_supervisor.v1.Supervisor/RecycleModel',
+                request_serializer=llm__supervisor_dot_v1_dot_supervisor__pb2.RecycleModelRequest.SerializeToString,
+                response_deserializer=llm__supervisor_dot_v1_dot_supervisor__pb2.RecycleModelResponse.FromString,
+                _registered_method=True)
 
 
 class SupervisorServicer:
@@ -116,6 +121,12 @@ class SupervisorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RecycleModel(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SupervisorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -153,6 +164,11 @@ def add_SupervisorServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=llm__supervisor_dot_v1_dot_supervisor__pb2.StatusRequest.FromString,
                     response_serializer=llm__supervisor_dot_v1_dot_supervisor__pb2.StatusResponse.SerializeToString,
+            ),
+            'RecycleModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecycleModel,
+                    request_deserializer=llm__supervisor_dot_v1_dot_supervisor__pb2.RecycleModelRequest.FromString,
+                    response_serializer=llm__supervisor_dot_v1_dot_supervisor__pb2.RecycleModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -344,6 +360,33 @@ class Supervisor:
             '/llm_supervisor.v1.Supervisor/Status',
             llm__supervisor_dot_v1_dot_supervisor__pb2.StatusRequest.SerializeToString,
             llm__supervisor_dot_v1_dot_supervisor__pb2.StatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecycleModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llm_supervisor.v1.Supervisor/RecycleModel',
+            llm__supervisor_dot_v1_dot_supervisor__pb2.RecycleModelRequest.SerializeToString,
+            llm__supervisor_dot_v1_dot_supervisor__pb2.RecycleModelResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,256 @@
+"""The workers of one model over time: start, crash and back-off, watchdog decisions, recycle.
+
+Level-triggered from the monitor loop (`tick`, each poll interval) and after each request
+(`after_request`); edge-triggered on a worker's exit (`_supervise`). Decisions come from
+supervisor/policies.py; this only carries them out, one at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable
+
+import structlog
+
+from .config import ModelConfig
+from .errors import ApiError, unavailable
+from .gguf_file import GGUFInfo
+from .manager import Spawn, WorkerProcess
+from .monitor import Monitor, WorkerHistory
+from .policies import Action, Decision, Limits, decide, draw_max_requests, restart_delay
+from .states import WorkerState
+
+log = structlog.get_logger("llm_supervisor.lifecycle")
+
+# A worker that dies sooner than this after it started counts as a fast failure (supervisord's startsecs).
+FAST_FAILURE_S = 10.0
+
+
+def limits_for(config: ModelConfig, rng: random.Random) -> Limits:
+    return Limits(
+        max_private_memory=config.max_private_memory,
+        max_gpu_memory=config.max_gpu_memory,
+        leak_threshold=config.leak_threshold,
+        hard_factor=config.hard_memory_factor,
+        rlimit_data=config.rlimit_data,
+        max_requests=draw_max_requests(config.max_requests, config.max_requests_jitter, rng),
+    )
+
+
+class Lifecycle:
+    def __init__(self, config: ModelConfig, gguf: GGUFInfo, socket_dir: Path, monitor: Monitor,
+                 on_change: Callable[[], None] = lambda: None, rng: random.Random | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.gguf = gguf
+        self.monitor = monitor
+        self.worker: WorkerProcess | None = None
+        self.slot = asyncio.Lock()  # one request at a time on the worker; FIFO for waiters
+        self.restarts = 0
+        self.recycles = 0
+        self.last_exit = ""
+        self.last_recycle_reason = ""
+        self.fatal_reason = ""
+        self.closed = False
+        self.history = WorkerHistory()
+        self.limits = Limits()
+        self._fast_failures = 0
+        self._socket_dir = socket_dir
+        self._serial = itertools.count(1)
+        self._starting: asyncio.Task[WorkerProcess] | None = None
+        self._recycling: asyncio.Task | None = None
+        self._on_change = on_change
+        self._rng = rng or random.Random()
+        self._clock = clock
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def state(self) -> str:
+        if self.fatal_reason:
+            return WorkerState.FATAL.value
+        return self.worker.state.value if self.worker else WorkerState.EXITED.value
+
+    @property
+    def serving(self) -> bool:
+        return self.worker is not None and self.worker.state in (WorkerState.READY, WorkerState.BUSY)
+
+    # -- start -----------------------------------------------------------------------------------------
+    async def start(self) -> WorkerProcess:
+        """Start a worker (or join the start in progress). Raises ApiError when it cannot load."""
+        if self._starting is None or self._starting.done():
+            self._starting = asyncio.create_task(self._spawn())
+        return await asyncio.shield(self._starting)
+
+    async def _launch(self) -> WorkerProcess:
+        socket_path = self._socket_dir / f"{self.name}.{next(self._serial)}.sock"
+        worker = WorkerProcess(Spawn(self.config, self.gguf.path, socket_path))
+        await worker.start()
+        return worker
+
+    async def _spawn(self, after: float = 0.0) -> WorkerProcess:
+        if after:
+            await asyncio.sleep(after)
+        if self.closed:
+            raise unavailable(f"model {self.name!r} is being unloaded")
+        self.fatal_reason = ""
+        try:
+            worker = await self._launch()
+        except ApiError as e:
+            self.fatal_reason = e.message
+            self._on_change()
+            raise
+        self._install(worker)
+        return worker
+
+    def _install(self, worker: WorkerProcess) -> None:
+        """Make `worker` the one requests go to. Its baseline is taken now, after the warm-up it ran at load."""
+        # The previous worker's channel is left to the garbage collector: closing it while a request
+        # may still be reading its last call would cancel that call under the request's feet.
+        self.worker = worker
+        self.history = WorkerHistory()
+        self.limits = limits_for(self.config, self._rng)
+        self.history.baseline = self.monitor.sample(worker.pid, 0)
+        asyncio.create_task(self._supervise(worker), name=f"supervise-{worker.pid}")
+        self._on_change()
+
+    async def ready_worker(self) -> WorkerProcess:
+        worker = self.worker
+        if worker is not None and worker.state == WorkerState.READY:
+            return worker
+        if self.closed:
+            raise unavailable(f"model {self.name!r} is being unloaded")
+        if self.fatal_reason and (self._starting is None or self._starting.done()):
+            raise unavailable(f"model {self.name!r} is FATAL: {self.fatal_reason}; load it again to retry")
+        if self._starting is not None and not self._starting.done():
+            return await asyncio.shield(self._starting)
+        return await self.start()
+
+    # -- exits -----------------------------------------------------------------------------------------
+    async def _supervise(self, worker: WorkerProcess) -> None:
+        """Edge-triggered on a worker's exit: one nobody asked for is a crash, restarted with back-off."""
+        await worker.exited.wait()
+        self.last_exit = worker.exit_reason
+        self._on_change()
+        if self.closed or worker.stop_requested or worker is not self.worker:
+            return
+        if worker.kill_reason:  # the watchdog's hard line: a recycle, not a crash
+            await self._restart_now()
+            return
+        self.restarts += 1
+        fast = worker.uptime() < FAST_FAILURE_S
+        self._fast_failures = self._fast_failures + 1 if fast else 1
+        log.warning("worker_crashed", model=self.name, worker_pid=worker.pid, reason=worker.exit_reason,
+                    restarts=self.restarts, fast_failures=self._fast_failures)
+        if self._fast_failures > self.config.max_restarts:
+            self.fatal_reason = (f"its worker died {self._fast_failures} times in a row within {FAST_FAILURE_S:g} s "
+                                 f"of starting (max_restarts = {self.config.max_restarts}); last: {worker.exit_reason}")
+            log.error("model_fatal", model=self.name, reason=self.fatal_reason)
+            self._on_change()
+            return
+        delay = restart_delay(self._fast_failures - 1)
+        if delay:
+            worker.change_state(WorkerState.BACKOFF, f"restart in {delay:g} s")
+        # Requests arriving during the back-off wait for this start instead of starting their own.
+        self._starting = asyncio.create_task(self._spawn(after=delay))
+        try:
+            await asyncio.shield(self._starting)
+        except ApiError as e:
+            log.error("worker_restart_failed", model=self.name, reason=e.message)
+
+    async def _restart_now(self) -> None:
+        try:
+            await self.start()
+        except ApiError as e:
+            log.error("worker_restart_failed", model=self.name, reason=e.message)
+
+    # -- watchdog --------------------------------------------------------------------------------------
+    def tick(self, gpu_memory: dict[int, int] | None) -> Decision:
+        """Each poll interval: measure the worker and act on what the policies say."""
+        worker = self.worker
+        if worker is None or worker.state not in (WorkerState.READY, WorkerState.BUSY):
+            return Decision(Action.NONE)
+        sample = self.monitor.sample(worker.pid, worker.requests_served, gpu_memory)
+        if sample is None:
+            return Decision(Action.NONE)
+        self.history.periodic.append(sample)
+        return self._act(worker, decide(self.history.periodic, self.history.per_request, self.history.baseline, self.limits))
+
+    def after_request(self, worker: WorkerProcess) -> Decision:
+        """After each request: a per-request sample, so a leak shows as a trend per request."""
+        if worker is not self.worker:
+            return Decision(Action.NONE)
+        sample = self.monitor.sample(worker.pid, worker.requests_served)
+        if sample is None:
+            return Decision(Action.NONE)
+        self.history.per_request.append(sample)
+        self.history.periodic.append(sample)
+        return self._act(worker, decide(self.history.periodic, self.history.per_request, self.history.baseline, self.limits))
+
+    def _act(self, worker: WorkerProcess, decision: Decision) -> Decision:
+        if decision.action == Action.KILL:
+            self.recycle_now(worker, decision.reason)
+        elif decision.action == Action.RECYCLE and self._recycling is None:
+            self._recycling = asyncio.create_task(self._recycle_logged(decision))
+        return decision
+
+    async def _recycle_logged(self, decision: Decision) -> None:
+        try:
+            await self.recycle(decision.reason, decision.figures)
+        except ApiError as e:  # the replacement could not load: keep serving on the old worker
+            log.error("worker_recycle_failed", model=self.name, reason=decision.reason, error=e.message)
+
+    def recycle_now(self, worker: WorkerProcess, reason: str) -> None:
+        """Hard: kill now. The request in flight fails with UNAVAILABLE and this reason; a fresh worker starts."""
+        if worker.kill_reason or not worker.alive:
+            return
+        self.recycles += 1
+        self.last_recycle_reason = reason
+        log.warning("worker_recycle", model=self.name, worker_pid=worker.pid, reason=reason, graceful=False)
+        worker.kill_reason = reason
+        worker.kill()
+
+    async def recycle(self, reason: str, figures: dict | None = None) -> WorkerProcess:
+        """Graceful: start the replacement, let the old worker finish its request, then switch and stop it.
+
+        Requests that arrive meanwhile wait in the queue, so under load a recycle fails none of them.
+        """
+        current = asyncio.current_task()
+        if self._recycling is not None and self._recycling is not current and not self._recycling.done():
+            await asyncio.shield(self._recycling)  # one recycle at a time: join the one in progress
+            return self.worker
+        self._recycling = self._recycling or current
+        try:
+            old = self.worker
+            log.info("worker_recycle", model=self.name, worker_pid=old.pid if old else 0, reason=reason,
+                     graceful=True, **(figures or {}))
+            fresh = await self._launch()  # loads while the old worker serves
+            async with self.slot:  # the request in flight, and those queued before us, finish on the old one
+                if old is not None and old.alive:
+                    old.stop_requested = True
+                    if old.state in (WorkerState.READY, WorkerState.BUSY):
+                        old.change_state(WorkerState.DRAINING, reason)
+                self.recycles += 1
+                self.last_recycle_reason = reason
+                self._install(fresh)
+            if old is not None:
+                await old.stop()
+            return fresh
+        finally:
+            self._recycling = None
+
+    async def stop(self, grace: float = 5.0) -> None:
+        self.closed = True
+        for task in (self._starting, self._recycling):
+            if task is not None and not task.done():
+                await asyncio.gather(task, return_exceptions=True)
+        if self.worker is not None:
+            await self.worker.stop(grace)
+        self._on_change()
