@@ -101,6 +101,7 @@ class SupervisorService(supervisor_pb2_grpc.SupervisorServicer):
             old = await life.ready_worker()
             if request.hard:
                 life.recycle_now(old, "restarted by hand (llmctl restart)")
+                await old.exited.wait()
                 fresh = await life.ready_worker()
             else:
                 fresh = await life.recycle("recycled by hand (llmctl recycle)")
@@ -138,7 +139,7 @@ def worker_status(runtime: ModelRuntime) -> pb.WorkerStatus:
         status.pid = worker.pid
         status.requests_served = worker.requests_served
         status.uptime_s = worker.uptime()
-        latest = life.history.periodic[-1] if life.history.periodic else None
+        latest = worker.watch.periodic[-1] if worker.watch.periodic else None
         memory = read_memory(worker.pid)  # fresh, not the last poll's: status is asked for rarely
         if memory is not None:
             status.private_memory_bytes = memory.private

@@ -57,13 +57,11 @@ class Lifecycle:
         self.last_recycle_reason = ""
         self.fatal_reason = ""
         self.closed = False
-        self.history = WorkerHistory()
-        self.limits = Limits()
+        self._retiring: set[WorkerProcess] = set()  # draining after a recycle, no longer self.worker
         self._fast_failures = 0
         self._socket_dir = socket_dir
         self._serial = itertools.count(1)
         self._starting: asyncio.Task[WorkerProcess] | None = None
-        self._recycling: asyncio.Task | None = None
         self._on_change = on_change
         self._rng = rng or random.Random()
         self._clock = clock
@@ -83,11 +81,15 @@ class Lifecycle:
         return self.worker is not None and self.worker.state in (WorkerState.READY, WorkerState.BUSY)
 
     # -- start -----------------------------------------------------------------------------------------
-    async def start(self) -> WorkerProcess:
-        """Start a worker (or join the start in progress). Raises ApiError when it cannot load."""
+    def start_task(self) -> asyncio.Task[WorkerProcess]:
+        """The start in progress, or a new one: there is never more than one."""
         if self._starting is None or self._starting.done():
             self._starting = asyncio.create_task(self._spawn())
-        return await asyncio.shield(self._starting)
+        return self._starting
+
+    async def start(self) -> WorkerProcess:
+        """Start a worker (or join the start in progress). Raises ApiError when it cannot load."""
+        return await asyncio.shield(self.start_task())
 
     async def _launch(self) -> WorkerProcess:
         socket_path = self._socket_dir / f"{self.name}.{next(self._serial)}.sock"
@@ -115,9 +117,8 @@ class Lifecycle:
         # The previous worker's channel is left to the garbage collector: closing it while a request
         # may still be reading its last call would cancel that call under the request's feet.
         self.worker = worker
-        self.history = WorkerHistory()
-        self.limits = limits_for(self.config, self._rng)
-        self.history.baseline = self.monitor.sample(worker.pid, 0)
+        worker.watch = WorkerHistory(baseline=self.monitor.sample(worker.pid, 0))
+        worker.limits = limits_for(self.config, self._rng)
         asyncio.create_task(self._supervise(worker), name=f"supervise-{worker.pid}")
         self._on_change()
 
@@ -172,85 +173,93 @@ class Lifecycle:
             log.error("worker_restart_failed", model=self.name, reason=e.message)
 
     # -- watchdog --------------------------------------------------------------------------------------
-    def tick(self, gpu_memory: dict[int, int] | None) -> Decision:
-        """Each poll interval: measure the worker and act on what the policies say."""
-        worker = self.worker
-        if worker is None or worker.state not in (WorkerState.READY, WorkerState.BUSY):
-            return Decision(Action.NONE)
-        sample = self.monitor.sample(worker.pid, worker.requests_served, gpu_memory)
-        if sample is None:
-            return Decision(Action.NONE)
-        self.history.periodic.append(sample)
-        return self._act(worker, decide(self.history.periodic, self.history.per_request, self.history.baseline, self.limits))
+    def tick(self, gpu_memory: dict[int, int] | None) -> None:
+        """Each poll interval: measure the workers and act on what the policies say. A draining worker
+        is still watched: its last request must not cross the hard line either."""
+        watched = {WorkerState.READY, WorkerState.BUSY, WorkerState.DRAINING}
+        for worker in [self.worker, *self._retiring]:
+            if worker is None or worker.state not in watched:
+                continue
+            sample = self.monitor.sample(worker.pid, worker.requests_served, gpu_memory)
+            if sample is not None:
+                worker.watch.periodic.append(sample)
+                self._act(worker, self._decide(worker))
 
     def after_request(self, worker: WorkerProcess) -> Decision:
         """After each request: a per-request sample, so a leak shows as a trend per request."""
-        if worker is not self.worker:
-            return Decision(Action.NONE)
         sample = self.monitor.sample(worker.pid, worker.requests_served)
         if sample is None:
             return Decision(Action.NONE)
-        self.history.per_request.append(sample)
-        self.history.periodic.append(sample)
-        return self._act(worker, decide(self.history.periodic, self.history.per_request, self.history.baseline, self.limits))
+        worker.watch.per_request.append(sample)
+        worker.watch.periodic.append(sample)
+        return self._act(worker, self._decide(worker))
+
+    @staticmethod
+    def _decide(worker: WorkerProcess) -> Decision:
+        watch = worker.watch
+        return decide(watch.periodic, watch.per_request, watch.baseline, worker.limits)
 
     def _act(self, worker: WorkerProcess, decision: Decision) -> Decision:
         if decision.action == Action.KILL:
             self.recycle_now(worker, decision.reason)
-        elif decision.action == Action.RECYCLE and self._recycling is None:
-            self._recycling = asyncio.create_task(self._recycle_logged(decision))
+        elif decision.action == Action.RECYCLE and worker.state in (WorkerState.READY, WorkerState.BUSY):
+            self.begin_recycle(worker, decision.reason, decision.figures)
         return decision
 
-    async def _recycle_logged(self, decision: Decision) -> None:
-        try:
-            await self.recycle(decision.reason, decision.figures)
-        except ApiError as e:  # the replacement could not load: keep serving on the old worker
-            log.error("worker_recycle_failed", model=self.name, reason=decision.reason, error=e.message)
-
-    def recycle_now(self, worker: WorkerProcess, reason: str) -> None:
-        """Hard: kill now. The request in flight fails with UNAVAILABLE and this reason; a fresh worker starts."""
+    def recycle_now(self, worker: WorkerProcess, reason: str, grace: float = 0.0) -> None:
+        """Hard: end it now — SIGKILL, or TERM and KILL after `grace`. The request in flight fails with
+        this reason; a fresh worker starts (unless it was draining: its replacement is already coming)."""
         if worker.kill_reason or not worker.alive:
             return
-        self.recycles += 1
-        self.last_recycle_reason = reason
+        if worker.state != WorkerState.DRAINING:  # a draining worker's recycle is already counted
+            self.recycles += 1
+            self.last_recycle_reason = reason
         log.warning("worker_recycle", model=self.name, worker_pid=worker.pid, reason=reason, graceful=False)
         worker.kill_reason = reason
-        worker.kill()
+        worker.change_state(WorkerState.STOPPING, reason)  # no request goes to it any more
+        if grace > 0:
+            asyncio.create_task(worker.terminate(grace), name=f"terminate-{worker.pid}")
+        else:
+            worker.kill()
 
-    async def recycle(self, reason: str, figures: dict | None = None) -> WorkerProcess:
-        """Graceful: start the replacement, let the old worker finish its request, then switch and stop it.
+    def begin_recycle(self, worker: WorkerProcess, reason: str, figures: dict | None = None) -> asyncio.Task:
+        """Graceful: the worker takes no new request and finishes the one it has, while its replacement
+        starts; requests arriving meanwhile wait in the queue for the replacement, so none fails.
 
-        Requests that arrive meanwhile wait in the queue, so under load a recycle fails none of them.
+        Synchronous up to the DRAINING mark, so two decisions in one tick cannot both start a recycle.
         """
-        current = asyncio.current_task()
-        if self._recycling is not None and self._recycling is not current and not self._recycling.done():
-            await asyncio.shield(self._recycling)  # one recycle at a time: join the one in progress
-            return self.worker
-        self._recycling = self._recycling or current
+        log.info("worker_recycle", model=self.name, worker_pid=worker.pid, reason=reason, graceful=True, **(figures or {}))
+        worker.stop_requested = True  # its exit is not a crash
+        worker.change_state(WorkerState.DRAINING, reason)
+        self.recycles += 1
+        self.last_recycle_reason = reason
+        replacement = self.start_task()  # ready_worker() waits on this start, not on the draining worker
+        self._retiring.add(worker)
+        return asyncio.create_task(self._retire(worker, replacement), name=f"recycle-{worker.pid}")
+
+    async def _retire(self, old: WorkerProcess, replacement: asyncio.Task[WorkerProcess]) -> WorkerProcess | None:
         try:
-            old = self.worker
-            log.info("worker_recycle", model=self.name, worker_pid=old.pid if old else 0, reason=reason,
-                     graceful=True, **(figures or {}))
-            fresh = await self._launch()  # loads while the old worker serves
-            async with self.slot:  # the request in flight, and those queued before us, finish on the old one
-                if old is not None and old.alive:
-                    old.stop_requested = True
-                    if old.state in (WorkerState.READY, WorkerState.BUSY):
-                        old.change_state(WorkerState.DRAINING, reason)
-                self.recycles += 1
-                self.last_recycle_reason = reason
-                self._install(fresh)
-            if old is not None:
-                await old.stop()
-            return fresh
-        finally:
-            self._recycling = None
+            fresh = await asyncio.shield(replacement)
+        except ApiError as e:
+            log.error("worker_recycle_failed", model=self.name, worker_pid=old.pid, error=e.message)
+            fresh = None
+        await old.idle.wait()  # the request it had, if any, finishes on it
+        await old.stop()
+        self._retiring.discard(old)
+        return fresh
+
+    async def recycle(self, reason: str) -> WorkerProcess:
+        """Recycle gracefully by hand; returns the replacement once it serves."""
+        worker = await self.ready_worker()
+        retiring = self.begin_recycle(worker, reason)
+        fresh = await self.start()
+        await retiring
+        return fresh
 
     async def stop(self, grace: float = 5.0) -> None:
         self.closed = True
-        for task in (self._starting, self._recycling):
-            if task is not None and not task.done():
-                await asyncio.gather(task, return_exceptions=True)
+        if self._starting is not None and not self._starting.done():
+            await asyncio.gather(self._starting, return_exceptions=True)
         if self.worker is not None:
             await self.worker.stop(grace)
         self._on_change()

@@ -22,6 +22,8 @@ from llm_supervisor.v1 import worker_pb2, worker_pb2_grpc
 
 from .config import ModelConfig
 from .errors import precondition
+from .monitor import WorkerHistory
+from .policies import Limits
 from .states import ALLOWED, ALIVE_STATES, WorkerState, describe_exit
 
 log = structlog.get_logger("llm_supervisor.manager")
@@ -55,7 +57,11 @@ class WorkerProcess:
         self.stub: worker_pb2_grpc.WorkerStub | None = None
         self.exited = asyncio.Event()
         self.stop_requested = False
-        self.kill_reason = ""  # set when the supervisor kills it on purpose (a hard memory line)
+        self.idle = asyncio.Event()  # set while no request is in flight on it
+        self.idle.set()
+        self.kill_reason = ""
+        self.watch = WorkerHistory()  # the watchdog's samples of this worker; baseline set once it serves
+        self.limits = Limits()  # set when the supervisor kills it on purpose (a hard memory line)
         self._tasks: list[asyncio.Task] = []
 
     # -- state ---------------------------------------------------------------------------------------
@@ -182,19 +188,23 @@ class WorkerProcess:
 
     # -- stop ----------------------------------------------------------------------------------------
     async def stop(self, grace: float = 5.0) -> None:
-        """TERM, wait `grace` seconds, then KILL the whole process group."""
+        """Asked-for exit: TERM, wait `grace` seconds, then KILL the whole process group."""
         self.stop_requested = True
         if self._proc is not None and not self.exited.is_set():
             if self.state != WorkerState.STOPPING:
                 self.change_state(WorkerState.STOPPING, "stop requested")
-            self._signal(signal.SIGTERM)
-            if not await self.wait_exit(grace):
-                log.warning("worker_kill", model=self.name, worker_pid=self.pid,
-                            reason=f"no exit {grace:g} s after SIGTERM")
-                self._signal(signal.SIGKILL)
-                await self.wait_exit(5.0)
+            await self.terminate(grace)
         self.spawn.socket_path.unlink(missing_ok=True)
         await self.close_channel()
+
+    async def terminate(self, grace: float) -> None:
+        """TERM, then KILL after `grace`: the gap is never zero (gunicorn #2454), and KILL also ends a
+        worker that is stopped or stuck in a C call, which TERM cannot."""
+        self._signal(signal.SIGTERM)
+        if not await self.wait_exit(grace):
+            log.warning("worker_kill", model=self.name, worker_pid=self.pid, reason=f"no exit {grace:g} s after SIGTERM")
+            self._signal(signal.SIGKILL)
+            await self.wait_exit(5.0)
 
     def kill(self) -> None:
         self._signal(signal.SIGKILL)

@@ -28,6 +28,8 @@ log = structlog.get_logger("llm_supervisor.scheduler")
 
 # How long to wait for a worker whose stream broke to be reaped, to tell its exit reason.
 DEATH_REAP_S = 3.0
+# Between SIGTERM and SIGKILL for a worker past its request_timeout.
+KILL_GRACE_S = 2.0
 
 
 class ModelRuntime:
@@ -64,6 +66,7 @@ class ModelRuntime:
                 sent = False
                 if worker.state == WorkerState.READY:  # it may have died since: the call below then says how
                     worker.change_state(WorkerState.BUSY, "request")
+                worker.idle.clear()
                 call = worker.stub.Generate(request, timeout=self.config.request_timeout)
                 try:
                     async for chunk in call:
@@ -86,6 +89,7 @@ class ModelRuntime:
                     raise error from None
                 finally:
                     call.cancel()  # a no-op when it completed; stops the worker's loop when we were cancelled
+                    worker.idle.set()
                     if worker.state == WorkerState.BUSY:
                         worker.change_state(WorkerState.READY, "request done")
         finally:
@@ -102,8 +106,10 @@ class ModelRuntime:
         """Turn a failed worker call into what the client should read, and whether the worker died."""
         code = e.code() if e is not None else grpc.StatusCode.UNAVAILABLE
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-            return ApiError(code, f"model {self.name!r}: request ran past request_timeout "
-                                  f"({self.config.request_timeout:g} s)"), False
+            # A worker past the deadline may be hung in a C call that never sees the cancel: replace it.
+            reason = f"request ran past request_timeout ({self.config.request_timeout:g} s)"
+            self.lifecycle.recycle_now(worker, reason, grace=KILL_GRACE_S)
+            return ApiError(code, f"model {self.name!r}: {reason}; its worker pid {worker.pid} is being replaced"), False
         if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN,
                         grpc.StatusCode.INTERNAL):
             return ApiError(code, e.details() or code.name), False  # the worker refused the request itself

@@ -25,3 +25,28 @@ class SlowEngine(LlamaEngine):
         for token in tokens:
             yield token
             time.sleep(each)
+
+
+MiB = 1 << 20
+
+
+class LeakyEngine(SlowEngine):
+    """Leaks TEST_LEAK_MIB after each request, or TEST_LEAK_MIB_PER_TOKEN during generation: memory
+    that stays referenced and written, so it is resident private memory, as a real leak is."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._kept: list[bytes] = []
+
+    def generate(self, prompt: Sequence[int], sampling: Sampling) -> Iterator[int]:
+        per_token = int(float(os.environ.get("TEST_LEAK_MIB_PER_TOKEN", "0")) * MiB)
+        for token in super().generate(prompt, sampling):
+            if per_token:
+                self._kept.append(b"\x01" * per_token)
+            yield token
+
+    def after_request(self) -> None:
+        per_request = int(float(os.environ.get("TEST_LEAK_MIB", "0")) * MiB)
+        if per_request:
+            self._kept.append(b"\x01" * per_request)
+        super().after_request()

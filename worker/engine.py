@@ -39,6 +39,7 @@ class Engine(Protocol):
     def is_end_of_generation(self, token: int) -> bool: ...
     def cached_prefix(self, prompt: Sequence[int]) -> int: ...
     def generate(self, prompt: Sequence[int], sampling: Sampling) -> Iterator[int]: ...
+    def warm_up(self) -> None: ...
     def after_request(self) -> None: ...
     def close(self) -> None: ...
 
@@ -161,6 +162,19 @@ class LlamaEngine:
             temp=sampling.temperature,
             repeat_penalty=sampling.repeat_penalty,
         )
+
+    def warm_up(self) -> None:
+        """One full n_batch of prompt and a few generated tokens before serving, so llama.cpp's buffers
+        reach their working size and the supervisor's baseline is not mistaken growth later (measured on
+        an H100: +127 MiB private and +54 MiB GPU over the first 40 requests without it)."""
+        llama = self._llama
+        filler = (self.tokenize(" the", add_special=False) or [llama.token_bos()])[-1]
+        n = max(1, min(llama.n_batch, llama.n_ctx() - 8))
+        prompt = [llama.token_bos()] + [filler] * (n - 1)
+        # LlamaEngine's own generate, not an override: warming up is not a request.
+        for _, _token in zip(range(4), LlamaEngine.generate(self, prompt, Sampling(temperature=0.0, seed=0))):
+            pass
+        malloc_trim()
 
     def after_request(self) -> None:
         malloc_trim()

@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 
         engine = load_engine_class(args.engine)()
         info = engine.load(args.model, json.loads(args.options))
+        engine.warm_up()  # before the socket exists: ready means warmed, and the baseline is taken then
     except MemoryError:
         limit = f" (rlimit_data = {args.rlimit_data} bytes)" if args.rlimit_data else ""
         print(f"error: out of memory while loading {args.model}{limit}", file=sys.stderr, flush=True)

@@ -108,9 +108,11 @@ def cmd_status(args, stub, out: Output) -> int:
             out.json(as_dict(worker))
         return 0
     rows = [[w.model, w.state, str(w.pid or "-"), human_bytes(w.private_memory_bytes), human_bytes(w.file_rss_bytes),
-             str(w.requests_served), str(w.queue_depth), str(w.restarts), human_duration(w.uptime_s) if w.pid else "-",
-             w.last_exit] for w in status.workers]
-    out.table(["MODEL", "STATE", "PID", "PRIVATE", "FILE", "REQUESTS", "QUEUE", "RESTARTS", "UPTIME", "LAST EXIT"], rows)
+             human_bytes(w.gpu_memory_bytes) if w.gpu_memory_bytes else "-", str(w.requests_served), str(w.queue_depth),
+             str(w.restarts), str(w.recycles), human_duration(w.uptime_s) if w.pid else "-",
+             w.last_exit or w.last_recycle_reason] for w in status.workers]
+    out.table(["MODEL", "STATE", "PID", "PRIVATE", "FILE", "GPU", "REQUESTS", "QUEUE", "RESTARTS", "RECYCLES", "UPTIME",
+               "LAST EXIT / RECYCLE"], rows)
     return 0
 
 
@@ -187,3 +189,20 @@ def cmd_tokenize(args, stub, out: Output) -> int:
     else:
         out.text(f"{reply.count} tokens (context {reply.n_ctx}): {' '.join(map(str, reply.tokens))}\n")
     return 0
+
+
+def _recycle(args, stub, out: Output, hard: bool) -> int:
+    reply = stub.RecycleModel(pb.RecycleModelRequest(name=args.model, hard=hard))
+    if out.as_json:
+        out.json({"model": args.model, "old_pid": reply.old_pid, "new_pid": reply.new_pid})
+    else:
+        out.text(f"{args.model}: worker {reply.old_pid} replaced by {reply.new_pid}\n")
+    return 0
+
+
+def cmd_recycle(args, stub, out: Output) -> int:
+    return _recycle(args, stub, out, hard=False)
+
+
+def cmd_restart(args, stub, out: Output) -> int:
+    return _recycle(args, stub, out, hard=True)

@@ -65,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", help="a system message to start the chat with")
     sampling_flags(p)
 
+    p = sub.add_parser("recycle", help="graceful: the worker finishes its request, a fresh one takes the next")
+    p.add_argument("model")
+    p = sub.add_parser("restart", help="hard: kill the worker now (its request fails) and start a fresh one")
+    p.add_argument("model")
+
     p = sub.add_parser("tokenize", help="count (and list) the tokens of TEXT for MODEL")
     p.add_argument("model")
     p.add_argument("text")

@@ -1,0 +1,129 @@
+"""The watchdog with real workers: leaks recycled before they cost the machine, crashes backed off."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+import grpc
+import pytest
+
+from llm_supervisor.v1 import supervisor_pb2 as pb
+from tests.conftest import model_table, pid_alive, wait_for
+from tests.test_llmctl import llmctl
+
+MiB = 1 << 20
+
+
+
+def leaky(**options) -> str:
+    return model_table("tiny", "tiny.gguf", n_ctx=512, engine="tests.engines:LeakyEngine", **options)
+
+
+def ask(daemon, max_tokens=4):
+    return list(daemon.stub.Generate(pb.GenerateRequest(model="tiny", prompt="hello",
+                                                        options=pb.SamplingOptions(max_tokens=max_tokens, temperature=0))))
+
+
+def test_a_leak_is_recycled_before_it_reaches_the_limit_and_no_request_fails(start_daemon):
+    daemon = start_daemon(leaky(max_private_memory="200MiB", leak_threshold="100MiB"),
+                          env={"TEST_LEAK_MIB": "8", "TEST_TOKEN_DELAY": "0.002"}, extra="poll_interval = \"100ms\"")
+    first_pid = daemon.worker("tiny").pid
+    failures: list[Exception] = []
+    peak = [0]
+    done = threading.Event()
+
+    def client():
+        for _ in range(20):
+            try:
+                assert ask(daemon)[-1].usage.completion_tokens == 4
+            except Exception as e:  # noqa: BLE001 — every failure counts, whatever its kind
+                failures.append(e)
+
+    def watch_memory():
+        while not done.is_set():
+            peak[0] = max(peak[0], daemon.worker("tiny").private_memory_bytes)
+
+    clients = [threading.Thread(target=client) for _ in range(3)]
+    watcher = threading.Thread(target=watch_memory)
+    watcher.start()
+    for t in clients:
+        t.start()
+    for t in clients:
+        t.join(120)
+    done.set()
+    watcher.join()
+
+    assert not failures, failures[:3]
+    worker = daemon.worker("tiny")
+    assert worker.recycles >= 1
+    assert "MiB/request" in worker.last_recycle_reason  # the trend caught it, not the memory line
+    assert worker.pid != first_pid and not pid_alive(first_pid)
+    assert 0 < peak[0] < 200 * MiB  # 60 requests × 8 MiB would have been 480 MiB more
+    assert '"graceful": true' in daemon.log() and '"bytes_per_request"' in daemon.log()
+
+
+def test_the_hard_line_kills_mid_request_and_says_why(start_daemon):
+    daemon = start_daemon(leaky(max_private_memory="100MiB", hard_memory_factor=1.2),
+                          env={"TEST_LEAK_MIB_PER_TOKEN": "4", "TEST_TOKEN_DELAY": "0.02"},
+                          extra="poll_interval = \"100ms\"")
+    old = daemon.worker("tiny").pid
+    with pytest.raises(grpc.RpcError) as caught:
+        ask(daemon, max_tokens=400)  # 4 MiB a token: 1.6 GiB if nobody stopped it
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "killed by the supervisor: private memory" in caught.value.details()
+    assert "hard line 120.0 MiB" in caught.value.details()
+    wait_for(lambda: daemon.worker("tiny").state == "READY", what="the replacement")
+    worker = daemon.worker("tiny")
+    assert worker.pid != old and worker.recycles == 1 and worker.restarts == 0
+
+
+def test_a_worker_killed_five_times_in_a_row_ends_fatal_with_the_reason(start_daemon):
+    daemon = start_daemon(model_table("tiny", "tiny.gguf", max_restarts=4))
+    killed = set()
+    for _ in range(5):
+        pid = wait_for(lambda: (w := daemon.worker("tiny")).state == "READY" and w.pid not in killed and w.pid,
+                       what="a fresh worker")
+        os.kill(pid, signal.SIGKILL)
+        killed.add(pid)
+    worker = wait_for(lambda: (w := daemon.worker("tiny")).state == "FATAL" and w, what="FATAL")
+    assert "died 5 times in a row" in worker.last_exit and "SIGKILL" in worker.last_exit
+    assert worker.restarts == 5
+    with pytest.raises(grpc.RpcError) as caught:
+        ask(daemon)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE and "FATAL" in caught.value.details()
+    assert '"new": "BACKOFF"' in daemon.log()  # restarts waited 1, 2, 4 s
+
+
+def test_recycle_and_restart_by_hand(start_daemon):
+    daemon = start_daemon(model_table("tiny", "tiny.gguf"))
+    first = daemon.worker("tiny").pid
+    result = llmctl(daemon, "recycle", "tiny")
+    assert result.returncode == 0, result.stderr
+    second = daemon.worker("tiny")
+    assert f"worker {first} replaced by {second.pid}" in result.stdout
+    assert second.recycles == 1 and "by hand" in second.last_recycle_reason and not pid_alive(first)
+    result = llmctl(daemon, "--json", "restart", "tiny")
+    assert result.returncode == 0, result.stderr
+    wait_for(lambda: daemon.worker("tiny").state == "READY", what="the restarted worker")
+    assert daemon.worker("tiny").pid not in (first, second.pid)
+    assert ask(daemon)[-1].usage.completion_tokens == 4
+
+
+def test_a_hung_worker_is_replaced_after_request_timeout(start_daemon):
+    daemon = start_daemon(model_table("tiny", "tiny.gguf", request_timeout="2s"))
+    hung = daemon.worker("tiny").pid
+    os.kill(hung, signal.SIGSTOP)  # alive to the kernel, deaf to everything: a call stuck in C looks the same
+    try:
+        with pytest.raises(grpc.RpcError) as caught:
+            ask(daemon)
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "request_timeout (2 s)" in caught.value.details() and "being replaced" in caught.value.details()
+        chunks = ask(daemon)  # waits for the replacement, then succeeds
+        assert chunks[-1].worker_pid != hung
+        wait_for(lambda: not pid_alive(hung), timeout=10, what="the hung worker to be killed")
+        assert "request_timeout" in daemon.worker("tiny").last_recycle_reason
+    finally:
+        if pid_alive(hung):
+            os.kill(hung, signal.SIGKILL)
