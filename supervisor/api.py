@@ -18,7 +18,7 @@ from .errors import ApiError, invalid
 from .procfs import read_memory
 from .registry import Registry
 from .scheduler import ModelRuntime
-from .validation import check_messages, check_model_name, check_options, check_prompt
+from .validation import check_keep_alive, check_messages, check_model_name, check_options, check_prompt
 
 log = structlog.get_logger("llm_supervisor.api")
 
@@ -33,12 +33,14 @@ class SupervisorService(supervisor_pb2_grpc.SupervisorServicer):
         self._clock = clock
         self._started = clock()
 
-    async def _stream(self, model: str, request: worker_pb2.WorkerGenerateRequest,
+    async def _stream(self, model: str, keep_alive: str, request: worker_pb2.WorkerGenerateRequest,
                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateChunk]:
         try:
             check_model_name(model)
             runtime = self.registry.get(model)
             request.options.CopyFrom(check_options(request.options, runtime.config))
+            if keep_alive:
+                runtime.lifecycle.keep_alive = check_keep_alive(keep_alive)
             # aclosing: a cancelled client must free the model's slot now, not when the generator is collected.
             async with aclosing(runtime.generate(request)) as chunks:
                 async for chunk in chunks:
@@ -52,7 +54,7 @@ class SupervisorService(supervisor_pb2_grpc.SupervisorServicer):
         except ApiError as e:
             await _abort(context, e)
         work = worker_pb2.WorkerGenerateRequest(prompt=request.prompt, options=request.options)
-        async with aclosing(self._stream(request.model, work, context)) as chunks:
+        async with aclosing(self._stream(request.model, request.keep_alive, work, context)) as chunks:
             async for chunk in chunks:
                 yield chunk
 
@@ -62,7 +64,7 @@ class SupervisorService(supervisor_pb2_grpc.SupervisorServicer):
         except ApiError as e:
             await _abort(context, e)
         work = worker_pb2.WorkerGenerateRequest(chat=request, options=request.options)
-        async with aclosing(self._stream(request.model, work, context)) as chunks:
+        async with aclosing(self._stream(request.model, request.keep_alive, work, context)) as chunks:
             async for chunk in chunks:
                 yield chunk
 
@@ -132,13 +134,14 @@ def model_info(runtime: ModelRuntime) -> pb.ModelInfo:
 def worker_status(runtime: ModelRuntime) -> pb.WorkerStatus:
     life = runtime.lifecycle
     worker = life.worker
-    status = pb.WorkerStatus(model=runtime.name, state=life.state, queue_depth=runtime.waiting,
+    status = pb.WorkerStatus(model=runtime.name, state=life.state, queue_depth=life.waiting,
                              restarts=life.restarts, last_exit=life.fatal_reason or life.last_exit,
                              recycles=life.recycles, last_recycle_reason=life.last_recycle_reason)
     if worker is not None and worker.alive:
         status.pid = worker.pid
         status.requests_served = worker.requests_served
         status.uptime_s = worker.uptime()
+        status.unload_in_s = life.unload_in()
         latest = worker.watch.periodic[-1] if worker.watch.periodic else None
         memory = read_memory(worker.pid)  # fresh, not the last poll's: status is asked for rarely
         if memory is not None:

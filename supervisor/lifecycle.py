@@ -22,7 +22,8 @@ from .errors import ApiError, unavailable
 from .gguf_file import GGUFInfo
 from .manager import Spawn, WorkerProcess
 from .monitor import Monitor, WorkerHistory
-from .policies import Action, Decision, Limits, decide, draw_max_requests, restart_delay
+from .policies import (Action, Decision, Limits, decide, draw_max_requests, keep_alive_expired, restart_delay,
+                       unload_in)
 from .states import WorkerState
 
 log = structlog.get_logger("llm_supervisor.lifecycle")
@@ -58,6 +59,9 @@ class Lifecycle:
         self.fatal_reason = ""
         self.closed = False
         self._retiring: set[WorkerProcess] = set()  # draining after a recycle, no longer self.worker
+        self.waiting = 0  # requests queued for the slot
+        self.keep_alive = config.keep_alive  # a request may change it for the model, as in Ollama
+        self.last_used = clock()
         self._fast_failures = 0
         self._socket_dir = socket_dir
         self._serial = itertools.count(1)
@@ -117,6 +121,7 @@ class Lifecycle:
         # The previous worker's channel is left to the garbage collector: closing it while a request
         # may still be reading its last call would cancel that call under the request's feet.
         self.worker = worker
+        self.last_used = self._clock()
         worker.watch = WorkerHistory(baseline=self.monitor.sample(worker.pid, 0))
         worker.limits = limits_for(self.config, self._rng)
         asyncio.create_task(self._supervise(worker), name=f"supervise-{worker.pid}")
@@ -184,15 +189,31 @@ class Lifecycle:
             if sample is not None:
                 worker.watch.periodic.append(sample)
                 self._act(worker, self._decide(worker))
+        self._unload_if_idle()
 
     def after_request(self, worker: WorkerProcess) -> Decision:
         """After each request: a per-request sample, so a leak shows as a trend per request."""
+        self.last_used = self._clock()
         sample = self.monitor.sample(worker.pid, worker.requests_served)
         if sample is None:
             return Decision(Action.NONE)
         worker.watch.per_request.append(sample)
         worker.watch.periodic.append(sample)
-        return self._act(worker, self._decide(worker))
+        decision = self._act(worker, self._decide(worker))
+        self._unload_if_idle()  # keep_alive 0: right after the request
+        return decision
+
+    def unload_in(self) -> float:
+        return unload_in(self.last_used, self._clock(), self.keep_alive)
+
+    def _unload_if_idle(self) -> None:
+        worker = self.worker
+        if worker is None or worker.state not in (WorkerState.READY, WorkerState.BUSY):
+            return
+        if keep_alive_expired(self.last_used, self._clock(), self.keep_alive, self.waiting):
+            reason = f"idle for keep_alive ({self.keep_alive:g} s)"
+            log.info("worker_idle_unload", model=self.name, worker_pid=worker.pid, reason=reason)
+            self._retire_later(worker, reason, replacement=None)
 
     @staticmethod
     def _decide(worker: WorkerProcess) -> Decision:
@@ -229,23 +250,33 @@ class Lifecycle:
         Synchronous up to the DRAINING mark, so two decisions in one tick cannot both start a recycle.
         """
         log.info("worker_recycle", model=self.name, worker_pid=worker.pid, reason=reason, graceful=True, **(figures or {}))
-        worker.stop_requested = True  # its exit is not a crash
-        worker.change_state(WorkerState.DRAINING, reason)
         self.recycles += 1
         self.last_recycle_reason = reason
-        replacement = self.start_task()  # ready_worker() waits on this start, not on the draining worker
-        self._retiring.add(worker)
-        return asyncio.create_task(self._retire(worker, replacement), name=f"recycle-{worker.pid}")
+        # Started before the old worker goes: ready_worker() waits on this start, not on the draining worker.
+        return self._retire_later(worker, reason, replacement=self.start_task())
 
-    async def _retire(self, old: WorkerProcess, replacement: asyncio.Task[WorkerProcess]) -> WorkerProcess | None:
-        try:
-            fresh = await asyncio.shield(replacement)
-        except ApiError as e:
-            log.error("worker_recycle_failed", model=self.name, worker_pid=old.pid, error=e.message)
-            fresh = None
+    def _retire_later(self, worker: WorkerProcess, reason: str,
+                      replacement: asyncio.Task[WorkerProcess] | None) -> asyncio.Task:
+        """DRAINING now (no new request goes to it); stopped once its request in flight has finished."""
+        worker.stop_requested = True  # its exit is not a crash
+        worker.change_state(WorkerState.DRAINING, reason)
+        self._retiring.add(worker)
+        return asyncio.create_task(self._retire(worker, reason, replacement), name=f"retire-{worker.pid}")
+
+    async def _retire(self, old: WorkerProcess, reason: str,
+                      replacement: asyncio.Task[WorkerProcess] | None) -> WorkerProcess | None:
+        fresh = None
+        if replacement is not None:
+            try:
+                fresh = await asyncio.shield(replacement)
+            except ApiError as e:
+                log.error("worker_recycle_failed", model=self.name, worker_pid=old.pid, error=e.message)
         await old.idle.wait()  # the request it had, if any, finishes on it
         await old.stop()
         self._retiring.discard(old)
+        if fresh is None:
+            self.last_exit = reason
+            self._on_change()
         return fresh
 
     async def recycle(self, reason: str) -> WorkerProcess:

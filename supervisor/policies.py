@@ -7,6 +7,7 @@ an operator can act on and the figures behind it, because "recycled" alone expla
 from __future__ import annotations
 
 import enum
+import math
 import random
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -171,3 +172,14 @@ def decide(history: Sequence[Sample], per_request: Sequence[Sample], baseline: S
 def restart_delay(failures: int, base: float = 1.0, cap: float = 60.0) -> float:
     """Exponential back-off before restarting a model whose workers keep dying: 1, 2, 4 … 60 s."""
     return 0.0 if failures <= 0 else min(cap, base * 2 ** (failures - 1))
+
+
+def keep_alive_expired(last_used: float, now: float, keep_alive: float, waiting: int) -> bool:
+    """Ollama's keep_alive: unload `keep_alive` seconds after the last request ended; 0 = right after it;
+    inf (-1 in the config) = never. A model with requests waiting is never idle."""
+    return waiting == 0 and math.isfinite(keep_alive) and now - last_used >= keep_alive
+
+
+def unload_in(last_used: float, now: float, keep_alive: float) -> float:
+    """Seconds until an idle unload, like `ollama ps`'s UNTIL; -1 = never."""
+    return -1.0 if not math.isfinite(keep_alive) else max(0.0, last_used + keep_alive - now)

@@ -38,7 +38,6 @@ class ModelRuntime:
         self.gguf = gguf
         self.source = source
         self.lifecycle = lifecycle
-        self.waiting = 0
 
     @property
     def name(self) -> str:
@@ -49,14 +48,15 @@ class ModelRuntime:
 
     # -- requests ------------------------------------------------------------------------------------
     async def _enter_queue(self) -> None:
-        if self.lifecycle.slot.locked() and self.waiting >= self.config.max_queue:
-            raise exhausted(f"model {self.name!r}: queue is full ({self.waiting} waiting, max_queue = "
+        life = self.lifecycle
+        if life.slot.locked() and life.waiting >= self.config.max_queue:
+            raise exhausted(f"model {self.name!r}: queue is full ({life.waiting} waiting, max_queue = "
                             f"{self.config.max_queue}); retry later or raise max_queue")
-        self.waiting += 1
+        life.waiting += 1
         try:
-            await self.lifecycle.slot.acquire()
+            await life.slot.acquire()
         finally:
-            self.waiting -= 1
+            life.waiting -= 1
 
     async def generate(self, request: worker_pb2.WorkerGenerateRequest) -> AsyncIterator[pb.GenerateChunk]:
         await self._enter_queue()

@@ -9,6 +9,7 @@ from llm_supervisor.v1 import supervisor_pb2 as pb
 
 from .config import ModelConfig
 from .errors import invalid
+from .units import parse_duration
 
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_LENGTH = 256
@@ -67,3 +68,10 @@ def check_messages(messages) -> None:
             raise invalid(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {message.role!r}")
     if all(not m.content for m in messages):
         raise invalid("every message is empty: a chat needs some content")
+
+
+def check_keep_alive(text: str) -> float:
+    try:
+        return parse_duration(text, allow_forever=True)
+    except ValueError as e:
+        raise invalid(f"keep_alive: {e}") from None

@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from supervisor.policies import (Action, Limits, MiB, Sample, decide, draw_max_requests, hard_line, leak_decision,
-                                 memory_decision, restart_delay)
+from supervisor.policies import (Action, Limits, MiB, Sample, decide, draw_max_requests, hard_line, keep_alive_expired,
+                                 leak_decision, memory_decision, restart_delay, unload_in)
 
 
 def series(values_mib, start_requests=1, gpu_mib=None):
@@ -89,3 +89,17 @@ def test_max_requests_with_jitter_drawn_once():
 @pytest.mark.parametrize("failures, delay", [(0, 0), (1, 1), (2, 2), (3, 4), (6, 32), (7, 60), (30, 60)])
 def test_restart_back_off(failures, delay):
     assert restart_delay(failures) == delay
+
+
+@pytest.mark.parametrize("idle_s, keep_alive, waiting, expired", [
+    (10, 300, 0, False), (301, 300, 0, True), (0, 0, 0, True), (0, 0, 2, False),
+    (10**9, float("inf"), 0, False), (400, 300, 1, False),
+])
+def test_keep_alive(idle_s, keep_alive, waiting, expired):
+    assert keep_alive_expired(last_used=1000.0, now=1000.0 + idle_s, keep_alive=keep_alive, waiting=waiting) == expired
+
+
+def test_unload_in_counts_down_or_says_never():
+    assert unload_in(100.0, 160.0, 300.0) == 240.0
+    assert unload_in(100.0, 900.0, 300.0) == 0.0
+    assert unload_in(100.0, 160.0, float("inf")) == -1.0

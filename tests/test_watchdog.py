@@ -127,3 +127,24 @@ def test_a_hung_worker_is_replaced_after_request_timeout(start_daemon):
     finally:
         if pid_alive(hung):
             os.kill(hung, signal.SIGKILL)
+
+
+def test_keep_alive_unloads_an_idle_model_and_the_next_request_loads_it_again(start_daemon):
+    daemon = start_daemon(model_table("tiny", "tiny.gguf", keep_alive="500ms"), extra='poll_interval = "100ms"')
+    first = daemon.worker("tiny").pid
+    assert 0 <= daemon.worker("tiny").unload_in_s <= 0.5
+    ask(daemon)
+    idle = wait_for(lambda: (w := daemon.worker("tiny")).state == "EXITED" and w, what="the idle unload")
+    assert "keep_alive (0.5 s)" in idle.last_exit and idle.restarts == 0 and not pid_alive(first)
+    second = ask(daemon)[-1].worker_pid  # loads it again
+    assert second not in (0, first)
+    # A request may change keep_alive for the model: 0 unloads right after it, -1 keeps it forever.
+    ask_with = lambda keep: list(daemon.stub.Generate(pb.GenerateRequest(  # noqa: E731
+        model="tiny", prompt="hi", keep_alive=keep, options=pb.SamplingOptions(max_tokens=2))))
+    pid = ask_with("0")[-1].worker_pid
+    wait_for(lambda: not pid_alive(pid), timeout=10, what="keep_alive 0 to unload right after the request")
+    ask_with("-1")
+    assert daemon.worker("tiny").unload_in_s == -1
+    with pytest.raises(grpc.RpcError) as caught:
+        ask_with("soon")
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "keep_alive" in caught.value.details()

@@ -55,6 +55,13 @@ def human_duration(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+def until(worker: pb.WorkerStatus) -> str:
+    """When keep_alive unloads the idle worker, as `ollama ps` shows it."""
+    if not worker.pid:
+        return "-"
+    return "forever" if worker.unload_in_s < 0 else f"in {human_duration(worker.unload_in_s)}"
+
+
 def sampling(args: argparse.Namespace) -> pb.SamplingOptions:
     options = pb.SamplingOptions(max_tokens=max(args.max_tokens, 0), stop=args.stop)
     if args.max_tokens < 0:
@@ -109,10 +116,10 @@ def cmd_status(args, stub, out: Output) -> int:
         return 0
     rows = [[w.model, w.state, str(w.pid or "-"), human_bytes(w.private_memory_bytes), human_bytes(w.file_rss_bytes),
              human_bytes(w.gpu_memory_bytes) if w.gpu_memory_bytes else "-", str(w.requests_served), str(w.queue_depth),
-             str(w.restarts), str(w.recycles), human_duration(w.uptime_s) if w.pid else "-",
+             str(w.restarts), str(w.recycles), human_duration(w.uptime_s) if w.pid else "-", until(w),
              w.last_exit or w.last_recycle_reason] for w in status.workers]
     out.table(["MODEL", "STATE", "PID", "PRIVATE", "FILE", "GPU", "REQUESTS", "QUEUE", "RESTARTS", "RECYCLES", "UPTIME",
-               "LAST EXIT / RECYCLE"], rows)
+               "UNTIL", "LAST EXIT / RECYCLE"], rows)
     return 0
 
 
@@ -147,7 +154,8 @@ def cmd_unload(args, stub, out: Output) -> int:
 
 
 def cmd_generate(args, stub, out: Output) -> int:
-    call = stub.Generate(pb.GenerateRequest(model=args.model, prompt=args.prompt, options=sampling(args)))
+    call = stub.Generate(pb.GenerateRequest(model=args.model, prompt=args.prompt, options=sampling(args),
+                                            keep_alive=args.keep_alive))
     try:
         stream(call, out)
     except KeyboardInterrupt:
@@ -171,7 +179,8 @@ def cmd_chat(args, stub, out: Output) -> int:
         if not line.strip():
             continue
         history.append(pb.ChatMessage(role="user", content=line.rstrip("\n")))
-        call = stub.Chat(pb.ChatRequest(model=args.model, messages=history, options=sampling(args)))
+        call = stub.Chat(pb.ChatRequest(model=args.model, messages=history, options=sampling(args),
+                                        keep_alive=args.keep_alive))
         try:
             reply = stream(call, out)
         except KeyboardInterrupt:

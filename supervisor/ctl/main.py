@@ -36,6 +36,8 @@ def sampling_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeat-penalty", type=float)
     parser.add_argument("--seed", type=int, help="fixed seed: the same request gives the same text")
     parser.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop before TEXT (repeatable)")
+    parser.add_argument("--keep-alive", default="", metavar="DURATION",
+                        help="keep the model loaded this long after the request: 5m, 0 (unload), -1 (forever)")
 
 
 def build_parser() -> argparse.ArgumentParser:

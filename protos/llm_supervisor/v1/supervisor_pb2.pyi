@@ -41,14 +41,16 @@ class SamplingOptions(_message.Message):
     def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., min_p: _Optional[float] = ..., repeat_penalty: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("model", "prompt", "options")
+    __slots__ = ("model", "prompt", "options", "keep_alive")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    KEEP_ALIVE_FIELD_NUMBER: _ClassVar[int]
     model: str
     prompt: str
     options: SamplingOptions
-    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., options: _Optional[_Union[SamplingOptions, _Mapping]] = ...) -> None: ...
+    keep_alive: str
+    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., options: _Optional[_Union[SamplingOptions, _Mapping]] = ..., keep_alive: _Optional[str] = ...) -> None: ...
 
 class ChatMessage(_message.Message):
     __slots__ = ("role", "content")
@@ -59,14 +61,16 @@ class ChatMessage(_message.Message):
     def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
 
 class ChatRequest(_message.Message):
-    __slots__ = ("model", "messages", "options")
+    __slots__ = ("model", "messages", "options", "keep_alive")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    KEEP_ALIVE_FIELD_NUMBER: _ClassVar[int]
     model: str
     messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
     options: SamplingOptions
-    def __init__(self, model: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., options: _Optional[_Union[SamplingOptions, _Mapping]] = ...) -> None: ...
+    keep_alive: str
+    def __init__(self, model: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., options: _Optional[_Union[SamplingOptions, _Mapping]] = ..., keep_alive: _Optional[str] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "completion_tokens", "cached_prompt_tokens")
@@ -198,7 +202,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("model", "pid", "state", "private_memory_bytes", "file_rss_bytes", "requests_served", "uptime_s", "queue_depth", "restarts", "last_exit", "gpu_memory_bytes", "recycles", "last_recycle_reason")
+    __slots__ = ("model", "pid", "state", "private_memory_bytes", "file_rss_bytes", "requests_served", "uptime_s", "queue_depth", "restarts", "last_exit", "gpu_memory_bytes", "recycles", "last_recycle_reason", "unload_in_s")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -212,6 +216,7 @@ class WorkerStatus(_message.Message):
     GPU_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     RECYCLES_FIELD_NUMBER: _ClassVar[int]
     LAST_RECYCLE_REASON_FIELD_NUMBER: _ClassVar[int]
+    UNLOAD_IN_S_FIELD_NUMBER: _ClassVar[int]
     model: str
     pid: int
     state: str
@@ -225,7 +230,8 @@ class WorkerStatus(_message.Message):
     gpu_memory_bytes: int
     recycles: int
     last_recycle_reason: str
-    def __init__(self, model: _Optional[str] = ..., pid: _Optional[int] = ..., state: _Optional[str] = ..., private_memory_bytes: _Optional[int] = ..., file_rss_bytes: _Optional[int] = ..., requests_served: _Optional[int] = ..., uptime_s: _Optional[float] = ..., queue_depth: _Optional[int] = ..., restarts: _Optional[int] = ..., last_exit: _Optional[str] = ..., gpu_memory_bytes: _Optional[int] = ..., recycles: _Optional[int] = ..., last_recycle_reason: _Optional[str] = ...) -> None: ...
+    unload_in_s: float
+    def __init__(self, model: _Optional[str] = ..., pid: _Optional[int] = ..., state: _Optional[str] = ..., private_memory_bytes: _Optional[int] = ..., file_rss_bytes: _Optional[int] = ..., requests_served: _Optional[int] = ..., uptime_s: _Optional[float] = ..., queue_depth: _Optional[int] = ..., restarts: _Optional[int] = ..., last_exit: _Optional[str] = ..., gpu_memory_bytes: _Optional[int] = ..., recycles: _Optional[int] = ..., last_recycle_reason: _Optional[str] = ..., unload_in_s: _Optional[float] = ...) -> None: ...
 
 class RecycleModelRequest(_message.Message):
     __slots__ = ("name", "hard")
