@@ -1,0 +1,47 @@
+"""The monitor through its seams: /proc of a real process, and the NVML module fed with readings."""
+
+from __future__ import annotations
+
+import os
+
+from supervisor.gpu import FedGpu, Nvml
+from supervisor.monitor import Monitor
+from supervisor.policies import Action, Limits, MiB, decide
+from supervisor.procfs import MemorySample, read_memory
+
+
+def test_private_memory_of_a_real_process_excludes_file_pages():
+    memory = read_memory(os.getpid())
+    assert memory is not None and memory.rss_anon > 0 and memory.rss_file > 0
+    assert memory.private == memory.rss_anon + memory.swap
+    assert read_memory(2**22 + 12345) is None  # gone is normal, not an error
+
+
+def test_no_gpu_is_a_normal_state():
+    nvml = Nvml.open()  # no driver on CI machines
+    if not nvml.available:
+        assert nvml.process_memory() == {} and nvml.readings() == []
+    sample = Monitor(nvml).sample(os.getpid(), requests=0)
+    assert sample is not None and (sample.gpu is None) == (not nvml.available)
+
+
+def test_gpu_memory_from_nvml_drives_the_gpu_lines():
+    gpu = FedGpu()
+    fake_memory = {1234: MemorySample(rss_anon=100 * MiB, rss_file=50 * MiB, swap=0)}
+    clock = iter(range(100)).__next__
+    monitor = Monitor(gpu, read=fake_memory.get, clock=clock)
+    limits = Limits(max_gpu_memory=4096 * MiB, leak_threshold=512 * MiB)
+    gpu.memory = {1234: 3000 * MiB, 999: 10_000 * MiB}  # another process's memory is not ours
+    baseline = monitor.sample(1234, 0)
+    assert baseline.gpu == 3000 * MiB
+    history, per_request = [baseline], []
+    for i in range(1, 12):  # +40 MiB of GPU memory per request: a leak the trend catches
+        gpu.memory[1234] = (3000 + 40 * i) * MiB
+        sample = monitor.sample(1234, i)
+        history.append(sample)
+        per_request.append(sample)
+    decision = decide(history, per_request, baseline, limits)
+    assert decision.action == Action.RECYCLE and decision.reason.startswith("GPU memory leak: +40.0 MiB/request")
+    gpu.memory[1234] = 7000 * MiB  # past 1.5 × max_gpu_memory
+    history.append(monitor.sample(1234, 12))
+    assert decide(history, per_request, baseline, limits).action == Action.KILL
