@@ -46,6 +46,7 @@ class ModelConfig:
     hard_memory_factor: float = 1.5  # the hard line on memory is this × the soft one
     max_restarts: int = 5  # fast failures in a row before the model is FATAL
     request_timeout: float = 600.0
+    heartbeat_timeout: float = 60.0  # a busy worker with no token or prompt batch for this long is hung
     max_queue: int = 64
     max_tokens: int = 0  # cap on a request's max_tokens; 0 = no cap beyond the context
     rlimit_data: int | None = None  # kernel's last line on private memory (RLIMIT_DATA)
@@ -110,7 +111,7 @@ def _coerce(key: str, kind: Any, value: Any, host: Host) -> Any:
         return None if value in ("", "none", None) else parse_size(value, host.memory_bytes)
     if key == "keep_alive":
         return parse_duration(value, allow_forever=True)
-    if key in ("request_timeout", "load_timeout", "stream_interval"):
+    if key in ("request_timeout", "load_timeout", "stream_interval", "heartbeat_timeout"):
         return parse_duration(value)
     if kind is bool:
         if isinstance(value, bool):
@@ -187,6 +188,7 @@ def _check_model(cfg: ModelConfig) -> None:
     need(cfg.max_restarts >= 0, f"max_restarts must be 0 or more, got {cfg.max_restarts}")
     need(cfg.request_timeout > 0, "request_timeout must be more than 0")
     need(cfg.load_timeout > 0, "load_timeout must be more than 0")
+    need(cfg.heartbeat_timeout > 0, "heartbeat_timeout must be more than 0")
     need(cfg.stream_interval <= 1.0, f"stream_interval above 1s makes streaming pointless, got {cfg.stream_interval:g} s")
     need(cfg.rlimit_nofile >= 64, f"rlimit_nofile must be at least 64, got {cfg.rlimit_nofile}")
     need(cfg.rlimit_data is None or cfg.rlimit_data >= 64 << 20, "rlimit_data below 64MiB cannot even load the runtime")

@@ -22,14 +22,18 @@ from .errors import ApiError, unavailable
 from .gguf_file import GGUFInfo
 from .manager import Spawn, WorkerProcess
 from .monitor import Monitor, WorkerHistory
-from .policies import (Action, Decision, Limits, decide, draw_max_requests, keep_alive_expired, restart_delay,
-                       unload_in)
+from worker.heartbeat import read_beat
+
+from .policies import (Action, Decision, Limits, decide, draw_max_requests, hung_for, keep_alive_expired,
+                       restart_delay, unload_in)
 from .states import WorkerState
 
 log = structlog.get_logger("llm_supervisor.lifecycle")
 
 # A worker that dies sooner than this after it started counts as a fast failure (supervisord's startsecs).
 FAST_FAILURE_S = 10.0
+# Between SIGTERM and SIGKILL for a worker that is hung or past its request_timeout.
+KILL_GRACE_S = 2.0
 
 
 def limits_for(config: ModelConfig, rng: random.Random) -> Limits:
@@ -189,7 +193,18 @@ class Lifecycle:
             if sample is not None:
                 worker.watch.periodic.append(sample)
                 self._act(worker, self._decide(worker))
+            self._check_progress(worker)
         self._unload_if_idle()
+
+    def _check_progress(self, worker: WorkerProcess) -> None:
+        """A busy worker must prove progress: a hung C call keeps the process and its threads alive."""
+        if worker.idle.is_set() or not worker.alive or worker.kill_reason:
+            return
+        silent = hung_for(read_beat(str(worker.heartbeat_path)), worker.busy_since, self._clock(),
+                          self.config.heartbeat_timeout)
+        if silent is not None:
+            self.recycle_now(worker, f"no progress for {silent:.1f} s (heartbeat_timeout "
+                                     f"{self.config.heartbeat_timeout:g} s): hung", grace=KILL_GRACE_S)
 
     def after_request(self, worker: WorkerProcess) -> Decision:
         """After each request: a per-request sample, so a leak shows as a trend per request."""

@@ -57,6 +57,8 @@ class WorkerProcess:
         self.stub: worker_pb2_grpc.WorkerStub | None = None
         self.exited = asyncio.Event()
         self.stop_requested = False
+        self.heartbeat_path = spawn.socket_path.with_suffix(".beat")
+        self.busy_since = 0.0  # monotonic time its request in flight started
         self.idle = asyncio.Event()  # set while no request is in flight on it
         self.idle.set()
         self.kill_reason = ""
@@ -97,6 +99,7 @@ class WorkerProcess:
             "--rlimit-data", str(m.rlimit_data or 0),
             "--rlimit-nofile", str(m.rlimit_nofile),
             "--stream-interval", str(m.stream_interval),
+            "--heartbeat", str(self.heartbeat_path),
         ]
 
     async def start(self) -> None:
@@ -195,6 +198,7 @@ class WorkerProcess:
                 self.change_state(WorkerState.STOPPING, "stop requested")
             await self.terminate(grace)
         self.spawn.socket_path.unlink(missing_ok=True)
+        self.heartbeat_path.unlink(missing_ok=True)
         await self.close_channel()
 
     async def terminate(self, grace: float) -> None:

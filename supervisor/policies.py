@@ -183,3 +183,13 @@ def keep_alive_expired(last_used: float, now: float, keep_alive: float, waiting:
 def unload_in(last_used: float, now: float, keep_alive: float) -> float:
     """Seconds until an idle unload, like `ollama ps`'s UNTIL; -1 = never."""
     return -1.0 if not math.isfinite(keep_alive) else max(0.0, last_used + keep_alive - now)
+
+
+def hung_for(last_beat: float | None, busy_since: float, now: float, timeout: float) -> float | None:
+    """Seconds a busy worker has shown no progress, when that is past `timeout`; else None.
+
+    Progress is the later of its last heartbeat and the start of the request (a beat from the previous
+    request proves nothing about this one)."""
+    last = max(last_beat or 0.0, busy_since)
+    silent = now - last
+    return silent if silent > timeout else None

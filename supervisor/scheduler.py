@@ -9,6 +9,7 @@ reason — never a silently short answer.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import AsyncIterator
 
 import grpc
@@ -20,7 +21,7 @@ from llm_supervisor.v1 import worker_pb2
 from .config import ModelConfig
 from .errors import ApiError, exhausted, unavailable
 from .gguf_file import GGUFInfo
-from .lifecycle import Lifecycle
+from .lifecycle import KILL_GRACE_S, Lifecycle
 from .manager import WorkerProcess
 from .states import WorkerState
 
@@ -28,8 +29,6 @@ log = structlog.get_logger("llm_supervisor.scheduler")
 
 # How long to wait for a worker whose stream broke to be reaped, to tell its exit reason.
 DEATH_REAP_S = 3.0
-# Between SIGTERM and SIGKILL for a worker past its request_timeout.
-KILL_GRACE_S = 2.0
 
 
 class ModelRuntime:
@@ -67,6 +66,7 @@ class ModelRuntime:
                 if worker.state == WorkerState.READY:  # it may have died since: the call below then says how
                     worker.change_state(WorkerState.BUSY, "request")
                 worker.idle.clear()
+                worker.busy_since = time.monotonic()
                 call = worker.stub.Generate(request, timeout=self.config.request_timeout)
                 try:
                     async for chunk in call:

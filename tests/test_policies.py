@@ -7,7 +7,7 @@ import random
 import pytest
 
 from supervisor.policies import (Action, Limits, MiB, Sample, decide, draw_max_requests, hard_line, keep_alive_expired,
-                                 leak_decision, memory_decision, restart_delay, unload_in)
+                                 hung_for, leak_decision, memory_decision, restart_delay, unload_in)
 
 
 def series(values_mib, start_requests=1, gpu_mib=None):
@@ -103,3 +103,13 @@ def test_unload_in_counts_down_or_says_never():
     assert unload_in(100.0, 160.0, 300.0) == 240.0
     assert unload_in(100.0, 900.0, 300.0) == 0.0
     assert unload_in(100.0, 160.0, float("inf")) == -1.0
+
+
+@pytest.mark.parametrize("last_beat, busy_since, now, silent", [
+    (100.0, 90.0, 130.0, 30.0),   # no beat for 30 s of a 20 s timeout
+    (125.0, 90.0, 130.0, None),   # a beat 5 s ago
+    (50.0, 120.0, 130.0, None),   # the only beat is from the previous request, but this one is 10 s old
+    (None, 100.0, 130.0, 30.0),   # never beat at all
+])
+def test_hung_means_no_progress_past_the_timeout(last_beat, busy_since, now, silent):
+    assert hung_for(last_beat, busy_since, now, timeout=20.0) == silent

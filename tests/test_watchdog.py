@@ -148,3 +148,31 @@ def test_keep_alive_unloads_an_idle_model_and_the_next_request_loads_it_again(st
     with pytest.raises(grpc.RpcError) as caught:
         ask_with("soon")
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "keep_alive" in caught.value.details()
+
+
+def test_a_worker_hung_mid_stream_is_killed_for_lack_of_progress(start_daemon):
+    daemon = start_daemon(model_table("tiny", "tiny.gguf", engine="tests.engines:SlowEngine", heartbeat_timeout="1s"),
+                          env={"TEST_TOKEN_DELAY": "0.03"}, extra='poll_interval = "100ms"')
+    hung = daemon.worker("tiny").pid
+    stream = daemon.stub.Generate(pb.GenerateRequest(model="tiny", prompt="hello",
+                                                     options=pb.SamplingOptions(max_tokens=400, temperature=0)))
+    next(stream)
+    os.kill(hung, signal.SIGSTOP)  # its process and threads exist; no token will ever come
+    try:
+        with pytest.raises(grpc.RpcError) as caught:
+            list(stream)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "no progress for" in caught.value.details() and "heartbeat_timeout 1 s" in caught.value.details()
+        assert ask(daemon)[-1].worker_pid != hung
+        assert not pid_alive(hung)
+    finally:
+        if pid_alive(hung):
+            os.kill(hung, signal.SIGKILL)
+
+
+def test_steady_slow_generation_is_not_mistaken_for_a_hang(start_daemon):
+    # 40 tokens at 50 ms: 2 s of work, twice the heartbeat_timeout, but a beat every token.
+    daemon = start_daemon(model_table("tiny", "tiny.gguf", engine="tests.engines:SlowEngine", heartbeat_timeout="1s"),
+                          env={"TEST_TOKEN_DELAY": "0.05"}, extra='poll_interval = "100ms"')
+    assert ask(daemon, max_tokens=40)[-1].usage.completion_tokens == 40
+    assert daemon.worker("tiny").recycles == 0

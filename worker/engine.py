@@ -58,6 +58,7 @@ class LlamaEngine:
     """llama_cpp.Llama with a fixed context: KV cache and buffers allocated once at load."""
 
     def __init__(self) -> None:
+        self.on_progress = lambda: None  # the worker's heartbeat: called per prompt batch
         self._llama = None
         self._pieces: dict[int, bytes] = {}
         self._formatter = None
@@ -150,10 +151,25 @@ class LlamaEngine:
             n += 1
         return min(n, len(prompt) - 1)
 
+    def _evaluate_prompt(self, prompt: Sequence[int]) -> None:
+        """Evaluate all but the last prompt token one n_batch at a time, with a heartbeat between batches
+        (llama-cpp-python's generate() would evaluate the whole prompt in one silent call). The common
+        prefix already in the KV cache is kept; generate() then finds all but one token cached."""
+        llama = self._llama
+        keep = self.cached_prefix(prompt)
+        if keep <= 0 or not llama._ctx.kv_cache_seq_rm(-1, keep, -1):
+            keep = 0
+            llama.reset()
+        llama.n_tokens = keep
+        for start in range(keep, len(prompt) - 1, llama.n_batch):
+            self.on_progress()
+            llama.eval(prompt[start:min(start + llama.n_batch, len(prompt) - 1)])
+
     def generate(self, prompt: Sequence[int], sampling: Sampling) -> Iterator[int]:
         # The sampler is rebuilt by generate() from this seed: a fixed seed repeats a completion.
         self._llama.set_seed(sampling.seed if sampling.seed is not None else random.getrandbits(32))
-        # generate() resets the sequence itself, keeping the longest common prefix in the KV cache.
+        self._evaluate_prompt(prompt)
+        # generate() keeps the longest common prefix in the KV cache: here all but the last token.
         return self._llama.generate(
             prompt,
             top_k=sampling.top_k,

@@ -97,8 +97,10 @@ def generate_text(
     cancel: threading.Event,
     outcome: Outcome,
     clock=time.perf_counter,
+    beat=lambda: None,
 ) -> Iterator[Piece]:
-    """Yield text pieces; fill `outcome` as it goes (finish reason, usage, timings)."""
+    """Yield text pieces; fill `outcome` as it goes (finish reason, usage, timings). `beat` is the
+    heartbeat: called per token, it proves progress to the supervisor."""
     start = clock()
     outcome.prompt_tokens = len(prompt)
     room = n_ctx - len(prompt)
@@ -109,6 +111,7 @@ def generate_text(
     outcome.finish_reason = LENGTH
     tokens = engine.generate(prompt, sampling)
     for token in tokens:
+        beat()
         if cancel.is_set():
             outcome.finish_reason = CANCELLED
             break

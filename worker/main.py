@@ -29,6 +29,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--parent-pid", type=int, required=True)
     p.add_argument("--rlimit-data", type=int, default=0, help="bytes; 0 = unlimited")
     p.add_argument("--rlimit-nofile", type=int, default=1024)
+    p.add_argument("--heartbeat", help="file to stamp per token and prompt batch, read by the supervisor")
     p.add_argument("--stream-interval", type=float, default=0.0, help="seconds between stream messages, at most")
     return p.parse_args(argv)
 
@@ -44,10 +45,13 @@ def main(argv: list[str] | None = None) -> int:
         from llm_supervisor.v1 import worker_pb2_grpc
 
         from .engine import load_engine_class
+        from .heartbeat import Heartbeat
         from .service import WorkerService
 
         engine = load_engine_class(args.engine)()
         info = engine.load(args.model, json.loads(args.options))
+        beat = Heartbeat(args.heartbeat).beat if args.heartbeat else (lambda: None)
+        engine.on_progress = beat
         engine.warm_up()  # before the socket exists: ready means warmed, and the baseline is taken then
     except MemoryError:
         limit = f" (rlimit_data = {args.rlimit_data} bytes)" if args.rlimit_data else ""
@@ -62,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # ^C in the supervisor's terminal is the supervisor's to handle
 
     server = grpc.server(ThreadPoolExecutor(max_workers=4))
-    worker_pb2_grpc.add_WorkerServicer_to_server(WorkerService(args.name, engine, info, args.stream_interval), server)
+    worker_pb2_grpc.add_WorkerServicer_to_server(WorkerService(args.name, engine, info, args.stream_interval, beat), server)
     os.umask(0o077)  # the socket is the supervisor's alone
     server.add_insecure_port(f"unix://{args.socket}")
     server.start()

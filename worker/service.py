@@ -15,7 +15,7 @@ import threading
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterator
+from typing import Callable, Iterator
 
 import grpc
 
@@ -45,8 +45,10 @@ def sampling_from(options: pb.SamplingOptions) -> Sampling:
 
 
 class WorkerService(worker_pb2_grpc.WorkerServicer):
-    def __init__(self, name: str, engine: Engine, info: EngineInfo, stream_interval: float = 0.0) -> None:
+    def __init__(self, name: str, engine: Engine, info: EngineInfo, stream_interval: float = 0.0,
+                 beat: Callable[[], None] = lambda: None) -> None:
         self.name = name
+        self.beat = beat
         self.stream_interval = stream_interval
         self.engine = engine
         self.info = info
@@ -125,8 +127,9 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
     def _run(self, prompt: list[int], sampling: Sampling, cancel: threading.Event,
              pieces: queue.SimpleQueue, outcome: Outcome) -> None:
         try:
+            self.beat()
             outcome.cached_prompt_tokens = self.engine.cached_prefix(prompt)
-            for piece in generate_text(self.engine, prompt, sampling, self.info.n_ctx, cancel, outcome):
+            for piece in generate_text(self.engine, prompt, sampling, self.info.n_ctx, cancel, outcome, beat=self.beat):
                 pieces.put(piece)
             self.requests_served += 1
             pieces.put(_DONE)
