@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         info = engine.load(args.model, json.loads(args.options))
         beat = Heartbeat(args.heartbeat).beat if args.heartbeat else (lambda: None)
         engine.on_progress = beat
-        engine.warm_up()  # before the socket exists: ready means warmed, and the baseline is taken then
+        service = WorkerService(args.name, engine, info, args.stream_interval, beat)
+        service.warm_up()  # before the socket exists: ready means warmed, and the baseline is taken then
     except MemoryError:
         limit = f" (rlimit_data = {args.rlimit_data} bytes)" if args.rlimit_data else ""
         print(f"error: out of memory while loading {args.model}{limit}", file=sys.stderr, flush=True)
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # ^C in the supervisor's terminal is the supervisor's to handle
 
     server = grpc.server(ThreadPoolExecutor(max_workers=4))
-    worker_pb2_grpc.add_WorkerServicer_to_server(WorkerService(args.name, engine, info, args.stream_interval, beat), server)
+    worker_pb2_grpc.add_WorkerServicer_to_server(service, server)
     os.umask(0o077)  # the socket is the supervisor's alone
     server.add_insecure_port(f"unix://{args.socket}")
     server.start()

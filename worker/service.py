@@ -55,7 +55,12 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self.requests_served = 0
         # The single slot: generations run one after another on this thread. Tokenizing reads only the
         # vocabulary, which llama.cpp never changes, so it runs on gRPC's threads meanwhile.
+        # Every llama.cpp computation must run on this one thread: libgomp keeps an OpenMP thread team per
+        # calling thread, and a second team's spinning threads cost a quarter of tokens/s on 2 cores.
         self._slot = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
+
+    def warm_up(self) -> None:
+        self._slot.submit(self.engine.warm_up).result()
 
     def Info(self, request, context) -> worker_pb2.WorkerInfo:
         return worker_pb2.WorkerInfo(
