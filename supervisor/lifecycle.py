@@ -11,7 +11,6 @@ import asyncio
 import itertools
 import random
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -26,7 +25,7 @@ from worker.heartbeat import read_beat
 
 from .policies import (Action, Decision, Limits, decide, draw_max_requests, hung_for, keep_alive_expired,
                        restart_delay, unload_in)
-from .states import WorkerState
+from .states import SERVING_STATES, WorkerState
 
 log = structlog.get_logger("llm_supervisor.lifecycle")
 
@@ -86,7 +85,7 @@ class Lifecycle:
 
     @property
     def serving(self) -> bool:
-        return self.worker is not None and self.worker.state in (WorkerState.READY, WorkerState.BUSY)
+        return self.worker is not None and self.worker.state in SERVING_STATES
 
     # -- start -----------------------------------------------------------------------------------------
     def start_task(self) -> asyncio.Task[WorkerProcess]:
@@ -185,7 +184,7 @@ class Lifecycle:
     def tick(self, gpu_memory: dict[int, int] | None) -> None:
         """Each poll interval: measure the workers and act on what the policies say. A draining worker
         is still watched: its last request must not cross the hard line either."""
-        watched = {WorkerState.READY, WorkerState.BUSY, WorkerState.DRAINING}
+        watched = SERVING_STATES | {WorkerState.DRAINING}
         for worker in [self.worker, *self._retiring]:
             if worker is None or worker.state not in watched:
                 continue
@@ -223,7 +222,7 @@ class Lifecycle:
 
     def _unload_if_idle(self) -> None:
         worker = self.worker
-        if worker is None or worker.state not in (WorkerState.READY, WorkerState.BUSY):
+        if worker is None or worker.state not in SERVING_STATES:
             return
         if keep_alive_expired(self.last_used, self._clock(), self.keep_alive, self.waiting):
             reason = f"idle for keep_alive ({self.keep_alive:g} s)"
@@ -238,7 +237,7 @@ class Lifecycle:
     def _act(self, worker: WorkerProcess, decision: Decision) -> Decision:
         if decision.action == Action.KILL:
             self.recycle_now(worker, decision.reason)
-        elif decision.action == Action.RECYCLE and worker.state in (WorkerState.READY, WorkerState.BUSY):
+        elif decision.action == Action.RECYCLE and worker.state in SERVING_STATES:
             self.begin_recycle(worker, decision.reason, decision.figures)
         return decision
 

@@ -23,7 +23,7 @@ from llm_supervisor.v1 import supervisor_pb2 as pb
 from llm_supervisor.v1 import worker_pb2, worker_pb2_grpc
 
 from .engine import Engine, EngineError, EngineInfo
-from .generation import Outcome, Piece, Sampling, generate_text
+from .generation import Outcome, Sampling, generate_text
 
 _DONE = object()
 
