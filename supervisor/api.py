@@ -111,6 +111,27 @@ class SupervisorService(supervisor_pb2_grpc.SupervisorServicer):
             await _abort(context, e)
         return pb.RecycleModelResponse(old_pid=old.pid, new_pid=fresh.pid)
 
+    async def WatchEvents(self, request: pb.WatchEventsRequest, context) -> AsyncIterator[pb.Event]:
+        events = self.registry.events
+        queue = events.subscribe()
+        try:
+            # Where things stand first, like `kubectl get -w`; it also tells the client it is subscribed.
+            for runtime in list(self.registry.models.values()):
+                if not request.model or runtime.name == request.model:
+                    life = runtime.lifecycle
+                    yield pb.Event(time_unix=time.time(), kind="snapshot", model=runtime.name, state=life.state,
+                                   worker_pid=life.worker.pid if life.worker else 0,
+                                   reason=life.fatal_reason or life.last_recycle_reason or life.last_exit)
+            while True:
+                event = await queue.get()
+                if request.model and event.model != request.model:
+                    continue
+                yield pb.Event(time_unix=event.time, kind=event.kind, model=event.model, worker_pid=event.worker_pid,
+                               reason=event.reason, state=event.state,
+                               figures={k: str(v) for k, v in event.figures.items()})
+        finally:
+            events.unsubscribe(queue)
+
     async def Status(self, request: pb.StatusRequest, context) -> pb.StatusResponse:
         return pb.StatusResponse(
             version=__version__,

@@ -30,6 +30,7 @@ from .api import SupervisorService
 from .config import ConfigError, Host, SupervisorConfig, load_config
 from .demo_model import write_model
 from .errors import ApiError
+from .events import EventBus
 from .gpu import GpuSource, Nvml
 from .monitor import Monitor
 from .logs import configure
@@ -109,7 +110,7 @@ async def serve(config: SupervisorConfig, host: Host, stop: asyncio.Event | None
         loop.create_task(health_servicer.set(model_health_name(runtime.name), status))
 
     monitor = Monitor(gpu or Nvml.open())
-    registry = Registry(config, host, socket_dir, monitor, on_change)
+    registry = Registry(config, host, socket_dir, monitor, EventBus(), on_change)
     supervisor_pb2_grpc.add_SupervisorServicer_to_server(SupervisorService(registry), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

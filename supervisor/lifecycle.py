@@ -18,6 +18,7 @@ import structlog
 
 from .config import ModelConfig
 from .errors import ApiError, unavailable
+from .events import EventBus
 from .gguf_file import GGUFInfo
 from .manager import Spawn, WorkerProcess
 from .monitor import Monitor, WorkerHistory
@@ -47,10 +48,11 @@ def limits_for(config: ModelConfig, rng: random.Random) -> Limits:
 
 
 class Lifecycle:
-    def __init__(self, config: ModelConfig, gguf: GGUFInfo, socket_dir: Path, monitor: Monitor,
+    def __init__(self, config: ModelConfig, gguf: GGUFInfo, socket_dir: Path, monitor: Monitor, events: EventBus,
                  on_change: Callable[[], None] = lambda: None, rng: random.Random | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
+        self.events = events
         self.gguf = gguf
         self.monitor = monitor
         self.worker: WorkerProcess | None = None
@@ -100,7 +102,7 @@ class Lifecycle:
 
     async def _launch(self) -> WorkerProcess:
         socket_path = self._socket_dir / f"{self.name}.{next(self._serial)}.sock"
-        worker = WorkerProcess(Spawn(self.config, self.gguf.path, socket_path))
+        worker = WorkerProcess(Spawn(self.config, self.gguf.path, socket_path), self.events)
         await worker.start()
         return worker
 
@@ -156,12 +158,12 @@ class Lifecycle:
         self.restarts += 1
         fast = worker.uptime() < FAST_FAILURE_S
         self._fast_failures = self._fast_failures + 1 if fast else 1
-        log.warning("worker_crashed", model=self.name, worker_pid=worker.pid, reason=worker.exit_reason,
-                    restarts=self.restarts, fast_failures=self._fast_failures)
+        self.events.emit("worker_crashed", self.name, "warning", worker.pid, worker.exit_reason,
+                         restarts=self.restarts, fast_failures=self._fast_failures)
         if self._fast_failures > self.config.max_restarts:
             self.fatal_reason = (f"its worker died {self._fast_failures} times in a row within {FAST_FAILURE_S:g} s "
                                  f"of starting (max_restarts = {self.config.max_restarts}); last: {worker.exit_reason}")
-            log.error("model_fatal", model=self.name, reason=self.fatal_reason)
+            self.events.emit("model_fatal", self.name, "error", worker.pid, self.fatal_reason, state="FATAL")
             self._on_change()
             return
         delay = restart_delay(self._fast_failures - 1)
@@ -226,7 +228,7 @@ class Lifecycle:
             return
         if keep_alive_expired(self.last_used, self._clock(), self.keep_alive, self.waiting):
             reason = f"idle for keep_alive ({self.keep_alive:g} s)"
-            log.info("worker_idle_unload", model=self.name, worker_pid=worker.pid, reason=reason)
+            self.events.emit("worker_idle_unload", self.name, "info", worker.pid, reason)
             self._retire_later(worker, reason, replacement=None)
 
     @staticmethod
@@ -249,7 +251,7 @@ class Lifecycle:
         if worker.state != WorkerState.DRAINING:  # a draining worker's recycle is already counted
             self.recycles += 1
             self.last_recycle_reason = reason
-        log.warning("worker_recycle", model=self.name, worker_pid=worker.pid, reason=reason, graceful=False)
+        self.events.emit("worker_recycle", self.name, "warning", worker.pid, reason, graceful=False)
         worker.kill_reason = reason
         worker.change_state(WorkerState.STOPPING, reason)  # no request goes to it any more
         if grace > 0:
@@ -263,7 +265,7 @@ class Lifecycle:
 
         Synchronous up to the DRAINING mark, so two decisions in one tick cannot both start a recycle.
         """
-        log.info("worker_recycle", model=self.name, worker_pid=worker.pid, reason=reason, graceful=True, **(figures or {}))
+        self.events.emit("worker_recycle", self.name, "info", worker.pid, reason, graceful=True, **(figures or {}))
         self.recycles += 1
         self.last_recycle_reason = reason
         # Started before the old worker goes: ready_worker() waits on this start, not on the draining worker.

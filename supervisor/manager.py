@@ -22,6 +22,7 @@ from llm_supervisor.v1 import worker_pb2, worker_pb2_grpc
 
 from .config import ModelConfig
 from .errors import precondition
+from .events import EventBus
 from .monitor import WorkerHistory
 from .policies import Limits
 from .states import ALLOWED, ALIVE_STATES, WorkerState, describe_exit
@@ -41,8 +42,9 @@ class Spawn:
 
 
 class WorkerProcess:
-    def __init__(self, spawn: Spawn, clock=time.monotonic) -> None:
+    def __init__(self, spawn: Spawn, events: EventBus, clock=time.monotonic) -> None:
         self.spawn = spawn
+        self.events = events
         self.name = spawn.model.name
         self.state = WorkerState.STARTING
         self.pid = 0
@@ -74,8 +76,8 @@ class WorkerProcess:
             raise RuntimeError(f"worker {self.name} pid {self.pid}: {self.state.value} → {new.value} is not allowed")
         # READY ⇄ BUSY happens twice a request: worth a debug line, not an info one.
         routine = {self.state, new} == {WorkerState.READY, WorkerState.BUSY}
-        (log.debug if routine else log.info)("worker_state", model=self.name, worker_pid=self.pid,
-                                              old=self.state.value, new=new.value, reason=reason)
+        self.events.emit("worker_state", self.name, "debug" if routine else "info", self.pid, reason,
+                         state=new.value, old=self.state.value, new=new.value)
         self.state = new
 
     @property
@@ -171,8 +173,8 @@ class WorkerProcess:
         self.exit_reason = describe_exit(code)
         if self.kill_reason:
             self.exit_reason = f"killed by the supervisor: {self.kill_reason}"
-        level = log.info if self.state == WorkerState.STOPPING else log.warning
-        level("worker_exited", model=self.name, worker_pid=self.pid, reason=self.exit_reason, state=self.state.value)
+        self.events.emit("worker_exited", self.name, "info" if self.state == WorkerState.STOPPING else "warning",
+                         self.pid, self.exit_reason, state=WorkerState.EXITED.value, was=self.state.value)
         self.state = WorkerState.EXITED  # any state may end here: the process is gone whatever we thought
         self.exited.set()
         # The channel stays open: closing it would turn the calls still reading from it into

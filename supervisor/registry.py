@@ -11,15 +11,17 @@ import grpc
 from .config import ConfigError, Host, ModelConfig, SupervisorConfig, model_config
 from .errors import ApiError, invalid, not_found
 from .gguf_file import read_gguf_info, resolve_model_path
+from .events import EventBus
 from .lifecycle import Lifecycle
 from .monitor import Monitor
 from .scheduler import ModelRuntime
 
 
 class Registry:
-    def __init__(self, config: SupervisorConfig, host: Host, socket_dir: Path, monitor: Monitor,
+    def __init__(self, config: SupervisorConfig, host: Host, socket_dir: Path, monitor: Monitor, events: EventBus,
                  on_change: Callable[[ModelRuntime], None] = lambda rt: None) -> None:
         self.config = config
+        self.events = events
         self.host = host
         self.monitor = monitor
         self.models: dict[str, ModelRuntime] = {}
@@ -49,7 +51,7 @@ class Registry:
         path = resolve_model_path(config.path, self.config.model_dirs)
         gguf = await asyncio.to_thread(read_gguf_info, path)
         # Late binding: the lambda reads `runtime` when a worker changes, by then it is assigned.
-        lifecycle = Lifecycle(config, gguf, self._socket_dir, self.monitor, on_change=lambda: self._on_change(runtime))
+        lifecycle = Lifecycle(config, gguf, self._socket_dir, self.monitor, self.events, on_change=lambda: self._on_change(runtime))
         runtime = ModelRuntime(config, gguf, source, lifecycle)
         self.models[config.name] = runtime  # reserve the name while loading
         try:

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 
 import grpc
 import pytest
 
 from llm_supervisor.v1 import supervisor_pb2 as pb
-from tests.conftest import model_table, pid_alive, wait_for
+from tests.conftest import ROOT, model_table, pid_alive, wait_for
 from tests.test_llmctl import llmctl
 
 MiB = 1 << 20
@@ -176,3 +179,30 @@ def test_steady_slow_generation_is_not_mistaken_for_a_hang(start_daemon):
                           env={"TEST_TOKEN_DELAY": "0.05"}, extra='poll_interval = "100ms"')
     assert ask(daemon, max_tokens=40)[-1].usage.completion_tokens == 40
     assert daemon.worker("tiny").recycles == 0
+
+
+def test_events_stream_carries_decisions_with_reasons(start_daemon):
+    daemon = start_daemon(model_table("tiny", "tiny.gguf"))
+    events = daemon.stub.WatchEvents(pb.WatchEventsRequest(model="tiny"))
+    follower = subprocess.Popen([sys.executable, "-m", "supervisor.ctl.main", "--address", daemon.address, "--json",
+                                 "events"], stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    try:
+        # Each stream opens with a snapshot of where things stand: then it is subscribed.
+        snapshot = next(events)
+        assert (snapshot.kind, snapshot.state, snapshot.worker_pid) == ("snapshot", "READY", daemon.worker("tiny").pid)
+        assert json.loads(follower.stdout.readline())["kind"] == "snapshot"
+        assert llmctl(daemon, "recycle", "tiny").returncode == 0
+        seen = []
+        for event in events:
+            seen.append(event)
+            if event.kind == "worker_exited":
+                break
+        kinds = [e.kind for e in seen]
+        assert kinds[0] == "worker_recycle" and "by hand" in seen[0].reason and seen[0].figures["graceful"] == "True"
+        assert "worker_state" in kinds and seen[-1].state == "EXITED"
+        followed = json.loads(follower.stdout.readline())
+        assert followed["kind"] == "worker_recycle" and followed["model"] == "tiny"
+    finally:
+        events.cancel()
+        follower.kill()
+        follower.wait()

@@ -215,3 +215,17 @@ def cmd_recycle(args, stub, out: Output) -> int:
 
 def cmd_restart(args, stub, out: Output) -> int:
     return _recycle(args, stub, out, hard=True)
+
+
+def cmd_events(args, stub, out: Output) -> int:
+    """Follows until interrupted; one line (or JSON object) per event."""
+    import datetime
+
+    for event in stub.WatchEvents(pb.WatchEventsRequest(model=args.model)):
+        if out.as_json:
+            out.json(as_dict(event))
+            continue
+        when = datetime.datetime.fromtimestamp(event.time_unix).strftime("%H:%M:%S")
+        figures = " ".join(f"{k}={v}" for k, v in sorted(event.figures.items()))
+        out.text(f"{when} {event.model} {event.kind} pid={event.worker_pid} {event.state} {event.reason} {figures}".rstrip() + "\n")
+    return 0

@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("restart", help="hard: kill the worker now (its request fails) and start a fresh one")
     p.add_argument("model")
 
+    p = sub.add_parser("events", help="follow the supervisor's decisions and state changes as they happen")
+    p.add_argument("model", nargs="?", default="", help="only this model's")
+
     p = sub.add_parser("tokenize", help="count (and list) the tokens of TEXT for MODEL")
     p.add_argument("model")
     p.add_argument("text")

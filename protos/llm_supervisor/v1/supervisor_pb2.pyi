@@ -258,3 +258,34 @@ class StatusResponse(_message.Message):
     uptime_s: float
     workers: _containers.RepeatedCompositeFieldContainer[WorkerStatus]
     def __init__(self, version: _Optional[str] = ..., uptime_s: _Optional[float] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ...) -> None: ...
+
+class WatchEventsRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class Event(_message.Message):
+    __slots__ = ("time_unix", "kind", "model", "worker_pid", "reason", "state", "figures")
+    class FiguresEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    TIME_UNIX_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    WORKER_PID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    FIGURES_FIELD_NUMBER: _ClassVar[int]
+    time_unix: float
+    kind: str
+    model: str
+    worker_pid: int
+    reason: str
+    state: str
+    figures: _containers.ScalarMap[str, str]
+    def __init__(self, time_unix: _Optional[float] = ..., kind: _Optional[str] = ..., model: _Optional[str] = ..., worker_pid: _Optional[int] = ..., reason: _Optional[str] = ..., state: _Optional[str] = ..., figures: _Optional[_Mapping[str, str]] = ...) -> None: ...

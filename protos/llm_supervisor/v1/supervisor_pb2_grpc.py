@@ -74,6 +74,11 @@ class SupervisorStub:
                 request_serializer=llm__supervisor_dot_v1_dot_supervisor__pb2.RecycleModelRequest.SerializeToString,
                 response_deserializer=llm__supervisor_dot_v1_dot_supervisor__pb2.RecycleModelResponse.FromString,
                 _registered_method=True)
+        self.WatchEvents = channel.unary_stream(
+                '/llm_supervisor.v1.Supervisor/WatchEvents',
+                request_serializer=llm__supervisor_dot_v1_dot_supervisor__pb2.WatchEventsRequest.SerializeToString,
+                response_deserializer=llm__supervisor_dot_v1_dot_supervisor__pb2.Event.FromString,
+                _registered_method=True)
 
 
 class SupervisorServicer:
@@ -127,6 +132,12 @@ class SupervisorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchEvents(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SupervisorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -169,6 +180,11 @@ def add_SupervisorServicer_to_server(servicer, server):
                     servicer.RecycleModel,
                     request_deserializer=llm__supervisor_dot_v1_dot_supervisor__pb2.RecycleModelRequest.FromString,
                     response_serializer=llm__supervisor_dot_v1_dot_supervisor__pb2.RecycleModelResponse.SerializeToString,
+            ),
+            'WatchEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchEvents,
+                    request_deserializer=llm__supervisor_dot_v1_dot_supervisor__pb2.WatchEventsRequest.FromString,
+                    response_serializer=llm__supervisor_dot_v1_dot_supervisor__pb2.Event.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -387,6 +403,33 @@ class Supervisor:
             '/llm_supervisor.v1.Supervisor/RecycleModel',
             llm__supervisor_dot_v1_dot_supervisor__pb2.RecycleModelRequest.SerializeToString,
             llm__supervisor_dot_v1_dot_supervisor__pb2.RecycleModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/llm_supervisor.v1.Supervisor/WatchEvents',
+            llm__supervisor_dot_v1_dot_supervisor__pb2.WatchEventsRequest.SerializeToString,
+            llm__supervisor_dot_v1_dot_supervisor__pb2.Event.FromString,
             options,
             channel_credentials,
             insecure,
