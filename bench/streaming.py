@@ -12,20 +12,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench._daemon import daemon  # noqa: E402
 from llm_supervisor.v1 import supervisor_pb2 as pb  # noqa: E402
 from llm_supervisor.v1 import supervisor_pb2_grpc  # noqa: E402
 from supervisor.demo_model import BENCH, write_model  # noqa: E402
@@ -78,29 +75,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="llms-bench-") as tmp:
         base = Path(tmp)
         model = write_model(base / "models" / "bench.gguf", BENCH)
-        config = base / "config.toml"
-        address = f"unix://{base}/s.sock"
-        config.write_text(
-            f'[supervisor]\naddress = "{address}"\nstate_dir = "{base}/state"\nruntime_dir = "{base}/run"\n'
-            f'model_dirs = ["{base}/models"]\n[models.bench]\npath = "bench.gguf"\nn_ctx = {n_ctx}\n'
-            f'n_threads = {threads}\nstream_interval = "{args.stream_interval}"\n'
-        )
-        daemon = subprocess.Popen([sys.executable, "-m", "supervisor.daemon", "--config", str(config), "--log-level", "warning"],
-                                  cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
-        try:
-            channel = grpc.insecure_channel(address)
-            health = health_pb2_grpc.HealthStub(channel)
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    if health.Check(health_pb2.HealthCheckRequest(service="model/bench"), timeout=1).status == 1:
-                        break
-                except grpc.RpcError:
-                    pass
-                if time.monotonic() > deadline or daemon.poll() is not None:
-                    raise SystemExit("the daemon did not come up")
-                time.sleep(0.1)
-            stub = supervisor_pb2_grpc.SupervisorStub(channel)
+        models = (f'[models.bench]\npath = "bench.gguf"\nn_ctx = {n_ctx}\nn_threads = {threads}\n'
+                  f'stream_interval = "{args.stream_interval}"\n')
+        with daemon(base, models) as (address, _):
+            stub = supervisor_pb2_grpc.SupervisorStub(grpc.insecure_channel(address))
 
             from llama_cpp import Llama
 
@@ -123,9 +101,6 @@ def main() -> None:
             print(json.dumps({"benchmark": "streaming", "model_bytes": model.stat().st_size, "n_threads": threads,
                               "stream_interval": args.stream_interval,
                               "rounds": args.rounds, "lengths": results}, indent=2))
-        finally:
-            daemon.terminate()
-            daemon.wait(30)
 
 
 if __name__ == "__main__":

@@ -133,8 +133,10 @@ class Lifecycle:
         self._on_change()
 
     async def ready_worker(self) -> WorkerProcess:
+        """The serving worker, started if there is none. BUSY counts as serving: callers that do not hold
+        the slot (Tokenize, a recycle by hand) must not take a busy worker for a missing one."""
         worker = self.worker
-        if worker is not None and worker.state == WorkerState.READY:
+        if worker is not None and worker.state in SERVING_STATES:
             return worker
         if self.closed:
             raise unavailable(f"model {self.name!r} is being unloaded")
@@ -296,12 +298,10 @@ class Lifecycle:
         return fresh
 
     async def recycle(self, reason: str) -> WorkerProcess:
-        """Recycle gracefully by hand; returns the replacement once it serves."""
+        """Recycle gracefully by hand; returns the replacement once it serves (the old one retires on)."""
         worker = await self.ready_worker()
-        retiring = self.begin_recycle(worker, reason)
-        fresh = await self.start()
-        await retiring
-        return fresh
+        self.begin_recycle(worker, reason)
+        return await self.start()
 
     async def stop(self, grace: float = 5.0) -> None:
         self.closed = True

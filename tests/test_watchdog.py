@@ -106,7 +106,8 @@ def test_recycle_and_restart_by_hand(start_daemon):
     assert result.returncode == 0, result.stderr
     second = daemon.worker("tiny")
     assert f"worker {first} replaced by {second.pid}" in result.stdout
-    assert second.recycles == 1 and "by hand" in second.last_recycle_reason and not pid_alive(first)
+    assert second.recycles == 1 and "by hand" in second.last_recycle_reason
+    wait_for(lambda: not pid_alive(first), timeout=15, what="the old worker to retire after its drain")
     result = llmctl(daemon, "--json", "restart", "tiny")
     assert result.returncode == 0, result.stderr
     wait_for(lambda: daemon.worker("tiny").state == "READY", what="the restarted worker")

@@ -8,6 +8,7 @@ import threading
 import time
 
 import grpc
+import psutil
 import pytest
 
 from llm_supervisor.v1 import supervisor_pb2 as pb
@@ -147,3 +148,17 @@ def test_full_queue_is_resource_exhausted_and_timeouts_are_deadline_exceeded(sta
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert "request_timeout (1.5 s)" in caught.value.details()
     assert list(open_stream(daemon, max_tokens=2))[-1].usage.completion_tokens == 2
+
+
+def test_tokenize_during_a_generation_uses_the_busy_worker(start_daemon):
+    daemon = start_daemon(slow_model(), env={"TEST_TOKEN_DELAY": "0.03"})
+    pid = daemon.worker("tiny").pid
+    stream = open_stream(daemon, max_tokens=60)
+    next(stream)
+    assert daemon.worker("tiny").state == "BUSY"
+    during = daemon.stub.Tokenize(pb.TokenizeRequest(model="tiny", text="hello"))
+    assert list(stream)[-1].usage.completion_tokens == 60
+    assert daemon.stub.Tokenize(pb.TokenizeRequest(model="tiny", text="hello")).tokens == during.tokens
+    # Still the one worker: a busy worker was not mistaken for a missing one.
+    assert daemon.worker("tiny").pid == pid
+    assert [c.pid for c in psutil.Process(daemon.proc.pid).children()] == [pid]

@@ -1,0 +1,42 @@
+"""Start llm-supervisord for a benchmark, in a temporary directory, and wait until it serves."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@contextmanager
+def daemon(base: Path, models_toml: str, supervisor_toml: str = "", timeout: float = 120.0):
+    """Yields the address of a daemon serving `models_toml`, with its models under base/models."""
+    address = f"unix://{base}/s.sock"
+    config = base / "config.toml"
+    config.write_text(f'[supervisor]\naddress = "{address}"\nstate_dir = "{base}/state"\nruntime_dir = "{base}/run"\n'
+                      f'model_dirs = ["{base}/models"]\n{supervisor_toml}\n{models_toml}\n')
+    proc = subprocess.Popen([sys.executable, "-m", "supervisor.daemon", "--config", str(config), "--log-level", "warning"],
+                            cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    try:
+        health = health_pb2_grpc.HealthStub(grpc.insecure_channel(address))
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1).status == 1:
+                    break
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise SystemExit("the daemon did not come up")
+            time.sleep(0.1)
+        yield address, proc
+    finally:
+        proc.terminate()
+        proc.wait(60)
