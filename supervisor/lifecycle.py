@@ -16,14 +16,14 @@ from typing import Callable
 
 import structlog
 
+from worker.heartbeat import read_beat
+
 from .config import ModelConfig
 from .errors import ApiError, unavailable
 from .events import EventBus
 from .gguf_file import GGUFInfo
 from .manager import Spawn, WorkerProcess
 from .monitor import Monitor, WorkerHistory
-from worker.heartbeat import read_beat
-
 from .policies import (Action, Decision, Limits, decide, draw_max_requests, hung_for, keep_alive_expired,
                        restart_delay, unload_in)
 from .states import SERVING_STATES, WorkerState
@@ -173,12 +173,10 @@ class Lifecycle:
             worker.change_state(WorkerState.BACKOFF, f"restart in {delay:g} s")
         # Requests arriving during the back-off wait for this start instead of starting their own.
         self._starting = asyncio.create_task(self._spawn(after=delay))
-        try:
-            await asyncio.shield(self._starting)
-        except ApiError as e:
-            log.error("worker_restart_failed", model=self.name, reason=e.message)
+        await self._restart_now()
 
     async def _restart_now(self) -> None:
+        """Start a worker, or join the start in progress; a failure is logged (the model is FATAL then)."""
         try:
             await self.start()
         except ApiError as e:
@@ -307,6 +305,7 @@ class Lifecycle:
         self.closed = True
         if self._starting is not None and not self._starting.done():
             await asyncio.gather(self._starting, return_exceptions=True)
-        if self.worker is not None:
-            await self.worker.stop(grace)
+        # Draining workers too: an unload or shutdown must not leave them to finish on their own.
+        workers = [w for w in (self.worker, *self._retiring) if w is not None]
+        await asyncio.gather(*(w.stop(grace) for w in workers))
         self._on_change()
