@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from contextlib import aclosing
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 import grpc
 import structlog
@@ -34,8 +34,10 @@ class SupervisorService(supervisor_pb2_grpc.SupervisorServicer):
         self._started = clock()
 
     async def _stream(self, model: str, keep_alive: str, request: worker_pb2.WorkerGenerateRequest,
-                      context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateChunk]:
+                      context: grpc.aio.ServicerContext, check: Callable[[], None]) -> AsyncIterator[pb.GenerateChunk]:
+        """Generate and Chat alike: `check` is the request's own validation (prompt or messages)."""
         try:
+            check()
             check_model_name(model)
             runtime = self.registry.get(model)
             request.options.CopyFrom(check_options(request.options, runtime.config))
@@ -49,22 +51,16 @@ class SupervisorService(supervisor_pb2_grpc.SupervisorServicer):
             await _abort(context, e)
 
     async def Generate(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateChunk]:
-        try:
-            check_prompt(request.prompt)
-        except ApiError as e:
-            await _abort(context, e)
         work = worker_pb2.WorkerGenerateRequest(prompt=request.prompt, options=request.options)
-        async with aclosing(self._stream(request.model, request.keep_alive, work, context)) as chunks:
+        stream = self._stream(request.model, request.keep_alive, work, context, lambda: check_prompt(request.prompt))
+        async with aclosing(stream) as chunks:
             async for chunk in chunks:
                 yield chunk
 
     async def Chat(self, request: pb.ChatRequest, context) -> AsyncIterator[pb.GenerateChunk]:
-        try:
-            check_messages(request.messages)
-        except ApiError as e:
-            await _abort(context, e)
         work = worker_pb2.WorkerGenerateRequest(chat=request, options=request.options)
-        async with aclosing(self._stream(request.model, request.keep_alive, work, context)) as chunks:
+        stream = self._stream(request.model, request.keep_alive, work, context, lambda: check_messages(request.messages))
+        async with aclosing(stream) as chunks:
             async for chunk in chunks:
                 yield chunk
 

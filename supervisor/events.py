@@ -1,7 +1,7 @@
 """Decisions and state changes as events: one call writes the log line and feeds WatchEvents.
 
-Subscribers get a bounded queue each; one that does not keep up loses its oldest events (and is told
-how many), never slows the supervisor down.
+Subscribers get a bounded queue each; one that does not keep up loses its oldest events (counted in
+`dropped`) and never slows the supervisor down.
 """
 
 from __future__ import annotations

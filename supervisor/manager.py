@@ -63,9 +63,9 @@ class WorkerProcess:
         self.busy_since = 0.0  # monotonic time its request in flight started
         self.idle = asyncio.Event()  # set while no request is in flight on it
         self.idle.set()
-        self.kill_reason = ""
+        self.kill_reason = ""  # set when the supervisor kills it on purpose (a hard line, a hang)
         self.watch = WorkerHistory()  # the watchdog's samples of this worker; baseline set once it serves
-        self.limits = Limits()  # set when the supervisor kills it on purpose (a hard memory line)
+        self.limits = Limits()  # its own limits: max_requests carries the jitter drawn for it
         self._tasks: list[asyncio.Task] = []
 
     # -- state ---------------------------------------------------------------------------------------

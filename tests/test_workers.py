@@ -130,7 +130,6 @@ def test_a_worker_that_cannot_load_leaves_the_supervisor_serving(start_daemon, m
     assert starved.state == "FATAL"
     assert "failed to load" in starved.last_exit and "status 3" in starved.last_exit
     assert "kv cache" in starved.last_exit  # llama.cpp's own reason, not just "failed"
-    assert open_stream(daemon, max_tokens=2) is not None
     assert list(open_stream(daemon, max_tokens=2))[-1].usage.completion_tokens == 2
 
 
