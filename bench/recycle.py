@@ -1,6 +1,6 @@
 """A graceful recycle under a steady stream of requests, against the bare load time of the same model.
 
-    .venv/bin/python bench/recycle.py [--recycles 5]
+    .venv/bin/python bench/recycle.py [--recycles 5] [--standby-workers 0]
 
 Prints JSON: the time from the recycle decision to the replacement serving (RecycleModel by hand, which
 returns when the fresh worker is READY), the bare load time of the model in this process (llama_cpp.Llama
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -30,23 +31,34 @@ from worker.engine import LlamaEngine  # noqa: E402
 
 
 def bare_load(path: Path) -> float:
-    start = time.perf_counter()
-    engine = LlamaEngine()
-    engine.load(str(path), {"n_ctx": 2048, "n_batch": 512})
-    engine.warm_up()
-    elapsed = time.perf_counter() - start
-    engine.close()
+    """Load and warm up in this process, llama.cpp's log sent to /dev/null as a worker's goes to a pipe."""
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        start = time.perf_counter()
+        engine = LlamaEngine()
+        engine.load(str(path), {"n_ctx": 2048, "n_batch": 512})
+        engine.warm_up()
+        elapsed = time.perf_counter() - start
+        engine.close()
+    finally:
+        os.dup2(saved, 2)
+        os.close(devnull)
+        os.close(saved)
     return elapsed
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--recycles", type=int, default=5)
+    parser.add_argument("--standby-workers", type=int, default=1, help="0 measures recycles without a spare process")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="llms-bench-") as tmp:
         base = Path(tmp)
         model = write_model(base / "models" / "bench.gguf", BENCH)
-        with daemon(base, '[models.bench]\npath = "bench.gguf"\nn_ctx = 2048\n') as (address, _):
+        models = '[models.bench]\npath = "bench.gguf"\nn_ctx = 2048\n'
+        with daemon(base, models, f"standby_workers = {args.standby_workers}") as (address, _):
             stub = supervisor_pb2_grpc.SupervisorStub(grpc.insecure_channel(address))
             stop = threading.Event()
             counts = {"ok": 0, "failed": 0}
@@ -70,7 +82,7 @@ def main() -> None:
                 start = time.perf_counter()
                 stub.RecycleModel(pb.RecycleModelRequest(name="bench"))
                 recycle_s.append(time.perf_counter() - start)
-                time.sleep(0.5)  # steady traffic on the fresh worker between recycles
+                time.sleep(1.0)  # steady traffic on the fresh worker (and time for a new spare) between recycles
             stop.set()
             for t in clients:
                 t.join()
@@ -79,6 +91,7 @@ def main() -> None:
     result = {
         "benchmark": "recycle",
         "model_bytes": model_bytes,
+        "standby_workers": args.standby_workers,
         "recycle_to_ready_s": round(statistics.median(recycle_s), 3),
         "bare_load_s": round(statistics.median(loads), 3),
         "ratio": round(statistics.median(recycle_s) / statistics.median(loads), 2),

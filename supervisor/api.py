@@ -133,6 +133,7 @@ class SupervisorService(supervisor_pb2_grpc.SupervisorServicer):
             version=__version__,
             uptime_s=self._clock() - self._started,
             workers=[worker_status(rt) for rt in self.registry.models.values()],
+            standby_pids=self.registry.standby.pids if self.registry.standby else [],
         )
 
 

@@ -72,6 +72,7 @@ class SupervisorConfig:
     gpu_memory_budget: int | None = None
     max_loaded_models: int = 0  # 0 = no limit
     shutdown_timeout: float = 30.0
+    standby_workers: int = 1  # spare processes with the runtime imported, taken by the next worker start
     log_level: str = "info"
     journald: bool = False
     metrics_address: str = ""
@@ -196,7 +197,7 @@ def _check_model(cfg: ModelConfig) -> None:
 
 
 _SUPERVISOR_KEYS = {"address", "state_dir", "runtime_dir", "model_dirs", "poll_interval", "memory_budget",
-                    "gpu_memory_budget", "max_loaded_models", "shutdown_timeout"}
+                    "gpu_memory_budget", "max_loaded_models", "shutdown_timeout", "standby_workers"}
 
 
 def parse_config(text: str, host: Host, base_dir: Path | None = None) -> SupervisorConfig:
@@ -234,6 +235,7 @@ def parse_config(text: str, host: Host, base_dir: Path | None = None) -> Supervi
             gpu_memory_budget=parse_size(sup["gpu_memory_budget"], None) if "gpu_memory_budget" in sup else None,
             max_loaded_models=int(sup.get("max_loaded_models", 0)),
             shutdown_timeout=parse_duration(sup.get("shutdown_timeout", 30.0)),
+            standby_workers=int(sup.get("standby_workers", 1)),
             log_level=str(data.get("logging", {}).get("level", "info")).lower(),
             journald=bool(data.get("logging", {}).get("journald", False)),
             metrics_address=str(data.get("metrics", {}).get("address", "")),
@@ -243,6 +245,8 @@ def parse_config(text: str, host: Host, base_dir: Path | None = None) -> Supervi
         raise ConfigError(f"[supervisor]: {e}") from None
     if cfg.poll_interval <= 0 or not math.isfinite(cfg.poll_interval):
         raise ConfigError("[supervisor] poll_interval must be more than 0")
+    if not 0 <= cfg.standby_workers <= 8:
+        raise ConfigError(f"[supervisor] standby_workers must be between 0 (none) and 8, got {cfg.standby_workers}")
     if cfg.log_level not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"[logging] level must be debug, info, warning or error, got {cfg.log_level!r}")
     models_table = data.get("models", {})

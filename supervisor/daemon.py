@@ -36,6 +36,7 @@ from .monitor import Monitor
 from .logs import configure
 from .registry import Registry
 from .scheduler import ModelRuntime
+from .standby import StandbyPool
 
 log = structlog.get_logger("llm_supervisor.daemon")
 
@@ -110,7 +111,8 @@ async def serve(config: SupervisorConfig, host: Host, stop: asyncio.Event | None
         loop.create_task(health_servicer.set(model_health_name(runtime.name), status))
 
     monitor = Monitor(gpu or Nvml.open())
-    registry = Registry(config, host, socket_dir, monitor, EventBus(), on_change)
+    standby = StandbyPool(config.standby_workers)
+    registry = Registry(config, host, socket_dir, monitor, EventBus(), on_change, standby)
     supervisor_pb2_grpc.add_SupervisorServicer_to_server(SupervisorService(registry), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -141,6 +143,7 @@ async def serve(config: SupervisorConfig, host: Host, stop: asyncio.Event | None
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     log.info("ready", models=len(registry.models))
+    standby.refill()  # after the start-up loads, which it would only have slowed
     watcher = asyncio.create_task(watch(registry, monitor, config.poll_interval), name="watch")
 
     await stop.wait()
@@ -148,7 +151,7 @@ async def serve(config: SupervisorConfig, host: Host, stop: asyncio.Event | None
     log.info("stopping", grace_s=config.shutdown_timeout)
     await health_servicer.enter_graceful_shutdown()
     await server.stop(config.shutdown_timeout)  # in-flight streams finish within the grace
-    await registry.stop_all(grace=5.0)
+    await asyncio.gather(registry.stop_all(grace=5.0), standby.close())
     shutil.rmtree(socket_dir, ignore_errors=True)
     if path is not None:
         path.unlink(missing_ok=True)

@@ -26,6 +26,7 @@ from .manager import Spawn, WorkerProcess
 from .monitor import Monitor, WorkerHistory
 from .policies import (Action, Decision, Limits, decide, draw_max_requests, hung_for, keep_alive_expired,
                        restart_delay, unload_in)
+from .standby import StandbyPool
 from .states import SERVING_STATES, WorkerState
 
 log = structlog.get_logger("llm_supervisor.lifecycle")
@@ -34,6 +35,15 @@ log = structlog.get_logger("llm_supervisor.lifecycle")
 FAST_FAILURE_S = 10.0
 # Between SIGTERM and SIGKILL for a worker that is hung or past its request_timeout.
 KILL_GRACE_S = 2.0
+
+
+async def quiet(worker: WorkerProcess) -> None:
+    """Until `worker` has no request in flight (or has exited)."""
+    idle = asyncio.create_task(worker.idle.wait())
+    exited = asyncio.create_task(worker.exited.wait())
+    await asyncio.wait({idle, exited}, return_when=asyncio.FIRST_COMPLETED)
+    idle.cancel()
+    exited.cancel()
 
 
 def limits_for(config: ModelConfig, rng: random.Random) -> Limits:
@@ -50,7 +60,7 @@ def limits_for(config: ModelConfig, rng: random.Random) -> Limits:
 class Lifecycle:
     def __init__(self, config: ModelConfig, gguf: GGUFInfo, socket_dir: Path, monitor: Monitor, events: EventBus,
                  on_change: Callable[[], None] = lambda: None, rng: random.Random | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, standby: StandbyPool | None = None) -> None:
         self.config = config
         self.events = events
         self.gguf = gguf
@@ -74,6 +84,7 @@ class Lifecycle:
         self._on_change = on_change
         self._rng = rng or random.Random()
         self._clock = clock
+        self._standby = standby
 
     @property
     def name(self) -> str:
@@ -90,30 +101,42 @@ class Lifecycle:
         return self.worker is not None and self.worker.state in SERVING_STATES
 
     # -- start -----------------------------------------------------------------------------------------
-    def start_task(self) -> asyncio.Task[WorkerProcess]:
-        """The start in progress, or a new one: there is never more than one."""
+    def start_task(self, warm_after: WorkerProcess | None = None) -> asyncio.Task[WorkerProcess]:
+        """The start in progress, or a new one: there is never more than one. With `warm_after`, the new
+        worker loads now but runs its warm-up pass only once that (draining) worker is idle: two processes
+        computing on the same cores slow each other several times over (OpenMP threads spin-wait)."""
         if self._starting is None or self._starting.done():
-            self._starting = asyncio.create_task(self._spawn())
+            self._starting = asyncio.create_task(self._spawn(warm_after=warm_after))
         return self._starting
 
     async def start(self) -> WorkerProcess:
         """Start a worker (or join the start in progress). Raises ApiError when it cannot load."""
         return await asyncio.shield(self.start_task())
 
-    async def _launch(self) -> WorkerProcess:
+    async def _launch(self, warm_after: WorkerProcess | None) -> WorkerProcess:
         socket_path = self._socket_dir / f"{self.name}.{next(self._serial)}.sock"
         worker = WorkerProcess(Spawn(self.config, self.gguf.path, socket_path), self.events)
-        await worker.start()
+        try:
+            await worker.start(self._standby.take() if self._standby else None)
+            if warm_after is not None:
+                await quiet(warm_after)
+            if self.closed:
+                await worker.stop()
+                raise unavailable(f"model {self.name!r} is being unloaded")
+            await worker.warm_up()
+        finally:
+            if self._standby:
+                self._standby.refill()  # now, not earlier: its imports would have slowed this start
         return worker
 
-    async def _spawn(self, after: float = 0.0) -> WorkerProcess:
+    async def _spawn(self, after: float = 0.0, warm_after: WorkerProcess | None = None) -> WorkerProcess:
         if after:
             await asyncio.sleep(after)
         if self.closed:
             raise unavailable(f"model {self.name!r} is being unloaded")
         self.fatal_reason = ""
         try:
-            worker = await self._launch()
+            worker = await self._launch(warm_after)
         except ApiError as e:
             self.fatal_reason = e.message
             self._on_change()
@@ -269,7 +292,7 @@ class Lifecycle:
         self.recycles += 1
         self.last_recycle_reason = reason
         # Started before the old worker goes: ready_worker() waits on this start, not on the draining worker.
-        return self._retire_later(worker, reason, replacement=self.start_task())
+        return self._retire_later(worker, reason, replacement=self.start_task(warm_after=worker))
 
     def _retire_later(self, worker: WorkerProcess, reason: str,
                       replacement: asyncio.Task[WorkerProcess] | None) -> asyncio.Task:
@@ -303,9 +326,12 @@ class Lifecycle:
 
     async def stop(self, grace: float = 5.0) -> None:
         self.closed = True
-        if self._starting is not None and not self._starting.done():
-            await asyncio.gather(self._starting, return_exceptions=True)
-        # Draining workers too: an unload or shutdown must not leave them to finish on their own.
+        # Draining workers too: an unload or shutdown must not leave them to finish on their own. They go
+        # first, since a replacement's start may be waiting for them to be idle.
         workers = [w for w in (self.worker, *self._retiring) if w is not None]
         await asyncio.gather(*(w.stop(grace) for w in workers))
+        if self._starting is not None and not self._starting.done():
+            await asyncio.gather(self._starting, return_exceptions=True)
+        if self.worker is not None and self.worker not in workers:
+            await self.worker.stop(grace)
         self._on_change()

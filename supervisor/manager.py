@@ -10,7 +10,6 @@ import collections
 import json
 import os
 import signal
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,11 +19,14 @@ import structlog
 
 from llm_supervisor.v1 import worker_pb2, worker_pb2_grpc
 
+from worker.main import LISTENING
+
 from .config import ModelConfig
 from .errors import precondition
 from .events import EventBus
 from .monitor import WorkerHistory
 from .policies import Limits
+from .standby import spawn_worker_process
 from .states import ALLOWED, ALIVE_STATES, WorkerState, describe_exit
 
 log = structlog.get_logger("llm_supervisor.manager")
@@ -58,6 +60,7 @@ class WorkerProcess:
         self._channel: grpc.aio.Channel | None = None
         self.stub: worker_pb2_grpc.WorkerStub | None = None
         self.exited = asyncio.Event()
+        self.listening = asyncio.Event()  # its socket takes connections
         self.stop_requested = False
         self.heartbeat_path = spawn.socket_path.with_suffix(".beat")
         self.busy_since = 0.0  # monotonic time its request in flight started
@@ -88,10 +91,10 @@ class WorkerProcess:
         return self._clock() - self.started_at
 
     # -- start ---------------------------------------------------------------------------------------
-    def command(self) -> list[str]:
+    def arguments(self) -> list[str]:
+        """The worker's command line after `python -m worker.main`; a spare gets it as JSON on stdin."""
         m = self.spawn.model
         return [
-            sys.executable, "-m", "worker.main",
             "--name", m.name,
             "--model", str(self.spawn.model_path),
             "--socket", str(self.spawn.socket_path),
@@ -104,50 +107,67 @@ class WorkerProcess:
             "--heartbeat", str(self.heartbeat_path),
         ]
 
-    async def start(self) -> None:
-        """Spawn and wait until the worker answers; raises ApiError with the worker's own reason."""
+    async def start(self, spare: asyncio.subprocess.Process | None = None) -> None:
+        """Spawn (or turn `spare`, a standby process, into this worker) and wait until it answers;
+        raises ApiError with the worker's own reason."""
         self.spawn.socket_path.unlink(missing_ok=True)
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self._proc = await asyncio.create_subprocess_exec(
-            *self.command(),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            start_new_session=True,  # its own process group: a signal to it reaches its children too
-            env=env,
-        )
+        self._proc = await self._adopt(spare) if spare is not None else None
+        if self._proc is None:
+            self._proc = await spawn_worker_process(self.arguments(), stdin=asyncio.subprocess.DEVNULL)
         self.pid = self._proc.pid
-        log.info("worker_spawned", model=self.name, worker_pid=self.pid, path=str(self.spawn.model_path))
+        log.info("worker_spawned", model=self.name, worker_pid=self.pid, path=str(self.spawn.model_path),
+                 standby=spare is not None and self._proc is spare)
         self._tasks.append(asyncio.create_task(self._read_output(), name=f"output-{self.pid}"))
         self._tasks.append(asyncio.create_task(self._watch_exit(), name=f"exit-{self.pid}"))
-        # Short reconnect back-off: the socket appears as soon as the model is loaded, and every
-        # second spent waiting here is a second of the load time an operator sees.
-        self._channel = grpc.aio.insecure_channel(f"unix://{self.spawn.socket_path}", options=[
-            ("grpc.initial_reconnect_backoff_ms", 20), ("grpc.min_reconnect_backoff_ms", 20),
-            ("grpc.max_reconnect_backoff_ms", 200),
-        ])
+        # The model loads before the worker's socket exists; the worker says when it listens.
+        await self._while_alive(asyncio.wait_for(self.listening.wait(), self.spawn.model.load_timeout))
+        self._channel = grpc.aio.insecure_channel(f"unix://{self.spawn.socket_path}")
         self.stub = worker_pb2_grpc.WorkerStub(self._channel)
+        self.info = await self._while_alive(
+            self.stub.Info(worker_pb2.WorkerInfoRequest(), wait_for_ready=True, timeout=self.spawn.model.load_timeout))
 
-        async def ask_info() -> worker_pb2.WorkerInfo:
-            return await self.stub.Info(worker_pb2.WorkerInfoRequest(), wait_for_ready=True,
-                                        timeout=self.spawn.model.load_timeout)
+    async def warm_up(self) -> None:
+        """The warm-up pass (see worker.proto), then READY: its memory baseline can be taken now."""
+        self.info = await self._while_alive(
+            self.stub.WarmUp(worker_pb2.WarmUpRequest(), timeout=self.spawn.model.load_timeout))
+        self.change_state(WorkerState.READY, "loaded")
 
-        info = asyncio.create_task(ask_info())
+    async def _while_alive(self, waited):
+        """What `waited` (a call or a wait made while the worker starts) gives, or ApiError saying why
+        nothing came: the worker died (with its own last words), refused, or took longer than load_timeout
+        (then it is stopped)."""
+        async def answer_of():
+            return await waited
+
+        answer = asyncio.create_task(answer_of())
         died = asyncio.create_task(self.exited.wait())
-        done, _ = await asyncio.wait({info, died}, return_when=asyncio.FIRST_COMPLETED)
-        if info in done and not info.cancelled() and info.exception() is None:
+        try:
+            done, _ = await asyncio.wait({answer, died}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
             died.cancel()
-            self.info = info.result()
-            self.change_state(WorkerState.READY, "loaded")
-            return
-        info.cancel()
-        died.cancel()
-        if not self.exited.is_set():
-            await self.stop(grace=1.0)  # timed out loading
-            raise precondition(f"model {self.name!r}: worker did not become ready within load_timeout "
-                               f"({self.spawn.model.load_timeout:g} s)")
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        raise precondition(f"model {self.name!r}: worker failed to load: {self.failure_summary()}")
+        if answer in done and answer.exception() is None:
+            return answer.result()
+        answer.cancel()
+        if self.exited.is_set():
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            raise precondition(f"model {self.name!r}: worker failed to load: {self.failure_summary()}")
+        error = answer.exception() if answer in done else None
+        await self.stop(grace=1.0)
+        if isinstance(error, grpc.aio.AioRpcError) and error.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+            raise precondition(error.details() or str(error.code()))
+        raise precondition(f"model {self.name!r}: worker did not become ready within load_timeout "
+                           f"({self.spawn.model.load_timeout:g} s)")
+
+    async def _adopt(self, spare: asyncio.subprocess.Process) -> asyncio.subprocess.Process | None:
+        """Hand a spare its arguments; None if it died meanwhile (then a fresh process is spawned)."""
+        assert spare.stdin is not None
+        try:
+            spare.stdin.write((json.dumps(self.arguments()) + "\n").encode())
+            await spare.stdin.drain()
+            spare.stdin.close()
+        except (BrokenPipeError, ConnectionResetError):
+            return None
+        return spare
 
     def failure_summary(self) -> str:
         """The worker's own last word (it prints 'error: …' before exiting), llama.cpp's reason, and how it ended."""
@@ -163,7 +183,9 @@ class WorkerProcess:
         assert self._proc and self._proc.stdout
         async for raw in self._proc.stdout:
             line = raw.decode("utf-8", "replace").rstrip()
-            if line:
+            if line == LISTENING:
+                self.listening.set()
+            elif line:
                 self.stderr_tail.append(line)
                 log.debug("worker_output", model=self.name, worker_pid=self.pid, line=line)
 

@@ -15,11 +15,13 @@ from .events import EventBus
 from .lifecycle import Lifecycle
 from .monitor import Monitor
 from .scheduler import ModelRuntime
+from .standby import StandbyPool
 
 
 class Registry:
     def __init__(self, config: SupervisorConfig, host: Host, socket_dir: Path, monitor: Monitor, events: EventBus,
-                 on_change: Callable[[ModelRuntime], None] = lambda rt: None) -> None:
+                 on_change: Callable[[ModelRuntime], None] = lambda rt: None,
+                 standby: StandbyPool | None = None) -> None:
         self.config = config
         self.events = events
         self.host = host
@@ -27,6 +29,7 @@ class Registry:
         self.models: dict[str, ModelRuntime] = {}
         self._socket_dir = socket_dir
         self._on_change = on_change
+        self.standby = standby
 
     def get(self, name: str) -> ModelRuntime:
         runtime = self.models.get(name)
@@ -51,7 +54,8 @@ class Registry:
         path = resolve_model_path(config.path, self.config.model_dirs)
         gguf = await asyncio.to_thread(read_gguf_info, path)
         # Late binding: the lambda reads `runtime` when a worker changes, by then it is assigned.
-        lifecycle = Lifecycle(config, gguf, self._socket_dir, self.monitor, self.events, on_change=lambda: self._on_change(runtime))
+        lifecycle = Lifecycle(config, gguf, self._socket_dir, self.monitor, self.events,
+                              on_change=lambda: self._on_change(runtime), standby=self.standby)
         runtime = ModelRuntime(config, gguf, source, lifecycle)
         self.models[config.name] = runtime  # reserve the name while loading
         try:

@@ -77,6 +77,7 @@ def test_small_context_gets_a_batch_that_fits():
     ("[mystery]\nx = 1", "unknown config section"),
     ("[supervisor\n", "not valid TOML"),
     ("[logging]\nlevel = 'chatty'", "level must be"),
+    ("[supervisor]\nstandby_workers = 20", "standby_workers must be between 0 (none) and 8"),
 ])
 def test_config_errors_name_the_key(text, words):
     with pytest.raises(ConfigError) as caught:

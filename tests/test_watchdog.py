@@ -115,6 +115,41 @@ def test_recycle_and_restart_by_hand(start_daemon):
     assert ask(daemon)[-1].usage.completion_tokens == 4
 
 
+def standby_pids(daemon) -> list[int]:
+    return list(daemon.stub.Status(pb.StatusRequest()).standby_pids)
+
+
+def test_a_recycle_takes_the_standby_process_and_a_new_spare_follows(start_daemon):
+    daemon = start_daemon(model_table("tiny", "tiny.gguf"))
+    spare = wait_for(lambda: standby_pids(daemon), what="a standby process")[0]
+    old = daemon.worker("tiny").pid
+    daemon.stub.RecycleModel(pb.RecycleModelRequest(name="tiny"))
+    fresh = daemon.worker("tiny")
+    assert fresh.pid == spare and fresh.state == "READY"
+    assert ask(daemon)[-1].usage.completion_tokens == 4
+    refill = wait_for(lambda: [p for p in standby_pids(daemon) if p != spare], what="a new spare")
+    assert old not in refill and pid_alive(refill[0])
+    spares = standby_pids_seen(daemon)  # the log goes with the daemon's directory
+    assert refill[0] in spares
+    daemon.stop()
+    assert not any(pid_alive(p) for p in spares), "a spare outlived the daemon"
+
+
+def standby_pids_seen(daemon) -> list[int]:
+    """Spare pids the daemon logged: none may outlive it."""
+    return [json.loads(line)["worker_pid"] for line in daemon.log().splitlines()
+            if '"standby_started"' in line]
+
+
+def test_without_standby_workers_a_recycle_spawns_a_fresh_process(start_daemon):
+    daemon = start_daemon(model_table("tiny", "tiny.gguf"), extra="standby_workers = 0")
+    old = daemon.worker("tiny").pid
+    daemon.stub.RecycleModel(pb.RecycleModelRequest(name="tiny"))
+    assert daemon.worker("tiny").pid != old
+    assert standby_pids(daemon) == []
+    assert ask(daemon)[-1].usage.completion_tokens == 4
+
+
 def test_a_hung_worker_is_replaced_after_request_timeout(start_daemon):
     daemon = start_daemon(model_table("tiny", "tiny.gguf", request_timeout="2s"))
     hung = daemon.worker("tiny").pid

@@ -1,7 +1,11 @@
 """Entry point of a worker process: `python -m worker.main …`, started only by the supervisor.
 
-Order matters: the parent-death signal, no_new_privs and rlimits are set before llama_cpp is imported,
-so nothing the model loads runs unlimited or can outlive the supervisor.
+Order matters: the parent-death signal is set first, and no_new_privs and rlimits before the model is
+loaded, so nothing the model loads runs unlimited or can outlive the supervisor.
+
+`python -m worker.main --standby --parent-pid PID` is a spare: it imports the runtime (grpc,
+llama_cpp: ~0.2 s idle, much more on busy cores) ahead of need, then waits for one JSON line on stdin —
+the argument list a fresh worker would have had — and becomes that worker. EOF on stdin ends it.
 """
 
 from __future__ import annotations
@@ -17,6 +21,9 @@ from concurrent.futures import ThreadPoolExecutor
 from .limits import Limits, apply_limits, tie_to_parent
 
 EXIT_LOAD_FAILED = 3
+# Printed on stdout once the socket listens, so the supervisor connects once, at the right moment,
+# instead of polling a socket that does not exist yet (gRPC's reconnect back-off cost ~75 ms a start).
+LISTENING = "llm-supervisor-worker: listening"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -35,12 +42,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--standby"]:
+        return standby(argv[1:])
     args = parse_args(argv)
     tie_to_parent(args.parent_pid)
-    apply_limits(Limits(data_bytes=args.rlimit_data or None, nofile=args.rlimit_nofile))
+    return serve(args)
 
+
+def standby(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="llm-supervisor-worker --standby")
+    p.add_argument("--parent-pid", type=int, required=True)
+    tie_to_parent(p.parse_args(argv).parent_pid)
+    import grpc  # noqa: F401  the imports a worker needs, done while nobody waits for them
+    import llama_cpp  # noqa: F401
+
+    from llm_supervisor.v1 import worker_pb2_grpc  # noqa: F401
+
+    from . import engine, heartbeat, service  # noqa: F401
+
+    line = sys.stdin.readline()
+    if not line.strip():  # the supervisor no longer needs a spare
+        return 0
+    args = parse_args(json.loads(line))
+    return serve(args)
+
+
+def serve(args: argparse.Namespace) -> int:
+    apply_limits(Limits(data_bytes=args.rlimit_data or None, nofile=args.rlimit_nofile))
     try:
-        import grpc  # after the limits: its threads and allocations are bounded too
+        import grpc  # after the limits in a fresh worker: its threads and allocations are bounded too
 
         from llm_supervisor.v1 import worker_pb2_grpc
 
@@ -53,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         beat = Heartbeat(args.heartbeat).beat if args.heartbeat else (lambda: None)
         engine.on_progress = beat
         service = WorkerService(args.name, engine, info, args.stream_interval, beat)
-        service.warm_up()  # before the socket exists: ready means warmed, and the baseline is taken then
+        # No warm-up here: the supervisor asks for it (WarmUp) when it will not compete for the cores.
     except MemoryError:
         limit = f" (rlimit_data = {args.rlimit_data} bytes)" if args.rlimit_data else ""
         print(f"error: out of memory while loading {args.model}{limit}", file=sys.stderr, flush=True)
@@ -71,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     os.umask(0o077)  # the socket is the supervisor's alone
     server.add_insecure_port(f"unix://{args.socket}")
     server.start()
+    print(LISTENING, flush=True)
     stop.wait()
     server.stop(grace=10).wait()
     engine.close()

@@ -62,6 +62,16 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
     def warm_up(self) -> None:
         self._slot.submit(self.engine.warm_up).result()
 
+    def WarmUp(self, request, context) -> worker_pb2.WorkerInfo:
+        try:
+            self.warm_up()
+        except MemoryError:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"model {self.name!r}: out of memory in the warm-up pass")
+        except Exception as e:  # the supervisor reports it as a failed load
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"model {self.name!r}: the warm-up pass failed: {type(e).__name__}: {e}")
+        return self.Info(request, context)
+
     def Info(self, request, context) -> worker_pb2.WorkerInfo:
         return worker_pb2.WorkerInfo(
             pid=os.getpid(), n_ctx=self.info.n_ctx, n_batch=self.info.n_batch, n_threads=self.info.n_threads,

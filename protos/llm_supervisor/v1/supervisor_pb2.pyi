@@ -250,14 +250,16 @@ class RecycleModelResponse(_message.Message):
     def __init__(self, old_pid: _Optional[int] = ..., new_pid: _Optional[int] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("version", "uptime_s", "workers")
+    __slots__ = ("version", "uptime_s", "workers", "standby_pids")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
+    STANDBY_PIDS_FIELD_NUMBER: _ClassVar[int]
     version: str
     uptime_s: float
     workers: _containers.RepeatedCompositeFieldContainer[WorkerStatus]
-    def __init__(self, version: _Optional[str] = ..., uptime_s: _Optional[float] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ...) -> None: ...
+    standby_pids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, version: _Optional[str] = ..., uptime_s: _Optional[float] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., standby_pids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class WatchEventsRequest(_message.Message):
     __slots__ = ("model",)

@@ -20,6 +20,10 @@ class WorkerInfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class WarmUpRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class WorkerInfo(_message.Message):
     __slots__ = ("pid", "n_ctx", "n_batch", "n_threads", "requests_served", "architecture", "has_chat_template")
     PID_FIELD_NUMBER: _ClassVar[int]

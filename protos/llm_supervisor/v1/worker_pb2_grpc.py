@@ -50,6 +50,11 @@ class WorkerStub:
                 request_serializer=llm__supervisor_dot_v1_dot_worker__pb2.WorkerInfoRequest.SerializeToString,
                 response_deserializer=llm__supervisor_dot_v1_dot_worker__pb2.WorkerInfo.FromString,
                 _registered_method=True)
+        self.WarmUp = channel.unary_unary(
+                '/llm_supervisor.v1.Worker/WarmUp',
+                request_serializer=llm__supervisor_dot_v1_dot_worker__pb2.WarmUpRequest.SerializeToString,
+                response_deserializer=llm__supervisor_dot_v1_dot_worker__pb2.WorkerInfo.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -73,6 +78,16 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WarmUp(self, request, context):
+        """One full n_batch of prompt and a few tokens, so buffers reach their working size before the
+        supervisor takes the worker's memory baseline. Called once, after load, when the supervisor says:
+        a replacement warms up only once the worker it replaces has finished its last request, because two
+        processes computing on the same cores slow each other far more than twofold (OpenMP spin-waits).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -89,6 +104,11 @@ def add_WorkerServicer_to_server(servicer, server):
             'Info': grpc.unary_unary_rpc_method_handler(
                     servicer.Info,
                     request_deserializer=llm__supervisor_dot_v1_dot_worker__pb2.WorkerInfoRequest.FromString,
+                    response_serializer=llm__supervisor_dot_v1_dot_worker__pb2.WorkerInfo.SerializeToString,
+            ),
+            'WarmUp': grpc.unary_unary_rpc_method_handler(
+                    servicer.WarmUp,
+                    request_deserializer=llm__supervisor_dot_v1_dot_worker__pb2.WarmUpRequest.FromString,
                     response_serializer=llm__supervisor_dot_v1_dot_worker__pb2.WorkerInfo.SerializeToString,
             ),
     }
@@ -172,6 +192,33 @@ class Worker:
             target,
             '/llm_supervisor.v1.Worker/Info',
             llm__supervisor_dot_v1_dot_worker__pb2.WorkerInfoRequest.SerializeToString,
+            llm__supervisor_dot_v1_dot_worker__pb2.WorkerInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WarmUp(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llm_supervisor.v1.Worker/WarmUp',
+            llm__supervisor_dot_v1_dot_worker__pb2.WarmUpRequest.SerializeToString,
             llm__supervisor_dot_v1_dot_worker__pb2.WorkerInfo.FromString,
             options,
             channel_credentials,
