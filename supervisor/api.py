@@ -15,6 +15,8 @@ from llm_supervisor.v1 import worker_pb2
 
 from . import __version__
 from .errors import ApiError, invalid
+from .gpu import GpuReading
+from .policies import cpu_percent
 from .procfs import read_memory
 from .registry import Registry
 from .scheduler import ModelRuntime
@@ -120,6 +122,8 @@ class SupervisorService(supervisor_pb2_grpc.SupervisorServicer):
                                    reason=life.fatal_reason or life.last_recycle_reason or life.last_exit)
             while True:
                 event = await queue.get()
+                if event is None:  # the supervisor is shutting down
+                    return
                 if request.model and event.model != request.model:
                     continue
                 yield pb.Event(time_unix=event.time, kind=event.kind, model=event.model, worker_pid=event.worker_pid,
@@ -129,11 +133,14 @@ class SupervisorService(supervisor_pb2_grpc.SupervisorServicer):
             events.unsubscribe(queue)
 
     async def Status(self, request: pb.StatusRequest, context) -> pb.StatusResponse:
+        monitor = self.registry.monitor
         return pb.StatusResponse(
             version=__version__,
             uptime_s=self._clock() - self._started,
             workers=[worker_status(rt) for rt in self.registry.models.values()],
             standby_pids=self.registry.standby.pids if self.registry.standby else [],
+            gpus=[gpu_status(r) for r in (monitor.last_gpus.readings if monitor.last_gpus else [])],
+            cpu_temperature_c=monitor.last_cpu_temperature,
         )
 
 
@@ -149,12 +156,19 @@ def model_info(runtime: ModelRuntime) -> pb.ModelInfo:
     )
 
 
+def gpu_status(reading: GpuReading) -> pb.GpuStatus:
+    return pb.GpuStatus(index=reading.index, temperature_c=reading.temperature_c, memory_used_bytes=reading.memory_used,
+                        memory_total_bytes=reading.memory_total, throttle_reasons=reading.throttle_reasons)
+
+
 def worker_status(runtime: ModelRuntime) -> pb.WorkerStatus:
     life = runtime.lifecycle
     worker = life.worker
     status = pb.WorkerStatus(model=runtime.name, state=life.state, queue_depth=life.waiting,
                              restarts=life.restarts, last_exit=life.fatal_reason or life.last_exit,
-                             recycles=life.recycles, last_recycle_reason=life.last_recycle_reason)
+                             recycles=life.recycles, last_recycle_reason=life.last_recycle_reason,
+                             throttle_reason=life.throttle_reason,
+                             gpu_temperature_c=max((t for i, t in life.temperatures.items() if i in life.gpus), default=0))
     if worker is not None and worker.alive:
         status.pid = worker.pid
         status.requests_served = worker.requests_served
@@ -167,4 +181,5 @@ def worker_status(runtime: ModelRuntime) -> pb.WorkerStatus:
             status.file_rss_bytes = memory.rss_file
         if latest is not None and latest.gpu is not None:
             status.gpu_memory_bytes = latest.gpu
+        status.cpu_percent = cpu_percent(worker.watch.periodic) or 0.0
     return status

@@ -52,6 +52,10 @@ class ModelConfig:
     rlimit_data: int | None = None  # kernel's last line on private memory (RLIMIT_DATA)
     rlimit_nofile: int = 1024
     load_timeout: float = 120.0
+    # °C of a GPU the model's worker runs on; 0 turns a line off. Entered at the line, left `hysteresis` below.
+    temperature_throttle: float = 85.0  # no new request goes to the GPU's workers until it cools
+    temperature_critical: float = 92.0  # the workers drain and unload until it cools
+    temperature_hysteresis: float = 5.0
     stream_interval: float = 0.05  # a stream message at most this often; tokens in between coalesce
     engine: str = DEFAULT_ENGINE
 
@@ -191,6 +195,11 @@ def _check_model(cfg: ModelConfig) -> None:
     need(cfg.load_timeout > 0, "load_timeout must be more than 0")
     need(cfg.heartbeat_timeout > 0, "heartbeat_timeout must be more than 0")
     need(cfg.stream_interval <= 1.0, f"stream_interval above 1s makes streaming pointless, got {cfg.stream_interval:g} s")
+    for key in ("temperature_throttle", "temperature_critical"):
+        need(0 <= getattr(cfg, key) <= 150, f"{key} must be between 0 (off) and 150 °C, got {getattr(cfg, key):g}")
+    need(not (cfg.temperature_throttle and cfg.temperature_critical) or cfg.temperature_critical > cfg.temperature_throttle,
+         f"temperature_critical ({cfg.temperature_critical:g}) must be above temperature_throttle ({cfg.temperature_throttle:g})")
+    need(0 < cfg.temperature_hysteresis <= 30, f"temperature_hysteresis must be above 0 and at most 30 °C, got {cfg.temperature_hysteresis:g}")
     need(cfg.rlimit_nofile >= 64, f"rlimit_nofile must be at least 64, got {cfg.rlimit_nofile}")
     need(cfg.rlimit_data is None or cfg.rlimit_data >= 64 << 20, "rlimit_data below 64MiB cannot even load the runtime")
     need(":" in cfg.engine, f"engine must be 'module:Class', got {cfg.engine!r}")

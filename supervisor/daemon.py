@@ -85,10 +85,10 @@ async def watch(registry: Registry, monitor: Monitor, interval: float) -> None:
     """The watchdog loop: measure every worker each interval and act on what the policies decide."""
     while True:
         await asyncio.sleep(interval)
-        gpu_memory = monitor.gpu.process_memory() if monitor.gpu.available else None  # one NVML query a tick
+        gpus = monitor.host()  # one NVML read a tick, shared by every worker
         for runtime in list(registry.models.values()):
             try:
-                runtime.lifecycle.tick(gpu_memory)
+                runtime.lifecycle.tick(gpus)
             except Exception:  # one model's trouble must not stop the watch over the others
                 log.exception("watch_failed", model=runtime.name)
 
@@ -112,7 +112,8 @@ async def serve(config: SupervisorConfig, host: Host, stop: asyncio.Event | None
 
     monitor = Monitor(gpu or Nvml.open())
     standby = StandbyPool(config.standby_workers)
-    registry = Registry(config, host, socket_dir, monitor, EventBus(), on_change, standby)
+    events = EventBus()
+    registry = Registry(config, host, socket_dir, monitor, events, on_change, standby)
     supervisor_pb2_grpc.add_SupervisorServicer_to_server(SupervisorService(registry), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -150,6 +151,7 @@ async def serve(config: SupervisorConfig, host: Host, stop: asyncio.Event | None
     watcher.cancel()
     log.info("stopping", grace_s=config.shutdown_timeout)
     await health_servicer.enter_graceful_shutdown()
+    events.close()  # followers' streams end now, rather than hold the grace period open
     await server.stop(config.shutdown_timeout)  # in-flight streams finish within the grace
     await asyncio.gather(registry.stop_all(grace=5.0), standby.close())
     shutil.rmtree(socket_dir, ignore_errors=True)

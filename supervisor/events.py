@@ -41,12 +41,19 @@ class EventBus:
         if level == "debug":
             return None  # routine (READY ⇄ BUSY twice a request): not worth a subscriber's attention
         event = Event(kind, model, worker_pid, reason, state, figures, self._clock())
+        self._publish(event)
+        return event
+
+    def _publish(self, event: Event | None) -> None:
         for queue in self._subscribers:
             if queue.full():
                 queue.get_nowait()
                 self.dropped += 1
             queue.put_nowait(event)
-        return event
+
+    def close(self) -> None:
+        """End every subscriber's stream (None is the end): a follower must not hold up a shutdown."""
+        self._publish(None)
 
     def subscribe(self) -> asyncio.Queue:
         queue: asyncio.Queue = asyncio.Queue(maxsize=QUEUE_SIZE)

@@ -22,8 +22,30 @@ class GpuReading:
 class GpuSource(Protocol):
     available: bool
 
-    def process_memory(self) -> dict[int, int]: ...
+    def processes(self) -> dict[int, dict[int, int]]: ...
     def readings(self) -> list[GpuReading]: ...
+
+
+@dataclass(frozen=True)
+class GpuSnapshot:
+    """One tick's NVML reads, shared by every worker: GPU memory per pid per device, and the devices."""
+
+    processes: dict[int, dict[int, int]]
+    readings: list[GpuReading]
+
+    def memory_of(self, pid: int) -> int:
+        return sum(self.processes.get(pid, {}).values())
+
+    def devices_of(self, pid: int) -> set[int]:
+        return set(self.processes.get(pid, {}))
+
+    def temperature(self, index: int) -> int | None:
+        return next((r.temperature_c for r in self.readings if r.index == index), None)
+
+
+def snapshot(source: GpuSource) -> GpuSnapshot | None:
+    """None without a GPU: absent, not zero."""
+    return GpuSnapshot(source.processes(), source.readings()) if source.available else None
 
 
 class Nvml:
@@ -45,16 +67,16 @@ class Nvml:
             return cls(None, [])
         return cls(pynvml, handles)
 
-    def process_memory(self) -> dict[int, int]:
-        """Bytes of GPU memory per pid, summed over devices (a worker may span several)."""
-        used: dict[int, int] = {}
-        for handle in self._handles:
+    def processes(self) -> dict[int, dict[int, int]]:
+        """Bytes of GPU memory per pid per device index (a worker may span several devices)."""
+        used: dict[int, dict[int, int]] = {}
+        for index, handle in enumerate(self._handles):
             try:
                 processes = self._nvml.nvmlDeviceGetComputeRunningProcesses(handle)
             except self._nvml.NVMLError:
                 continue
             for p in processes:
-                used[p.pid] = used.get(p.pid, 0) + (p.usedGpuMemory or 0)
+                used.setdefault(p.pid, {})[index] = p.usedGpuMemory or 0
         return used
 
     def readings(self) -> list[GpuReading]:
@@ -79,11 +101,11 @@ class FedGpu:
 
     def __init__(self) -> None:
         self.available = True
-        self.memory: dict[int, int] = {}
+        self.memory: dict[int, dict[int, int]] = {}  # pid → {device index: bytes}
         self.gpus: list[GpuReading] = []
 
-    def process_memory(self) -> dict[int, int]:
-        return dict(self.memory)
+    def processes(self) -> dict[int, dict[int, int]]:
+        return {pid: dict(devices) for pid, devices in self.memory.items()}
 
     def readings(self) -> list[GpuReading]:
         return list(self.gpus)

@@ -24,8 +24,9 @@ from .events import EventBus
 from .gguf_file import GGUFInfo
 from .manager import Spawn, WorkerProcess
 from .monitor import Monitor, WorkerHistory
-from .policies import (Action, Decision, Limits, decide, draw_max_requests, hung_for, keep_alive_expired,
-                       restart_delay, unload_in)
+from .gpu import GpuSnapshot
+from .policies import (Action, Decision, Heat, Limits, Thermal, decide, draw_max_requests, heat_level, hung_for,
+                       keep_alive_expired, restart_delay, unload_in)
 from .standby import StandbyPool
 from .states import SERVING_STATES, WorkerState
 
@@ -85,6 +86,14 @@ class Lifecycle:
         self._rng = rng or random.Random()
         self._clock = clock
         self._standby = standby
+        # Thermal state per GPU the model's workers have run on (NVML says which); kept while unloaded,
+        # so a model drained by a critical GPU is not loaded onto it again before it cools.
+        self.gpus: set[int] = set()
+        self.heat: dict[int, Heat] = {}
+        self.temperatures: dict[int, int] = {}
+        self.cool = asyncio.Event()  # set while requests are admitted
+        self.cool.set()
+        self.throttle_reason = ""
 
     @property
     def name(self) -> str:
@@ -206,19 +215,77 @@ class Lifecycle:
             log.error("worker_restart_failed", model=self.name, reason=e.message)
 
     # -- watchdog --------------------------------------------------------------------------------------
-    def tick(self, gpu_memory: dict[int, int] | None) -> None:
+    def tick(self, gpus: GpuSnapshot | None) -> None:
         """Each poll interval: measure the workers and act on what the policies say. A draining worker
         is still watched: its last request must not cross the hard line either."""
+        if gpus is not None:
+            self._check_heat(gpus)
         watched = SERVING_STATES | {WorkerState.DRAINING}
         for worker in [self.worker, *self._retiring]:
             if worker is None or worker.state not in watched:
                 continue
-            sample = self.monitor.sample(worker.pid, worker.requests_served, gpu_memory)
+            sample = self.monitor.sample(worker.pid, worker.requests_served, gpus)
             if sample is not None:
                 worker.watch.periodic.append(sample)
                 self._act(worker, self._decide(worker))
             self._check_progress(worker)
         self._unload_if_idle()
+
+    def _check_heat(self, gpus: GpuSnapshot) -> None:
+        """temperature_throttle closes the door to new requests; temperature_critical also drains and
+        unloads the worker. Both hold until the GPU is `temperature_hysteresis` below the line."""
+        worker = self.worker
+        if worker is not None and worker.alive and gpus.devices_of(worker.pid):
+            self.gpus = gpus.devices_of(worker.pid)
+        c = self.config
+        thermal = Thermal(c.temperature_throttle, c.temperature_critical, c.temperature_hysteresis)
+        for index in sorted(self.gpus):
+            temperature = gpus.temperature(index)
+            if temperature is None:
+                continue
+            self.temperatures[index] = temperature
+            before = self.heat.get(index, Heat.NORMAL)
+            now = self.heat[index] = heat_level(before, temperature, thermal)
+            if now > before:
+                line = c.temperature_critical if now == Heat.CRITICAL else c.temperature_throttle
+                key = "temperature_critical" if now == Heat.CRITICAL else "temperature_throttle"
+                what = "draining and unloading" if now == Heat.CRITICAL else "no new requests"
+                reason = (f"GPU {index} at {temperature} °C, at or above {key} ({line:g} °C): {what} until it is "
+                          f"below {line - c.temperature_hysteresis:g} °C")
+                self._overheated(now, reason, index, temperature)
+        if max(self.heat.values(), default=Heat.NORMAL) == Heat.NORMAL and not self.cool.is_set():
+            temps = ", ".join(f"GPU {i} {t} °C" for i, t in sorted(self.temperatures.items()) if i in self.gpus)
+            self.events.emit("gpu_cool", self.name, "info", worker.pid if worker else 0,
+                             f"cooled ({temps}): admitting requests again")
+            self.throttle_reason = ""
+            self.cool.set()
+            self._on_change()
+
+    def _overheated(self, level: Heat, reason: str, index: int, temperature: int) -> None:
+        worker = self.worker
+        pid = worker.pid if worker else 0
+        self.throttle_reason = reason
+        self.cool.clear()
+        kind = "gpu_critical" if level == Heat.CRITICAL else "gpu_throttle"
+        self.events.emit(kind, self.name, "error" if level == Heat.CRITICAL else "warning", pid, reason,
+                         gpu=index, temperature_c=temperature)
+        if level == Heat.CRITICAL and worker is not None and worker.state in SERVING_STATES:
+            self._retire_later(worker, reason, replacement=None)
+        self._on_change()
+
+    async def admitted(self) -> None:
+        """Returns once the model's GPUs are cool enough to take a request; UNAVAILABLE after
+        request_timeout of waiting, with the temperature that keeps the door shut."""
+        if self.cool.is_set():
+            return
+        self.waiting += 1  # queued, as far as anyone looking at the queue can tell
+        try:
+            await asyncio.wait_for(self.cool.wait(), self.config.request_timeout)
+        except asyncio.TimeoutError:
+            raise unavailable(f"model {self.name!r}: not admitting requests: {self.throttle_reason}; "
+                              f"waited request_timeout ({self.config.request_timeout:g} s)") from None
+        finally:
+            self.waiting -= 1
 
     def _check_progress(self, worker: WorkerProcess) -> None:
         """A busy worker must prove progress: a hung C call keeps the process and its threads alive."""

@@ -1,4 +1,5 @@
-"""Measures workers from outside: /proc for memory, NVML for GPU memory. It decides nothing."""
+"""Measures workers from outside: /proc for memory, psutil for CPU time and CPU temperature, NVML for GPU
+memory and temperature. It decides nothing."""
 
 from __future__ import annotations
 
@@ -7,11 +8,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .gpu import GpuSource
+import psutil
+
+from .gpu import GpuSnapshot, GpuSource, snapshot
 from .policies import Sample
 from .procfs import MemorySample, read_memory
 
 HISTORY = 120  # samples kept per worker: two minutes at the default interval
+# psutil's names for sensors that read the CPU package or cores (Intel, AMD, ARM boards).
+CPU_SENSORS = ("coretemp", "k10temp", "zenpower", "cpu_thermal", "cpu-thermal", "soc_thermal")
 
 
 @dataclass
@@ -23,19 +28,51 @@ class WorkerHistory:
     baseline: Sample | None = None
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process; None when it is gone."""
+    try:
+        times = psutil.Process(pid).cpu_times()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
+    return times.user + times.system
+
+
+def read_cpu_temperature(sensors: Callable[[], dict] = getattr(psutil, "sensors_temperatures", dict)) -> float | None:
+    """The hottest CPU sensor in °C, or None where the host exposes none (VMs, containers): absent, not 0."""
+    try:
+        readings = sensors()
+    except OSError:
+        return None
+    values = [t.current for name in CPU_SENSORS for t in readings.get(name, []) if t.current is not None]
+    return max(values) if values else None
+
+
 class Monitor:
     def __init__(self, gpu: GpuSource, read: Callable[[int], MemorySample | None] = read_memory,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, cpu: Callable[[int], float | None] = cpu_seconds,
+                 cpu_temperature: Callable[[], float | None] = read_cpu_temperature) -> None:
         self.gpu = gpu
         self._read = read
         self._clock = clock
+        self._cpu = cpu
+        self._cpu_temperature = cpu_temperature
+        # The host's last readings, taken once a tick, for status.
+        self.last_gpus: GpuSnapshot | None = None
+        self.last_cpu_temperature: float | None = None
 
-    def sample(self, pid: int, requests: int, gpu_memory: dict[int, int] | None = None) -> Sample | None:
-        """None when the process is gone. Pass `gpu_memory` to share one NVML query across workers."""
+    def host(self) -> GpuSnapshot | None:
+        """Once a tick: one NVML read shared by every worker, and the CPU temperature."""
+        self.last_gpus = snapshot(self.gpu)
+        self.last_cpu_temperature = self._cpu_temperature()
+        return self.last_gpus
+
+    def sample(self, pid: int, requests: int, gpus: GpuSnapshot | None = None) -> Sample | None:
+        """None when the process is gone. Pass `gpus` to share one NVML read across workers."""
         memory = self._read(pid)
         if memory is None:
             return None
-        if gpu_memory is None and self.gpu.available:
-            gpu_memory = self.gpu.process_memory()
-        gpu = gpu_memory.get(pid, 0) if self.gpu.available and gpu_memory is not None else None
-        return Sample(at=self._clock(), private=memory.private, file_rss=memory.rss_file, gpu=gpu, requests=requests)
+        if gpus is None:
+            gpus = snapshot(self.gpu)
+        return Sample(at=self._clock(), private=memory.private, file_rss=memory.rss_file,
+                      gpu=gpus.memory_of(pid) if gpus is not None else None, requests=requests,
+                      cpu_s=self._cpu(pid))

@@ -31,6 +31,7 @@ class Sample:
     file_rss: int            # mmap'd weights in the page cache, bytes (never a leak)
     gpu: int | None = None   # NVML per-process GPU memory; None when there is no GPU
     requests: int = 0        # requests the worker had served when sampled
+    cpu_s: float | None = None  # user + system CPU seconds so far
 
 
 @dataclass(frozen=True)
@@ -193,3 +194,37 @@ def hung_for(last_beat: float | None, busy_since: float, now: float, timeout: fl
     last = max(last_beat or 0.0, busy_since)
     silent = now - last
     return silent if silent > timeout else None
+
+
+def cpu_percent(history: Sequence[Sample]) -> float | None:
+    """CPU use between the last two samples, in % of one core (200 = two cores busy)."""
+    timed = [s for s in history if s.cpu_s is not None][-2:]
+    if len(timed) < 2 or timed[1].at <= timed[0].at:
+        return None
+    return max(0.0, 100.0 * (timed[1].cpu_s - timed[0].cpu_s) / (timed[1].at - timed[0].at))
+
+
+class Heat(enum.IntEnum):
+    NORMAL = 0
+    THROTTLE = 1  # no new request is admitted to the GPU's workers
+    CRITICAL = 2  # its workers drain and unload
+
+
+@dataclass(frozen=True)
+class Thermal:
+    throttle: float = 0.0    # °C; 0 = off
+    critical: float = 0.0    # °C; 0 = off
+    hysteresis: float = 5.0  # a level is left only this far below its line
+
+
+def heat_level(previous: Heat, temperature: float, thermal: Thermal) -> Heat:
+    """A level is entered at its line and left only `hysteresis` below it, so a GPU hovering at a line
+    does not flap between admitting and refusing with every poll."""
+    def holds(level: Heat, line: float) -> bool:
+        return bool(line) and (temperature >= line or (previous >= level and temperature > line - thermal.hysteresis))
+
+    if holds(Heat.CRITICAL, thermal.critical):
+        return Heat.CRITICAL
+    if holds(Heat.THROTTLE, thermal.throttle):
+        return Heat.THROTTLE
+    return Heat.NORMAL

@@ -60,6 +60,7 @@ class ModelRuntime:
     async def generate(self, request: worker_pb2.WorkerGenerateRequest) -> AsyncIterator[pb.GenerateChunk]:
         await self._enter_queue()
         try:
+            await self.lifecycle.admitted()  # a GPU past temperature_throttle: wait here, first in line
             for attempt in (1, 2):
                 worker = await self.lifecycle.ready_worker()
                 sent = False

@@ -38,6 +38,7 @@ def test_status_and_models_tables_and_json(shared_daemon):
     header, row = table.stdout.splitlines()[:2]
     assert header.split()[:4] == ["MODEL", "STATE", "PID", "PRIVATE"]
     assert row.split()[:2] == ["tiny", "READY"]
+    assert "CPU" in header.split() and "TEMP" in header.split()
     (status,) = [json.loads(line) for line in llmctl(shared_daemon, "--json", "status").stdout.splitlines()]
     assert status["model"] == "tiny" and int(status["private_memory_bytes"]) > 0
     models = llmctl(shared_daemon, "models").stdout

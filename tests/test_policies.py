@@ -6,8 +6,9 @@ import random
 
 import pytest
 
-from supervisor.policies import (Action, Limits, MiB, Sample, decide, draw_max_requests, hard_line, keep_alive_expired,
-                                 hung_for, leak_decision, memory_decision, restart_delay, unload_in)
+from supervisor.policies import (Action, Heat, Limits, MiB, Sample, Thermal, decide, draw_max_requests, hard_line,
+                                 heat_level, hung_for, keep_alive_expired, leak_decision, memory_decision,
+                                 restart_delay, unload_in)
 
 
 def series(values_mib, start_requests=1, gpu_mib=None):
@@ -113,3 +114,31 @@ def test_unload_in_counts_down_or_says_never():
 ])
 def test_hung_means_no_progress_past_the_timeout(last_beat, busy_since, now, silent):
     assert hung_for(last_beat, busy_since, now, timeout=20.0) == silent
+
+
+def walk(temperatures, thermal=Thermal(throttle=85, critical=92, hysteresis=5)):
+    level, levels = Heat.NORMAL, []
+    for t in temperatures:
+        level = heat_level(level, t, thermal)
+        levels.append(level.name)
+    return levels
+
+
+@pytest.mark.parametrize("name, temperatures, levels", [
+    ("cool", [60, 70, 84], ["NORMAL"] * 3),
+    ("at the throttle line", [84, 85], ["NORMAL", "THROTTLE"]),
+    ("hovering at the line does not flap", [85, 84, 83, 85, 82, 81],
+     ["THROTTLE", "THROTTLE", "THROTTLE", "THROTTLE", "THROTTLE", "THROTTLE"]),
+    ("leaves only below line - hysteresis", [86, 81, 80, 79], ["THROTTLE", "THROTTLE", "NORMAL", "NORMAL"]),
+    ("critical, cooling through throttle", [93, 90, 88, 87, 84, 80],
+     ["CRITICAL", "CRITICAL", "CRITICAL", "THROTTLE", "THROTTLE", "NORMAL"]),
+    ("straight to critical from cold", [50, 99], ["NORMAL", "CRITICAL"]),
+])
+def test_temperature_levels_with_hysteresis(name, temperatures, levels):
+    assert walk(temperatures) == levels
+
+
+def test_a_temperature_line_set_to_zero_is_off():
+    assert walk([99, 120], Thermal(throttle=0, critical=0)) == ["NORMAL", "NORMAL"]
+    assert walk([99], Thermal(throttle=85, critical=0)) == ["THROTTLE"]
+    assert walk([99], Thermal(throttle=0, critical=92)) == ["CRITICAL"]

@@ -115,11 +115,21 @@ def cmd_status(args, stub, out: Output) -> int:
             out.json(as_dict(worker))
         return 0
     rows = [[w.model, w.state, str(w.pid or "-"), human_bytes(w.private_memory_bytes), human_bytes(w.file_rss_bytes),
-             human_bytes(w.gpu_memory_bytes) if w.gpu_memory_bytes else "-", str(w.requests_served), str(w.queue_depth),
-             str(w.restarts), str(w.recycles), human_duration(w.uptime_s) if w.pid else "-", until(w),
-             w.last_exit or w.last_recycle_reason] for w in status.workers]
-    out.table(["MODEL", "STATE", "PID", "PRIVATE", "FILE", "GPU", "REQUESTS", "QUEUE", "RESTARTS", "RECYCLES", "UPTIME",
-               "UNTIL", "LAST EXIT / RECYCLE"], rows)
+             human_bytes(w.gpu_memory_bytes) if w.gpu_memory_bytes else "-",
+             f"{w.cpu_percent:.0f}%" if w.pid else "-", f"{w.gpu_temperature_c:.0f}°C" if w.gpu_temperature_c else "-",
+             str(w.requests_served), str(w.queue_depth), str(w.restarts), str(w.recycles),
+             human_duration(w.uptime_s) if w.pid else "-", until(w),
+             w.throttle_reason or w.last_exit or w.last_recycle_reason] for w in status.workers]
+    out.table(["MODEL", "STATE", "PID", "PRIVATE", "FILE", "GPU", "CPU", "TEMP", "REQUESTS", "QUEUE", "RESTARTS",
+               "RECYCLES", "UPTIME", "UNTIL", "THROTTLED / LAST EXIT / RECYCLE"], rows)
+    host = [f"GPU {g.index}: {g.temperature_c:.0f}°C, {human_bytes(g.memory_used_bytes)} of "
+            f"{human_bytes(g.memory_total_bytes)}" for g in status.gpus]
+    if status.HasField("cpu_temperature_c"):
+        host.append(f"CPU: {status.cpu_temperature_c:.0f}°C")
+    if status.standby_pids:
+        host.append("standby: pid " + ", ".join(str(p) for p in status.standby_pids))
+    for line in host:
+        out.text(line + "\n")
     return 0
 
 

@@ -202,7 +202,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("model", "pid", "state", "private_memory_bytes", "file_rss_bytes", "requests_served", "uptime_s", "queue_depth", "restarts", "last_exit", "gpu_memory_bytes", "recycles", "last_recycle_reason", "unload_in_s")
+    __slots__ = ("model", "pid", "state", "private_memory_bytes", "file_rss_bytes", "requests_served", "uptime_s", "queue_depth", "restarts", "last_exit", "gpu_memory_bytes", "recycles", "last_recycle_reason", "unload_in_s", "cpu_percent", "gpu_temperature_c", "throttle_reason")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -217,6 +217,9 @@ class WorkerStatus(_message.Message):
     RECYCLES_FIELD_NUMBER: _ClassVar[int]
     LAST_RECYCLE_REASON_FIELD_NUMBER: _ClassVar[int]
     UNLOAD_IN_S_FIELD_NUMBER: _ClassVar[int]
+    CPU_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    GPU_TEMPERATURE_C_FIELD_NUMBER: _ClassVar[int]
+    THROTTLE_REASON_FIELD_NUMBER: _ClassVar[int]
     model: str
     pid: int
     state: str
@@ -231,7 +234,24 @@ class WorkerStatus(_message.Message):
     recycles: int
     last_recycle_reason: str
     unload_in_s: float
-    def __init__(self, model: _Optional[str] = ..., pid: _Optional[int] = ..., state: _Optional[str] = ..., private_memory_bytes: _Optional[int] = ..., file_rss_bytes: _Optional[int] = ..., requests_served: _Optional[int] = ..., uptime_s: _Optional[float] = ..., queue_depth: _Optional[int] = ..., restarts: _Optional[int] = ..., last_exit: _Optional[str] = ..., gpu_memory_bytes: _Optional[int] = ..., recycles: _Optional[int] = ..., last_recycle_reason: _Optional[str] = ..., unload_in_s: _Optional[float] = ...) -> None: ...
+    cpu_percent: float
+    gpu_temperature_c: float
+    throttle_reason: str
+    def __init__(self, model: _Optional[str] = ..., pid: _Optional[int] = ..., state: _Optional[str] = ..., private_memory_bytes: _Optional[int] = ..., file_rss_bytes: _Optional[int] = ..., requests_served: _Optional[int] = ..., uptime_s: _Optional[float] = ..., queue_depth: _Optional[int] = ..., restarts: _Optional[int] = ..., last_exit: _Optional[str] = ..., gpu_memory_bytes: _Optional[int] = ..., recycles: _Optional[int] = ..., last_recycle_reason: _Optional[str] = ..., unload_in_s: _Optional[float] = ..., cpu_percent: _Optional[float] = ..., gpu_temperature_c: _Optional[float] = ..., throttle_reason: _Optional[str] = ...) -> None: ...
+
+class GpuStatus(_message.Message):
+    __slots__ = ("index", "temperature_c", "memory_used_bytes", "memory_total_bytes", "throttle_reasons")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_C_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    THROTTLE_REASONS_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    temperature_c: float
+    memory_used_bytes: int
+    memory_total_bytes: int
+    throttle_reasons: int
+    def __init__(self, index: _Optional[int] = ..., temperature_c: _Optional[float] = ..., memory_used_bytes: _Optional[int] = ..., memory_total_bytes: _Optional[int] = ..., throttle_reasons: _Optional[int] = ...) -> None: ...
 
 class RecycleModelRequest(_message.Message):
     __slots__ = ("name", "hard")
@@ -250,16 +270,20 @@ class RecycleModelResponse(_message.Message):
     def __init__(self, old_pid: _Optional[int] = ..., new_pid: _Optional[int] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("version", "uptime_s", "workers", "standby_pids")
+    __slots__ = ("version", "uptime_s", "workers", "standby_pids", "gpus", "cpu_temperature_c")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     STANDBY_PIDS_FIELD_NUMBER: _ClassVar[int]
+    GPUS_FIELD_NUMBER: _ClassVar[int]
+    CPU_TEMPERATURE_C_FIELD_NUMBER: _ClassVar[int]
     version: str
     uptime_s: float
     workers: _containers.RepeatedCompositeFieldContainer[WorkerStatus]
     standby_pids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, version: _Optional[str] = ..., uptime_s: _Optional[float] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., standby_pids: _Optional[_Iterable[int]] = ...) -> None: ...
+    gpus: _containers.RepeatedCompositeFieldContainer[GpuStatus]
+    cpu_temperature_c: float
+    def __init__(self, version: _Optional[str] = ..., uptime_s: _Optional[float] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., standby_pids: _Optional[_Iterable[int]] = ..., gpus: _Optional[_Iterable[_Union[GpuStatus, _Mapping]]] = ..., cpu_temperature_c: _Optional[float] = ...) -> None: ...
 
 class WatchEventsRequest(_message.Message):
     __slots__ = ("model",)
