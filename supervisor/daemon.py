@@ -140,20 +140,26 @@ async def serve(config: SupervisorConfig, host: Host, stop: asyncio.Event | None
         except ApiError as e:
             log.error("model_load_failed", model=model.name, reason=e.message)
 
-    await asyncio.gather(*(load(m) for m in config.models))
-    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-    log.info("ready", models=len(registry.models))
-    standby.refill()  # after the start-up loads, which it would only have slowed
-    watcher = asyncio.create_task(watch(registry, monitor, config.poll_interval), name="watch")
-
+    # A stop (SIGTERM) during the start-up loads is obeyed at once, not after loads of minutes.
+    loading = asyncio.gather(*(load(m) for m in config.models))
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    watcher = None
+    if not stop.is_set():
+        await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        log.info("ready", models=len(registry.models))
+        standby.refill()  # after the start-up loads, which it would only have slowed
+        watcher = asyncio.create_task(watch(registry, monitor, config.poll_interval), name="watch")
     await stop.wait()
-    watcher.cancel()
+    if watcher is not None:
+        watcher.cancel()
     log.info("stopping", grace_s=config.shutdown_timeout)
     await health_servicer.enter_graceful_shutdown()
     events.close()  # followers' streams end now, rather than hold the grace period open
     await server.stop(config.shutdown_timeout)  # in-flight streams finish within the grace
     await asyncio.gather(registry.stop_all(grace=5.0), standby.close())
+    await asyncio.gather(loading, return_exceptions=True)
     shutil.rmtree(socket_dir, ignore_errors=True)
     if path is not None:
         path.unlink(missing_ok=True)

@@ -25,8 +25,8 @@ from .gguf_file import GGUFInfo
 from .manager import Spawn, WorkerProcess
 from .monitor import Monitor, WorkerHistory
 from .gpu import GpuSnapshot
-from .policies import (Action, Decision, Heat, Limits, Thermal, decide, draw_max_requests, heat_level, hung_for,
-                       keep_alive_expired, restart_delay, unload_in)
+from .policies import (Action, Decision, Heat, Limits, Thermal, Usage, decide, draw_max_requests, heat_level,
+                       hung_for, keep_alive_expired, restart_delay, unload_in)
 from .standby import StandbyPool
 from .states import SERVING_STATES, WorkerState
 
@@ -61,7 +61,8 @@ def limits_for(config: ModelConfig, rng: random.Random) -> Limits:
 class Lifecycle:
     def __init__(self, config: ModelConfig, gguf: GGUFInfo, socket_dir: Path, monitor: Monitor, events: EventBus,
                  on_change: Callable[[], None] = lambda: None, rng: random.Random | None = None,
-                 clock: Callable[[], float] = time.monotonic, standby: StandbyPool | None = None) -> None:
+                 clock: Callable[[], float] = time.monotonic, standby: StandbyPool | None = None,
+                 room: Callable[[Usage], tuple[bool, str]] = lambda needed: (True, "")) -> None:
         self.config = config
         self.events = events
         self.gguf = gguf
@@ -82,10 +83,12 @@ class Lifecycle:
         self._socket_dir = socket_dir
         self._serial = itertools.count(1)
         self._starting: asyncio.Task[WorkerProcess] | None = None
+        self._launching: WorkerProcess | None = None  # the worker being started, not serving yet
         self._on_change = on_change
         self._rng = rng or random.Random()
         self._clock = clock
         self._standby = standby
+        self._room = room  # whether the memory budgets hold a replacement beside the workers running now
         # Thermal state per GPU the model's workers have run on (NVML says which); kept while unloaded,
         # so a model drained by a critical GPU is not loaded onto it again before it cools.
         self.gpus: set[int] = set()
@@ -125,6 +128,7 @@ class Lifecycle:
     async def _launch(self, warm_after: WorkerProcess | None) -> WorkerProcess:
         socket_path = self._socket_dir / f"{self.name}.{next(self._serial)}.sock"
         worker = WorkerProcess(Spawn(self.config, self.gguf.path, socket_path), self.events)
+        self._launching = worker
         try:
             await worker.start(self._standby.take() if self._standby else None)
             if warm_after is not None:
@@ -134,6 +138,7 @@ class Lifecycle:
                 raise unavailable(f"model {self.name!r} is being unloaded")
             await worker.warm_up()
         finally:
+            self._launching = None
             if self._standby:
                 self._standby.refill()  # now, not earlier: its imports would have slowed this start
         return worker
@@ -349,17 +354,35 @@ class Lifecycle:
         else:
             worker.kill()
 
+    def usage(self) -> Usage:
+        """What this model's live workers hold now, by their latest samples."""
+        latest = [w.watch.periodic[-1] for w in (self.worker, *self._retiring)
+                  if w is not None and w.alive and w.watch.periodic]
+        return Usage(sum(s.private for s in latest), sum(s.gpu or 0 for s in latest))
+
     def begin_recycle(self, worker: WorkerProcess, reason: str, figures: dict | None = None) -> asyncio.Task:
         """Graceful: the worker takes no new request and finishes the one it has, while its replacement
-        starts; requests arriving meanwhile wait in the queue for the replacement, so none fails.
+        starts — first, when the memory budgets hold both, else once the old one has gone. Requests
+        arriving meanwhile wait in the queue for the replacement, so none fails.
 
         Synchronous up to the DRAINING mark, so two decisions in one tick cannot both start a recycle.
         """
-        self.events.emit("worker_recycle", self.name, "info", worker.pid, reason, graceful=True, **(figures or {}))
+        baseline = worker.watch.baseline  # what a fresh worker holds after its warm-up
+        first, why = self._room(Usage(baseline.private, baseline.gpu or 0) if baseline else Usage())
+        self.events.emit("worker_recycle", self.name, "info", worker.pid, reason, graceful=True,
+                         replacement="first" if first else f"after the old worker exits: {why}", **(figures or {}))
         self.recycles += 1
         self.last_recycle_reason = reason
-        # Started before the old worker goes: ready_worker() waits on this start, not on the draining worker.
-        return self._retire_later(worker, reason, replacement=self.start_task(warm_after=worker))
+        if first:
+            # ready_worker() waits on this start, not on the draining worker.
+            return self._retire_later(worker, reason, replacement=self.start_task(warm_after=worker))
+        retire = self._retire_later(worker, reason, replacement=None)
+        self._starting = asyncio.create_task(self._spawn_after_exit(worker))
+        return retire
+
+    async def _spawn_after_exit(self, old: WorkerProcess) -> WorkerProcess:
+        await old.exited.wait()
+        return await self._spawn()
 
     def _retire_later(self, worker: WorkerProcess, reason: str,
                       replacement: asyncio.Task[WorkerProcess] | None) -> asyncio.Task:
@@ -395,7 +418,8 @@ class Lifecycle:
         self.closed = True
         # Draining workers too: an unload or shutdown must not leave them to finish on their own. They go
         # first, since a replacement's start may be waiting for them to be idle.
-        workers = [w for w in (self.worker, *self._retiring) if w is not None]
+        # One still loading is stopped too: a shutdown must not wait out a load of minutes.
+        workers = [w for w in (self.worker, *self._retiring, self._launching) if w is not None]
         await asyncio.gather(*(w.stop(grace) for w in workers))
         if self._starting is not None and not self._starting.done():
             await asyncio.gather(self._starting, return_exceptions=True)

@@ -14,6 +14,7 @@ from .gguf_file import read_gguf_info, resolve_model_path
 from .events import EventBus
 from .lifecycle import Lifecycle
 from .monitor import Monitor
+from .policies import Usage, replacement_first
 from .scheduler import ModelRuntime
 from .standby import StandbyPool
 
@@ -55,7 +56,7 @@ class Registry:
         gguf = await asyncio.to_thread(read_gguf_info, path)
         # Late binding: the lambda reads `runtime` when a worker changes, by then it is assigned.
         lifecycle = Lifecycle(config, gguf, self._socket_dir, self.monitor, self.events,
-                              on_change=lambda: self._on_change(runtime), standby=self.standby)
+                              on_change=lambda: self._on_change(runtime), standby=self.standby, room=self.room)
         runtime = ModelRuntime(config, gguf, source, lifecycle)
         self.models[config.name] = runtime  # reserve the name while loading
         try:
@@ -66,6 +67,13 @@ class Registry:
                 self._on_change(runtime)
             raise
         return runtime
+
+    def room(self, needed: Usage) -> tuple[bool, str]:
+        """Whether the memory budgets hold `needed` beside every worker running now."""
+        c = self.config
+        budget = Usage(c.memory_budget or 0, c.gpu_memory_budget or 0) if (c.memory_budget or c.gpu_memory_budget) else None
+        in_use = [rt.lifecycle.usage() for rt in self.models.values()]
+        return replacement_first(budget, Usage(sum(u.private for u in in_use), sum(u.gpu for u in in_use)), needed)
 
     async def unload(self, name: str, grace: float = 5.0) -> None:
         runtime = self.get(name)

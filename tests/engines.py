@@ -15,7 +15,11 @@ from worker.generation import Sampling
 
 
 class SlowEngine(LlamaEngine):
-    """Seconds before the first token and between tokens come from the worker's environment."""
+    """Seconds to load, before the first token and between tokens come from the worker's environment."""
+
+    def load(self, path: str, options: dict):
+        time.sleep(float(os.environ.get("TEST_LOAD_DELAY", "0")))
+        return super().load(path, options)
 
     def generate(self, prompt: Sequence[int], sampling: Sampling) -> Iterator[int]:
         first = float(os.environ.get("TEST_FIRST_TOKEN_DELAY", "0"))

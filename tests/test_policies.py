@@ -8,7 +8,7 @@ import pytest
 
 from supervisor.policies import (Action, Heat, Limits, MiB, Sample, Thermal, decide, draw_max_requests, hard_line,
                                  heat_level, hung_for, keep_alive_expired, leak_decision, memory_decision,
-                                 restart_delay, unload_in)
+                                 replacement_first, restart_delay, unload_in, Usage)
 
 
 def series(values_mib, start_requests=1, gpu_mib=None):
@@ -142,3 +142,15 @@ def test_a_temperature_line_set_to_zero_is_off():
     assert walk([99, 120], Thermal(throttle=0, critical=0)) == ["NORMAL", "NORMAL"]
     assert walk([99], Thermal(throttle=85, critical=0)) == ["THROTTLE"]
     assert walk([99], Thermal(throttle=0, critical=92)) == ["CRITICAL"]
+
+
+@pytest.mark.parametrize("budget, in_use, needed, first, words", [
+    (None, Usage(10**12), Usage(10**12), True, ""),                                  # no budget: always first
+    (Usage(1000 * MiB), Usage(600 * MiB), Usage(300 * MiB), True, ""),
+    (Usage(1000 * MiB), Usage(800 * MiB), Usage(300 * MiB), False, "memory_budget (1000.0 MiB) cannot hold both"),
+    (Usage(0, 8000 * MiB), Usage(100 * MiB, 6000 * MiB), Usage(50 * MiB, 3000 * MiB), False, "gpu_memory_budget"),
+    (Usage(0, 8000 * MiB), Usage(10**12, 1000 * MiB), Usage(10**12, 3000 * MiB), True, ""),  # no RAM budget set
+])
+def test_replacement_first_only_when_the_budgets_hold_both(budget, in_use, needed, first, words):
+    answer, why = replacement_first(budget, in_use, needed)
+    assert answer == first and words in why

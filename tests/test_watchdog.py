@@ -150,6 +150,31 @@ def test_without_standby_workers_a_recycle_spawns_a_fresh_process(start_daemon):
     assert ask(daemon)[-1].usage.completion_tokens == 4
 
 
+def log_events(daemon, kind: str) -> list[dict]:
+    return [e for e in map(json.loads, daemon.log().splitlines()) if e.get("event") == kind]
+
+
+def spawned_before_exit(daemon, old: int, new: int) -> bool:
+    """Whether the log shows the new worker spawned before the old one exited."""
+    events = [(e.get("event"), e.get("worker_pid")) for e in map(json.loads, daemon.log().splitlines())]
+    return events.index(("worker_spawned", new)) < events.index(("worker_exited", old))
+
+
+@pytest.mark.parametrize("budget, first", [("", True), ('memory_budget = "1MiB"', False)])
+def test_the_replacement_starts_first_only_when_the_memory_budget_holds_both(start_daemon, budget, first):
+    daemon = start_daemon(model_table("tiny", "tiny.gguf"), extra=budget)
+    old = daemon.worker("tiny").pid  # its baseline (~30 MiB private) alone is over a 1 MiB budget
+    new = daemon.stub.RecycleModel(pb.RecycleModelRequest(name="tiny")).new_pid
+    wait_for(lambda: not pid_alive(old), what="the old worker to exit")
+    assert spawned_before_exit(daemon, old, new) == first
+    (recycle,) = log_events(daemon, "worker_recycle")
+    if first:
+        assert recycle["replacement"] == "first"
+    else:
+        assert recycle["replacement"].startswith("after the old worker exits: memory_budget (1.0 MiB) cannot hold both")
+    assert ask(daemon)[-1].usage.completion_tokens == 4
+
+
 def test_a_hung_worker_is_replaced_after_request_timeout(start_daemon):
     daemon = start_daemon(model_table("tiny", "tiny.gguf", request_timeout="2s"))
     hung = daemon.worker("tiny").pid

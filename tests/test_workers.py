@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
+import subprocess
+import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import psutil
 import pytest
 
 from llm_supervisor.v1 import supervisor_pb2 as pb
-from tests.conftest import model_table, pid_alive, wait_for
+from tests.conftest import ROOT, model_table, pid_alive, wait_for
 
 SLOW = 'engine = "tests.engines:SlowEngine"'
 
@@ -162,3 +168,28 @@ def test_tokenize_during_a_generation_uses_the_busy_worker(start_daemon):
     assert daemon.worker("tiny").pid == pid
     spares = set(daemon.stub.Status(pb.StatusRequest()).standby_pids)
     assert {c.pid for c in psutil.Process(daemon.proc.pid).children()} - spares == {pid}
+
+
+def test_sigterm_during_a_start_up_load_stops_at_once_and_leaves_no_worker(model_dir):
+    base = Path(tempfile.mkdtemp(prefix="llms-"))
+    config = base / "config.toml"
+    config.write_text(f'[supervisor]\naddress = "unix://{base}/s.sock"\nstate_dir = "{base}/state"\n'
+                      f'runtime_dir = "{base}/run"\nmodel_dirs = ["{model_dir}"]\n'
+                      + model_table("tiny", "tiny.gguf", engine="tests.engines:SlowEngine", load_timeout="5m"))
+    log = base / "daemon.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "supervisor.daemon", "--config", str(config)], stdout=out,
+                                stderr=subprocess.STDOUT, cwd=ROOT,
+                                env=dict(os.environ, PYTHONPATH=str(ROOT), TEST_LOAD_DELAY="300"))
+    try:
+        spawned = wait_for(lambda: [json.loads(line) for line in log.read_text().splitlines()
+                                    if '"worker_spawned"' in line], what="the worker to be loading")
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        assert time.monotonic() - started < 15  # not the 300 s the load would take
+        assert not pid_alive(spawned[0]["worker_pid"])
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        shutil.rmtree(base, ignore_errors=True)
