@@ -6,16 +6,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(python3 python3-venv python3-dev build-essential cmake pkg-config libsystemd-dev git)
+# systemd: systemd-analyze, sysusers, tmpfiles and journald, which the tests run (not as PID 1).
+packages=(build-essential cmake pkg-config libsystemd-dev git systemd)
+# A python3 that already makes virtual environments (pyenv, a newer build) is as good as Debian's.
+if ! { python3 -m venv --help >/dev/null 2>&1 &&
+       python3 -c 'import sysconfig, os; assert os.path.exists(sysconfig.get_paths()["include"] + "/Python.h")' 2>/dev/null; }; then
+    packages+=(python3 python3-venv python3-dev)
+fi
 missing=()
 for p in "${packages[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
 done
-# A python3 that already makes virtual environments (pyenv, a newer build) is as good as Debian's.
-if python3 -m venv --help >/dev/null 2>&1 && python3 -c 'import sysconfig, os; assert os.path.exists(sysconfig.get_paths()["include"] + "/Python.h")' 2>/dev/null; then
-    missing=("${missing[@]/python3}"); missing=("${missing[@]/python3-venv}"); missing=("${missing[@]/python3-dev}")
-fi
-missing=($(printf '%s\n' "${missing[@]}" | grep -v '^$' || true))
 if ((${#missing[@]})); then
     echo "setup: installing ${missing[*]}" >&2
     apt-get update -qq
