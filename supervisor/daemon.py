@@ -16,6 +16,8 @@ import signal
 import socket
 import sys
 import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -33,6 +35,7 @@ from .errors import ApiError
 from .events import EventBus
 from .gpu import GpuSource, Nvml
 from .monitor import Monitor
+from .notify import Notifier, summary
 from .logs import configure
 from .registry import Registry
 from .scheduler import ModelRuntime
@@ -81,16 +84,40 @@ def ensure_demo_model(config: SupervisorConfig) -> None:
         write_model(demo)
 
 
-async def watch(registry: Registry, monitor: Monitor, interval: float) -> None:
-    """The watchdog loop: measure every worker each interval and act on what the policies decide."""
-    while True:
-        await asyncio.sleep(interval)
-        gpus = monitor.host()  # one NVML read a tick, shared by every worker
-        for runtime in list(registry.models.values()):
-            try:
-                runtime.lifecycle.tick(gpus)
-            except Exception:  # one model's trouble must not stop the watch over the others
-                log.exception("watch_failed", model=runtime.name)
+def status_line(registry: Registry, now: float) -> str:
+    lives = [rt.lifecycle for rt in registry.models.values()]
+    recycled = [life for life in lives if life.last_recycle_at is not None]
+    last = max(recycled, key=lambda life: life.last_recycle_at, default=None)
+    return summary([life.state for life in lives],
+                   (last.name, last.last_recycle_reason, now - last.last_recycle_at) if last else None)
+
+
+async def watch(registry: Registry, monitor: Monitor, interval: float, notifier: Notifier) -> None:
+    """The watchdog loop: measure every worker each interval and act on what the policies decide.
+
+    It is also what proves the daemon alive to systemd: WATCHDOG=1 goes out only from here, after a
+    completed pass, so a pass that never ends (an NVML call hung on a GPU that fell off the bus) gets the
+    service restarted. NVML is read on its own thread so that such a hang stalls this loop, not the API.
+    """
+    step = min(interval, notifier.watchdog_s / 2) if notifier.watchdog_s else interval
+    nvml = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nvml")
+    loop = asyncio.get_running_loop()
+    due = 0.0
+    try:
+        while True:
+            await asyncio.sleep(step)
+            if loop.time() >= due:
+                due = loop.time() + interval - step / 2
+                gpus = await loop.run_in_executor(nvml, monitor.host)  # one NVML read a tick, for every worker
+                for runtime in list(registry.models.values()):
+                    try:
+                        runtime.lifecycle.tick(gpus)
+                    except Exception:  # one model's trouble must not stop the watch over the others
+                        log.exception("watch_failed", model=runtime.name)
+                notifier.status(status_line(registry, time.monotonic()))
+            notifier.watchdog()
+    finally:
+        nvml.shutdown(wait=False, cancel_futures=True)  # a hung NVML call must not hold up the exit
 
 
 async def serve(config: SupervisorConfig, host: Host, stop: asyncio.Event | None = None,
@@ -111,6 +138,7 @@ async def serve(config: SupervisorConfig, host: Host, stop: asyncio.Event | None
         loop.create_task(health_servicer.set(model_health_name(runtime.name), status))
 
     monitor = Monitor(gpu or Nvml.open())
+    notifier = Notifier(host.env)
     standby = StandbyPool(config.standby_workers)
     events = EventBus()
     registry = Registry(config, host, socket_dir, monitor, events, on_change, standby)
@@ -149,12 +177,14 @@ async def serve(config: SupervisorConfig, host: Host, stop: asyncio.Event | None
         await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         log.info("ready", models=len(registry.models))
+        notifier.ready(status_line(registry, time.monotonic()))
         standby.refill()  # after the start-up loads, which it would only have slowed
-        watcher = asyncio.create_task(watch(registry, monitor, config.poll_interval), name="watch")
+        watcher = asyncio.create_task(watch(registry, monitor, config.poll_interval, notifier), name="watch")
     await stop.wait()
     if watcher is not None:
         watcher.cancel()
     log.info("stopping", grace_s=config.shutdown_timeout)
+    notifier.stopping()
     await health_servicer.enter_graceful_shutdown()
     events.close()  # followers' streams end now, rather than hold the grace period open
     await server.stop(config.shutdown_timeout)  # in-flight streams finish within the grace

@@ -33,8 +33,10 @@ class GpuSnapshot:
     processes: dict[int, dict[int, int]]
     readings: list[GpuReading]
 
-    def memory_of(self, pid: int) -> int:
-        return sum(self.processes.get(pid, {}).values())
+    def memory_of(self, pid: int) -> int | None:
+        """None when NVML does not list the process: it is not on a GPU (yet)."""
+        devices = self.processes.get(pid)
+        return sum(devices.values()) if devices is not None else None
 
     def devices_of(self, pid: int) -> set[int]:
         return set(self.processes.get(pid, {}))

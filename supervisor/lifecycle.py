@@ -8,6 +8,7 @@ supervisor/policies.py; this only carries them out, one at a time.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import random
 import time
@@ -73,6 +74,7 @@ class Lifecycle:
         self.recycles = 0
         self.last_exit = ""
         self.last_recycle_reason = ""
+        self.last_recycle_at: float | None = None
         self.fatal_reason = ""
         self.closed = False
         self._retiring: set[WorkerProcess] = set()  # draining after a recycle, no longer self.worker
@@ -232,6 +234,10 @@ class Lifecycle:
             sample = self.monitor.sample(worker.pid, worker.requests_served, gpus)
             if sample is not None:
                 worker.watch.periodic.append(sample)
+                baseline = worker.watch.baseline
+                if baseline is not None and baseline.gpu is None and sample.gpu is not None:
+                    # NVML lists a process a poll after it allocates: its first GPU figure is its baseline.
+                    worker.watch.baseline = dataclasses.replace(baseline, gpu=sample.gpu)
                 self._act(worker, self._decide(worker))
             self._check_progress(worker)
         self._unload_if_idle()
@@ -346,6 +352,7 @@ class Lifecycle:
         if worker.state != WorkerState.DRAINING:  # a draining worker's recycle is already counted
             self.recycles += 1
             self.last_recycle_reason = reason
+            self.last_recycle_at = self._clock()
         self.events.emit("worker_recycle", self.name, "warning", worker.pid, reason, graceful=False)
         worker.kill_reason = reason
         worker.change_state(WorkerState.STOPPING, reason)  # no request goes to it any more
@@ -373,6 +380,7 @@ class Lifecycle:
                          replacement="first" if first else f"after the old worker exits: {why}", **(figures or {}))
         self.recycles += 1
         self.last_recycle_reason = reason
+        self.last_recycle_at = self._clock()
         if first:
             # ready_worker() waits on this start, not on the draining worker.
             return self._retire_later(worker, reason, replacement=self.start_task(warm_after=worker))

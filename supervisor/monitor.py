@@ -67,12 +67,12 @@ class Monitor:
         return self.last_gpus
 
     def sample(self, pid: int, requests: int, gpus: GpuSnapshot | None = None) -> Sample | None:
-        """None when the process is gone. Pass `gpus` to share one NVML read across workers."""
+        """None when the process is gone. GPU figures come from `gpus` or else the last tick's read:
+        NVML is never called from here, so a hung driver cannot stall a request's path."""
         memory = self._read(pid)
         if memory is None:
             return None
-        if gpus is None:
-            gpus = snapshot(self.gpu)
+        gpus = gpus if gpus is not None else self.last_gpus
         return Sample(at=self._clock(), private=memory.private, file_rss=memory.rss_file,
                       gpu=gpus.memory_of(pid) if gpus is not None else None, requests=requests,
                       cpu_s=self._cpu(pid))

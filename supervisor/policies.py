@@ -118,6 +118,8 @@ def leak_decision(per_request: Sequence[Sample], baseline: int, limits: Limits, 
     spike is not a leak), already has.
     """
     threshold = limits.leak_threshold
+    if metric == "gpu":  # samples from before NVML listed the worker say nothing about its GPU memory
+        per_request = [s for s in per_request if s.gpu is not None]
     if not threshold or not per_request:
         return NOTHING
 

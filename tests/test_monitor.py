@@ -23,8 +23,9 @@ def test_no_gpu_is_a_normal_state():
     nvml = Nvml.open()  # no driver on CI machines
     if not nvml.available:
         assert nvml.processes() == {} and nvml.readings() == []
-    sample = Monitor(nvml).sample(os.getpid(), requests=0)
-    assert sample is not None and (sample.gpu is None) == (not nvml.available)
+    monitor = Monitor(nvml)
+    sample = monitor.sample(os.getpid(), requests=0, gpus=monitor.host())
+    assert sample is not None and sample.gpu is None  # without a GPU, or not a process on one
 
 
 def test_gpu_memory_from_nvml_drives_the_gpu_lines():
@@ -34,18 +35,19 @@ def test_gpu_memory_from_nvml_drives_the_gpu_lines():
     monitor = Monitor(gpu, read=fake_memory.get, clock=clock, cpu=lambda pid: None)
     limits = Limits(max_gpu_memory=4096 * MiB, leak_threshold=512 * MiB)
     gpu.memory = {1234: {0: 1000 * MiB, 1: 2000 * MiB}, 999: {0: 10_000 * MiB}}  # another process's is not ours
-    baseline = monitor.sample(1234, 0)
+    assert monitor.sample(1234, 0).gpu is None  # no tick has read NVML yet: absent, not zero
+    baseline = monitor.sample(1234, 0, monitor.host())
     assert baseline.gpu == 3000 * MiB
     history, per_request = [baseline], []
     for i in range(1, 12):  # +40 MiB of GPU memory per request: a leak the trend catches
         gpu.memory[1234] = {0: 1000 * MiB, 1: (2000 + 40 * i) * MiB}
-        sample = monitor.sample(1234, i)
+        sample = monitor.sample(1234, i, monitor.host())
         history.append(sample)
         per_request.append(sample)
     decision = decide(history, per_request, baseline, limits)
     assert decision.action == Action.RECYCLE and decision.reason.startswith("GPU memory leak: +40.0 MiB/request")
     gpu.memory[1234] = {0: 1000 * MiB, 1: 6000 * MiB}  # past 1.5 × max_gpu_memory, summed over devices
-    history.append(monitor.sample(1234, 12))
+    history.append(monitor.sample(1234, 12, monitor.host()))
     assert decide(history, per_request, baseline, limits).action == Action.KILL
 
 
