@@ -246,7 +246,7 @@ def parse_config(text: str, host: Host, base_dir: Path | None = None) -> Supervi
             shutdown_timeout=parse_duration(sup.get("shutdown_timeout", 30.0)),
             standby_workers=int(sup.get("standby_workers", 1)),
             log_level=str(data.get("logging", {}).get("level", "info")).lower(),
-            journald=bool(data.get("logging", {}).get("journald", False)),
+            journald=data.get("logging", {}).get("journald", False),
             metrics_address=str(data.get("metrics", {}).get("address", "")),
             defaults=dict(data.get("defaults", {})),
         )
@@ -256,6 +256,8 @@ def parse_config(text: str, host: Host, base_dir: Path | None = None) -> Supervi
         raise ConfigError("[supervisor] poll_interval must be more than 0")
     if not 0 <= cfg.standby_workers <= 8:
         raise ConfigError(f"[supervisor] standby_workers must be between 0 (none) and 8, got {cfg.standby_workers}")
+    if not isinstance(cfg.journald, bool):
+        raise ConfigError(f"[logging] journald must be true or false, got {cfg.journald!r}")
     if cfg.log_level not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"[logging] level must be debug, info, warning or error, got {cfg.log_level!r}")
     models_table = data.get("models", {})

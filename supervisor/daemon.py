@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
             config = dataclasses.replace(config, address=args.address)
         if args.log_level:
             config = dataclasses.replace(config, log_level=args.log_level)
-        configure(config.log_level)
+        configure(config.log_level, journald=config.journald)
         if args.config is None:
             ensure_demo_model(config)
     except ConfigError as e:

@@ -48,6 +48,17 @@ async def quiet(worker: WorkerProcess) -> None:
     exited.cancel()
 
 
+def memory_figures(worker: WorkerProcess) -> dict[str, int]:
+    """The worker's latest memory figures, for the record of a decision about it."""
+    if not worker.watch.periodic:
+        return {}
+    latest = worker.watch.periodic[-1]
+    figures = {"private_memory_bytes": latest.private, "file_rss_bytes": latest.file_rss}
+    if latest.gpu is not None:
+        figures["gpu_memory_bytes"] = latest.gpu
+    return figures
+
+
 def limits_for(config: ModelConfig, rng: random.Random) -> Limits:
     return Limits(
         max_private_memory=config.max_private_memory,
@@ -353,7 +364,7 @@ class Lifecycle:
             self.recycles += 1
             self.last_recycle_reason = reason
             self.last_recycle_at = self._clock()
-        self.events.emit("worker_recycle", self.name, "warning", worker.pid, reason, graceful=False)
+        self.events.emit("worker_recycle", self.name, "warning", worker.pid, reason, graceful=False, **memory_figures(worker))
         worker.kill_reason = reason
         worker.change_state(WorkerState.STOPPING, reason)  # no request goes to it any more
         if grace > 0:
@@ -377,7 +388,8 @@ class Lifecycle:
         baseline = worker.watch.baseline  # what a fresh worker holds after its warm-up
         first, why = self._room(Usage(baseline.private, baseline.gpu or 0) if baseline else Usage())
         self.events.emit("worker_recycle", self.name, "info", worker.pid, reason, graceful=True,
-                         replacement="first" if first else f"after the old worker exits: {why}", **(figures or {}))
+                         replacement="first" if first else f"after the old worker exits: {why}",
+                         **{**memory_figures(worker), **(figures or {})})
         self.recycles += 1
         self.last_recycle_reason = reason
         self.last_recycle_at = self._clock()

@@ -187,7 +187,9 @@ class WorkerProcess:
                 self.listening.set()
             elif line:
                 self.stderr_tail.append(line)
-                log.debug("worker_output", model=self.name, worker_pid=self.pid, line=line)
+                # llama.cpp says a great deal at load (hundreds of lines); its failures are what matter.
+                loud = any(w in line.lower() for w in ("error", "fail", "warn", "insufficient"))
+                (log.warning if loud else log.debug)("worker_output", model=self.name, worker_pid=self.pid, line=line)
 
     async def _watch_exit(self) -> None:
         assert self._proc
