@@ -20,6 +20,7 @@ from .policies import cpu_percent
 from .procfs import read_memory
 from .registry import Registry
 from .scheduler import ModelRuntime
+from .state import LoadedModel
 from .validation import check_keep_alive, check_messages, check_model_name, check_options, check_prompt
 
 log = structlog.get_logger("llm_supervisor.api")
@@ -77,8 +78,7 @@ class SupervisorService(supervisor_pb2_grpc.SupervisorServicer):
         try:
             if not request.path:
                 raise invalid("path is empty: give a GGUF file inside a model directory")
-            config = self.registry.model_config(request.name, request.path, dict(request.options))
-            runtime = await self.registry.load(config, source="api")
+            runtime = await self.registry.load_by_api(LoadedModel(request.name, request.path, dict(request.options)))
         except ApiError as e:
             await _abort(context, e)
         log.info("model_loaded", model=runtime.name, path=str(runtime.gguf.path), source="api")

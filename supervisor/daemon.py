@@ -169,7 +169,11 @@ async def serve(config: SupervisorConfig, host: Host, stop: asyncio.Event | None
             log.error("model_load_failed", model=model.name, reason=e.message)
 
     # A stop (SIGTERM) during the start-up loads is obeyed at once, not after loads of minutes.
-    loading = asyncio.gather(*(load(m) for m in config.models))
+    async def load_all() -> None:
+        await asyncio.gather(*(load(m) for m in config.models))
+        await registry.restore()  # after the config's: a name the config now has is the config's
+
+    loading = asyncio.ensure_future(load_all())
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
     watcher = None

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 import grpc
+import structlog
 
 from .config import ConfigError, Host, ModelConfig, SupervisorConfig, model_config
 from .errors import ApiError, invalid, not_found
@@ -15,8 +16,12 @@ from .events import EventBus
 from .lifecycle import Lifecycle
 from .monitor import Monitor
 from .policies import Usage, replacement_first
+from . import state
 from .scheduler import ModelRuntime
 from .standby import StandbyPool
+from .state import LoadedModel
+
+log = structlog.get_logger("llm_supervisor.registry")
 
 
 class Registry:
@@ -31,6 +36,8 @@ class Registry:
         self._socket_dir = socket_dir
         self._on_change = on_change
         self.standby = standby
+        self.state_path = config.state_dir / "models.json"
+        self._loaded_by_api: dict[str, LoadedModel] = {}
 
     def get(self, name: str) -> ModelRuntime:
         runtime = self.models.get(name)
@@ -75,9 +82,39 @@ class Registry:
         in_use = [rt.lifecycle.usage() for rt in self.models.values()]
         return replacement_first(budget, Usage(sum(u.private for u in in_use), sum(u.gpu for u in in_use)), needed)
 
+    async def load_by_api(self, request: LoadedModel, source: str = "api", keep_on_failure: bool = False) -> ModelRuntime:
+        """A model loaded at run time: recorded in the state directory, so a restart loads it again."""
+        runtime = await self.load(self.model_config(request.name, request.path, request.options), source, keep_on_failure)
+        self._loaded_by_api[request.name] = request
+        self._record()
+        return runtime
+
+    async def restore(self) -> None:
+        """Load again what the API had loaded before a restart; a model the config now names is the
+        config's. One that fails to load is listed FATAL, and stays recorded for the next start."""
+        for request in state.load(self.state_path):
+            if request.name in self.models:
+                log.warning("state_model_skipped", model=request.name, reason="the config has a model of this name")
+                continue
+            try:
+                await self.load_by_api(request, source="state", keep_on_failure=True)
+                log.info("model_loaded", model=request.name, source="state")
+            except ApiError as e:
+                self._loaded_by_api[request.name] = request
+                log.error("model_load_failed", model=request.name, source="state", reason=e.message)
+        self._record()
+
+    def _record(self) -> None:
+        try:
+            state.save(self.state_path, list(self._loaded_by_api.values()))
+        except OSError as e:  # a read-only state directory costs the record, not the running models
+            log.error("state_not_saved", path=str(self.state_path), error=str(e))
+
     async def unload(self, name: str, grace: float = 5.0) -> None:
         runtime = self.get(name)
         del self.models[name]
+        if self._loaded_by_api.pop(name, None) is not None:
+            self._record()
         await runtime.stop(grace)
 
     async def stop_all(self, grace: float) -> None:
