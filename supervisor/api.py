@@ -19,6 +19,7 @@ from .gpu import GpuReading
 from .policies import cpu_percent
 from .procfs import read_memory
 from .registry import Registry
+from .metrics import RequestMetrics
 from .scheduler import ModelRuntime
 from .state import LoadedModel
 from .validation import check_keep_alive, check_messages, check_model_name, check_options, check_prompt
@@ -31,8 +32,9 @@ async def _abort(context: grpc.aio.ServicerContext, error: ApiError) -> None:
 
 
 class SupervisorService(supervisor_pb2_grpc.SupervisorServicer):
-    def __init__(self, registry: Registry, clock=time.monotonic) -> None:
+    def __init__(self, registry: Registry, clock=time.monotonic, metrics: RequestMetrics | None = None) -> None:
         self.registry = registry
+        self.metrics = metrics
         self._clock = clock
         self._started = clock()
 
@@ -47,10 +49,16 @@ class SupervisorService(supervisor_pb2_grpc.SupervisorServicer):
             if keep_alive:
                 runtime.lifecycle.keep_alive = check_keep_alive(keep_alive)
             # aclosing: a cancelled client must free the model's slot now, not when the generator is collected.
+            last = None
             async with aclosing(runtime.generate(request)) as chunks:
                 async for chunk in chunks:
+                    last = chunk
                     yield chunk
+            if self.metrics and last is not None:
+                self.metrics.finished(model, last)
         except ApiError as e:
+            if self.metrics and model in self.registry.models:  # no label for names nobody loaded
+                self.metrics.failed(model, e.code.name)
             await _abort(context, e)
 
     async def Generate(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateChunk]:
@@ -100,7 +108,7 @@ class SupervisorService(supervisor_pb2_grpc.SupervisorServicer):
             life = self.registry.get(request.name).lifecycle
             old = await life.ready_worker()
             if request.hard:
-                life.recycle_now(old, "restarted by hand (llmctl restart)")
+                life.recycle_now(old, "restarted by hand (llmctl restart)", kind="by_hand")
                 await old.exited.wait()
                 fresh = await life.ready_worker()
             else:

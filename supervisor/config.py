@@ -256,6 +256,10 @@ def parse_config(text: str, host: Host, base_dir: Path | None = None) -> Supervi
         raise ConfigError("[supervisor] poll_interval must be more than 0")
     if not 0 <= cfg.standby_workers <= 8:
         raise ConfigError(f"[supervisor] standby_workers must be between 0 (none) and 8, got {cfg.standby_workers}")
+    if cfg.metrics_address:
+        host, sep, port = cfg.metrics_address.rpartition(":")
+        if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"[metrics] address must be host:port (or :port for every interface), got {cfg.metrics_address!r}")
     if not isinstance(cfg.journald, bool):
         raise ConfigError(f"[logging] journald must be true or false, got {cfg.journald!r}")
     if cfg.log_level not in ("debug", "info", "warning", "error"):

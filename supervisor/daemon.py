@@ -34,6 +34,7 @@ from .demo_model import write_model
 from .errors import ApiError
 from .events import EventBus
 from .gpu import GpuSource, Nvml
+from .metrics import serve_metrics
 from .monitor import Monitor
 from .notify import Notifier, summary
 from .logs import configure
@@ -142,7 +143,12 @@ async def serve(config: SupervisorConfig, host: Host, stop: asyncio.Event | None
     standby = StandbyPool(config.standby_workers)
     events = EventBus()
     registry = Registry(config, host, socket_dir, monitor, events, on_change, standby)
-    supervisor_pb2_grpc.add_SupervisorServicer_to_server(SupervisorService(registry), server)
+    request_metrics, metrics_server = None, None
+    if config.metrics_address:
+        request_metrics, metrics_server = serve_metrics(config.metrics_address, lambda: list(registry.models.values()),
+                                                        monitor)
+        log.info("metrics_listening", address=config.metrics_address)
+    supervisor_pb2_grpc.add_SupervisorServicer_to_server(SupervisorService(registry, metrics=request_metrics), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
@@ -194,6 +200,8 @@ async def serve(config: SupervisorConfig, host: Host, stop: asyncio.Event | None
     await server.stop(config.shutdown_timeout)  # in-flight streams finish within the grace
     await asyncio.gather(registry.stop_all(grace=5.0), standby.close())
     await asyncio.gather(loading, return_exceptions=True)
+    if metrics_server is not None:
+        metrics_server.shutdown()
     shutil.rmtree(socket_dir, ignore_errors=True)
     if path is not None:
         path.unlink(missing_ok=True)

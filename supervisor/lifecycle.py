@@ -8,6 +8,7 @@ supervisor/policies.py; this only carries them out, one at a time.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import itertools
 import random
@@ -83,6 +84,7 @@ class Lifecycle:
         self.slot = asyncio.Lock()  # one request at a time on the worker; FIFO for waiters
         self.restarts = 0
         self.recycles = 0
+        self.recycles_by_kind: collections.Counter[str] = collections.Counter()  # by rule, for metrics
         self.last_exit = ""
         self.last_recycle_reason = ""
         self.last_recycle_at: float | None = None
@@ -317,7 +319,7 @@ class Lifecycle:
                           self.config.heartbeat_timeout)
         if silent is not None:
             self.recycle_now(worker, f"no progress for {silent:.1f} s (heartbeat_timeout "
-                                     f"{self.config.heartbeat_timeout:g} s): hung", grace=KILL_GRACE_S)
+                                     f"{self.config.heartbeat_timeout:g} s): hung", grace=KILL_GRACE_S, kind="hung")
 
     def after_request(self, worker: WorkerProcess) -> Decision:
         """After each request: a per-request sample, so a leak shows as a trend per request."""
@@ -350,18 +352,19 @@ class Lifecycle:
 
     def _act(self, worker: WorkerProcess, decision: Decision) -> Decision:
         if decision.action == Action.KILL:
-            self.recycle_now(worker, decision.reason)
+            self.recycle_now(worker, decision.reason, kind=decision.rule)
         elif decision.action == Action.RECYCLE and worker.state in SERVING_STATES:
-            self.begin_recycle(worker, decision.reason, decision.figures)
+            self.begin_recycle(worker, decision.reason, decision.figures, kind=decision.rule)
         return decision
 
-    def recycle_now(self, worker: WorkerProcess, reason: str, grace: float = 0.0) -> None:
+    def recycle_now(self, worker: WorkerProcess, reason: str, grace: float = 0.0, kind: str = "other") -> None:
         """Hard: end it now — SIGKILL, or TERM and KILL after `grace`. The request in flight fails with
         this reason; a fresh worker starts (unless it was draining: its replacement is already coming)."""
         if worker.kill_reason or not worker.alive:
             return
         if worker.state != WorkerState.DRAINING:  # a draining worker's recycle is already counted
             self.recycles += 1
+            self.recycles_by_kind[kind] += 1
             self.last_recycle_reason = reason
             self.last_recycle_at = self._clock()
         self.events.emit("worker_recycle", self.name, "warning", worker.pid, reason, graceful=False, **memory_figures(worker))
@@ -378,7 +381,8 @@ class Lifecycle:
                   if w is not None and w.alive and w.watch.periodic]
         return Usage(sum(s.private for s in latest), sum(s.gpu or 0 for s in latest))
 
-    def begin_recycle(self, worker: WorkerProcess, reason: str, figures: dict | None = None) -> asyncio.Task:
+    def begin_recycle(self, worker: WorkerProcess, reason: str, figures: dict | None = None,
+                      kind: str = "other") -> asyncio.Task:
         """Graceful: the worker takes no new request and finishes the one it has, while its replacement
         starts — first, when the memory budgets hold both, else once the old one has gone. Requests
         arriving meanwhile wait in the queue for the replacement, so none fails.
@@ -391,6 +395,7 @@ class Lifecycle:
                          replacement="first" if first else f"after the old worker exits: {why}",
                          **{**memory_figures(worker), **(figures or {})})
         self.recycles += 1
+        self.recycles_by_kind[kind] += 1
         self.last_recycle_reason = reason
         self.last_recycle_at = self._clock()
         if first:
@@ -431,7 +436,7 @@ class Lifecycle:
     async def recycle(self, reason: str) -> WorkerProcess:
         """Recycle gracefully by hand; returns the replacement once it serves (the old one retires on)."""
         worker = await self.ready_worker()
-        self.begin_recycle(worker, reason)
+        self.begin_recycle(worker, reason, kind="by_hand")
         return await self.start()
 
     async def stop(self, grace: float = 5.0) -> None:

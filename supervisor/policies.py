@@ -52,6 +52,7 @@ class Decision:
     action: Action
     reason: str = ""
     figures: dict = field(default_factory=dict)
+    rule: str = ""  # which rule decided: "memory", "leak", "max_requests" (a metrics label)
 
     def __bool__(self) -> bool:
         return self.action != Action.NONE
@@ -87,11 +88,11 @@ def memory_decision(history: Sequence[Sample], limits: Limits) -> Decision:
         now = value(latest)
         if hard and now >= hard:
             return Decision(Action.KILL, f"{what} {mib(now)} is above the hard line {mib(hard)}",
-                            {"bytes": now, "limit_bytes": hard, "key": key})
+                            {"bytes": now, "limit_bytes": hard, "key": key}, rule="memory")
         recent = history[-limits.soft_samples:]
         if soft and len(recent) == limits.soft_samples and all(value(s) > soft for s in recent):
             decision = Decision(Action.RECYCLE, f"{what} {mib(now)} is above {key} ({mib(soft)})",
-                                {"bytes": now, "limit_bytes": soft, "key": key})
+                                {"bytes": now, "limit_bytes": soft, "key": key}, rule="memory")
     return decision
 
 
@@ -131,7 +132,7 @@ def leak_decision(per_request: Sequence[Sample], baseline: int, limits: Limits, 
     growth = recent[len(recent) // 2] - baseline
     if len(per_request) >= 3 and growth > threshold:
         return Decision(Action.RECYCLE, f"{what} grew {mib(growth)} over its baseline, above leak_threshold ({mib(threshold)})",
-                        {"growth_bytes": growth, "limit_bytes": threshold})
+                        {"growth_bytes": growth, "limit_bytes": threshold}, rule="leak")
     if len(per_request) < limits.leak_min_requests:
         return NOTHING
     window = per_request[-64:]
@@ -141,14 +142,15 @@ def leak_decision(per_request: Sequence[Sample], baseline: int, limits: Limits, 
         return Decision(Action.RECYCLE,
                         f"{what} leak: +{slope / MiB:.1f} MiB/request over {span} requests "
                         f"(grown {mib(growth)}, leak_threshold {mib(threshold)})",
-                        {"bytes_per_request": int(slope), "requests": span, "growth_bytes": growth, "fit": round(fit, 3)})
+                        {"bytes_per_request": int(slope), "requests": span, "growth_bytes": growth, "fit": round(fit, 3)},
+                        rule="leak")
     return NOTHING
 
 
 def requests_decision(served: int, limits: Limits) -> Decision:
     if limits.max_requests and served >= limits.max_requests:
         return Decision(Action.RECYCLE, f"served {served} requests (max_requests with this worker's jitter: {limits.max_requests})",
-                        {"requests": served})
+                        {"requests": served}, rule="max_requests")
     return NOTHING
 
 

@@ -109,7 +109,7 @@ class ModelRuntime:
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             # A worker past the deadline may be hung in a C call that never sees the cancel: replace it.
             reason = f"request ran past request_timeout ({self.config.request_timeout:g} s)"
-            self.lifecycle.recycle_now(worker, reason, grace=KILL_GRACE_S)
+            self.lifecycle.recycle_now(worker, reason, grace=KILL_GRACE_S, kind="timeout")
             return ApiError(code, f"model {self.name!r}: {reason}; its worker pid {worker.pid} is being replaced"), False
         if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN,
                         grpc.StatusCode.INTERNAL):

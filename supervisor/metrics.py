@@ -1,0 +1,123 @@
+"""Prometheus metrics (prometheus-client) on the optional `[metrics] address`.
+
+What the supervisor already knows — each worker's memory, CPU and GPU figures, queues, recycles,
+restarts, the GPUs' temperatures — is read when Prometheus scrapes, never kept twice; what happens per
+request (outcome, tokens, time to first token, tokens/s) is counted as requests finish. Everything lives
+in one CollectorRegistry owned by the daemon, not prometheus-client's global one.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from llm_supervisor.v1 import supervisor_pb2 as pb
+
+from .monitor import Monitor
+from .policies import cpu_percent
+
+PREFIX = "llm_supervisor"
+
+
+class RequestMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(f"{PREFIX}_requests", "Generate and Chat requests finished, by gRPC status code",
+                                ["model", "code"], registry=registry)
+        self.tokens = Counter(f"{PREFIX}_generated_tokens", "Tokens generated", ["model"], registry=registry)
+        self.time_to_first_token = Histogram(
+            f"{PREFIX}_time_to_first_token_seconds", "From the worker taking the request to its first token",
+            ["model"], registry=registry, buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+        self.tokens_per_second = Histogram(
+            f"{PREFIX}_tokens_per_second", "Generation speed of each request", ["model"], registry=registry,
+            buckets=(1, 5, 10, 20, 50, 100, 200, 500, 1000, 2000))
+
+    def finished(self, model: str, last: pb.GenerateChunk) -> None:
+        self.requests.labels(model, "OK").inc()
+        self.tokens.labels(model).inc(last.usage.completion_tokens)
+        if last.usage.completion_tokens:
+            self.time_to_first_token.labels(model).observe(last.timings.time_to_first_token_s)
+            self.tokens_per_second.labels(model).observe(last.timings.tokens_per_second)
+
+    def failed(self, model: str, code: str) -> None:
+        self.requests.labels(model, code).inc()
+
+
+class StateCollector:
+    """Read at scrape time from the models and the monitor (on the HTTP server's thread: it copies
+    before it iterates and reads only the latest sample of each worker)."""
+
+    def __init__(self, models: Callable[[], list], monitor: Monitor) -> None:
+        self._models = models
+        self._monitor = monitor
+
+    def collect(self):
+        def gauge(name: str, doc: str, labels: list[str]) -> GaugeMetricFamily:
+            return GaugeMetricFamily(f"{PREFIX}_{name}", doc, labels=labels)
+
+        private = gauge("worker_private_memory_bytes", "RssAnon + swap of the worker", ["model", "pid"])
+        file_rss = gauge("worker_file_rss_bytes", "File-backed RSS (mmap'd weights) of the worker", ["model", "pid"])
+        gpu = gauge("worker_gpu_memory_bytes", "GPU memory of the worker (NVML)", ["model", "pid"])
+        cpu = gauge("worker_cpu_percent", "CPU use of the worker between the last two polls, % of one core",
+                    ["model", "pid"])
+        up = gauge("model_serving", "1 while the model has a worker taking requests", ["model"])
+        queue = gauge("queue_depth", "Requests waiting for the model", ["model"])
+        temperature = gauge("model_gpu_temperature_celsius", "Hottest GPU the model runs on", ["model"])
+        recycles = CounterMetricFamily(f"{PREFIX}_recycles", "Workers replaced, by the rule that decided",
+                                       labels=["model", "reason"])
+        restarts = CounterMetricFamily(f"{PREFIX}_restarts", "Workers restarted after a crash", labels=["model"])
+        for runtime in list(self._models()):
+            life, name = runtime.lifecycle, runtime.name
+            up.add_metric([name], 1.0 if life.serving else 0.0)
+            queue.add_metric([name], life.waiting)
+            restarts.add_metric([name], life.restarts)
+            for kind, count in list(life.recycles_by_kind.items()):
+                recycles.add_metric([name, kind], count)
+            temps = [t for i, t in list(life.temperatures.items()) if i in life.gpus]
+            if temps:
+                temperature.add_metric([name], max(temps))
+            worker = life.worker
+            if worker is None or not worker.alive or not worker.watch.periodic:
+                continue
+            latest, labels = worker.watch.periodic[-1], [name, str(worker.pid)]
+            private.add_metric(labels, latest.private)
+            file_rss.add_metric(labels, latest.file_rss)
+            if latest.gpu is not None:
+                gpu.add_metric(labels, latest.gpu)
+            share = cpu_percent(list(worker.watch.periodic)[-2:])
+            if share is not None:
+                cpu.add_metric(labels, share)
+        yield from (private, file_rss, gpu, cpu, up, queue, temperature, recycles, restarts)
+        yield from self._host()
+
+    def _host(self):
+        gpus = self._monitor.last_gpus
+        if gpus is not None:
+            temperature = GaugeMetricFamily(f"{PREFIX}_gpu_temperature_celsius", "GPU temperature (NVML)", labels=["gpu"])
+            used = GaugeMetricFamily(f"{PREFIX}_gpu_memory_used_bytes", "GPU memory in use, all processes",
+                                     labels=["gpu"])
+            for r in gpus.readings:
+                temperature.add_metric([str(r.index)], r.temperature_c)
+                used.add_metric([str(r.index)], r.memory_used)
+            yield from (temperature, used)
+        if self._monitor.last_cpu_temperature is not None:
+            cpu = GaugeMetricFamily(f"{PREFIX}_cpu_temperature_celsius", "Hottest CPU sensor (psutil)")
+            cpu.add_metric([], self._monitor.last_cpu_temperature)
+            yield cpu
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """"host:port" or ":port" (all interfaces) → (host, port); the config has checked its shape."""
+    host, _, port = address.rpartition(":")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def serve_metrics(address: str, models: Callable[[], list], monitor: Monitor) -> tuple[RequestMetrics, object]:
+    """Start the /metrics HTTP server on its own thread; returns the request metrics and the server."""
+    registry = CollectorRegistry()
+    registry.register(StateCollector(models, monitor))
+    requests = RequestMetrics(registry)
+    host, port = parse_address(address)
+    server, _thread = start_http_server(port, addr=host, registry=registry)
+    return requests, server
