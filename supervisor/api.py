@@ -176,7 +176,7 @@ def worker_status(runtime: ModelRuntime) -> pb.WorkerStatus:
                              restarts=life.restarts, last_exit=life.fatal_reason or life.last_exit,
                              recycles=life.recycles, last_recycle_reason=life.last_recycle_reason,
                              throttle_reason=life.throttle_reason,
-                             gpu_temperature_c=max((t for i, t in life.temperatures.items() if i in life.gpus), default=0))
+                             gpu_temperature_c=life.gpu_temperature or 0)
     if worker is not None and worker.alive:
         status.pid = worker.pid
         status.requests_served = worker.requests_served

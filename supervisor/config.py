@@ -257,9 +257,11 @@ def parse_config(text: str, host: Host, base_dir: Path | None = None) -> Supervi
     if not 0 <= cfg.standby_workers <= 8:
         raise ConfigError(f"[supervisor] standby_workers must be between 0 (none) and 8, got {cfg.standby_workers}")
     if cfg.metrics_address:
-        host, sep, port = cfg.metrics_address.rpartition(":")
-        if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ConfigError(f"[metrics] address must be host:port (or :port for every interface), got {cfg.metrics_address!r}")
+        try:
+            split_host_port(cfg.metrics_address)
+        except ValueError:
+            raise ConfigError(f"[metrics] address must be host:port (or :port for every interface), "
+                              f"got {cfg.metrics_address!r}") from None
     if not isinstance(cfg.journald, bool):
         raise ConfigError(f"[logging] journald must be true or false, got {cfg.journald!r}")
     if cfg.log_level not in ("debug", "info", "warning", "error"):
@@ -267,6 +269,14 @@ def parse_config(text: str, host: Host, base_dir: Path | None = None) -> Supervi
     models_table = data.get("models", {})
     models = tuple(model_config(name, dict(values), cfg.defaults, host) for name, values in models_table.items())
     return dataclasses.replace(cfg, models=models)
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    """"host:port", "[v6]:port" or ":port" (every interface) → (host, port); ValueError otherwise."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"not host:port: {address!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
 
 
 def load_config(path: Path | None, host: Host) -> SupervisorConfig:

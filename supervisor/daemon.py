@@ -108,7 +108,7 @@ async def watch(registry: Registry, monitor: Monitor, interval: float, notifier:
         while True:
             await asyncio.sleep(step)
             if loop.time() >= due:
-                due = loop.time() + interval - step / 2
+                due = loop.time() + interval - step / 2  # half a step early: sleeps overshoot, ticks must not slip
                 gpus = await loop.run_in_executor(nvml, monitor.host)  # one NVML read a tick, for every worker
                 for runtime in list(registry.models.values()):
                     try:

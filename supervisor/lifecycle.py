@@ -124,6 +124,11 @@ class Lifecycle:
         return self.worker.state.value if self.worker else WorkerState.EXITED.value
 
     @property
+    def gpu_temperature(self) -> int | None:
+        """The hottest of the GPUs the model runs on, at the last poll; None without one."""
+        return max((t for i, t in list(self.temperatures.items()) if i in self.gpus), default=None)
+
+    @property
     def serving(self) -> bool:
         return self.worker is not None and self.worker.state in SERVING_STATES
 
@@ -259,8 +264,9 @@ class Lifecycle:
         """temperature_throttle closes the door to new requests; temperature_critical also drains and
         unloads the worker. Both hold until the GPU is `temperature_hysteresis` below the line."""
         worker = self.worker
-        if worker is not None and worker.alive and gpus.devices_of(worker.pid):
-            self.gpus = gpus.devices_of(worker.pid)
+        devices = gpus.devices_of(worker.pid) if worker is not None and worker.alive else set()
+        if devices:
+            self.gpus = devices
         c = self.config
         thermal = Thermal(c.temperature_throttle, c.temperature_critical, c.temperature_hysteresis)
         for index in sorted(self.gpus):

@@ -32,6 +32,15 @@ from .states import ALLOWED, ALIVE_STATES, WorkerState, describe_exit
 log = structlog.get_logger("llm_supervisor.manager")
 
 STDERR_TAIL_LINES = 50
+# Words by which llama.cpp's log lines name a failure (for load-failure messages), and those worth a
+# warning in the supervisor's log (llama.cpp says hundreds of routine lines at load).
+FAILURE_WORDS = ("fail", "error", "insufficient")
+LOUD_WORDS = (*FAILURE_WORDS, "warn")
+
+
+def mentions(line: str, words: tuple[str, ...]) -> bool:
+    lowered = line.lower()
+    return any(w in lowered for w in words)
 
 
 @dataclass(frozen=True)
@@ -174,7 +183,7 @@ class WorkerProcess:
         said = [line for line in self.stderr_tail if line.startswith("error:")]
         detail = said[-1][len("error:"):].strip() if said else ""
         causes = [line for line in self.stderr_tail
-                  if not line.startswith("error:") and any(w in line.lower() for w in ("fail", "error", "insufficient"))]
+                  if not line.startswith("error:") and mentions(line, FAILURE_WORDS)]
         if causes:
             detail = f"{detail} — llama.cpp: {causes[-1]}" if detail else causes[-1]
         return f"{detail} ({self.exit_reason})" if detail else self.exit_reason
@@ -187,9 +196,7 @@ class WorkerProcess:
                 self.listening.set()
             elif line:
                 self.stderr_tail.append(line)
-                # llama.cpp says a great deal at load (hundreds of lines); its failures are what matter.
-                loud = any(w in line.lower() for w in ("error", "fail", "warn", "insufficient"))
-                (log.warning if loud else log.debug)("worker_output", model=self.name, worker_pid=self.pid, line=line)
+                (log.warning if mentions(line, LOUD_WORDS) else log.debug)("worker_output", model=self.name, worker_pid=self.pid, line=line)
 
     async def _watch_exit(self) -> None:
         assert self._proc

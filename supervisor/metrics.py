@@ -15,6 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from llm_supervisor.v1 import supervisor_pb2 as pb
 
+from .config import split_host_port
 from .monitor import Monitor
 from .policies import cpu_percent
 
@@ -74,9 +75,8 @@ class StateCollector:
             restarts.add_metric([name], life.restarts)
             for kind, count in list(life.recycles_by_kind.items()):
                 recycles.add_metric([name, kind], count)
-            temps = [t for i, t in list(life.temperatures.items()) if i in life.gpus]
-            if temps:
-                temperature.add_metric([name], max(temps))
+            if life.gpu_temperature is not None:
+                temperature.add_metric([name], life.gpu_temperature)
             worker = life.worker
             if worker is None or not worker.alive or not worker.watch.periodic:
                 continue
@@ -85,7 +85,7 @@ class StateCollector:
             file_rss.add_metric(labels, latest.file_rss)
             if latest.gpu is not None:
                 gpu.add_metric(labels, latest.gpu)
-            share = cpu_percent(list(worker.watch.periodic)[-2:])
+            share = cpu_percent(list(worker.watch.periodic))  # a copy: the event loop appends meanwhile
             if share is not None:
                 cpu.add_metric(labels, share)
         yield from (private, file_rss, gpu, cpu, up, queue, temperature, recycles, restarts)
@@ -107,17 +107,11 @@ class StateCollector:
             yield cpu
 
 
-def parse_address(address: str) -> tuple[str, int]:
-    """"host:port" or ":port" (all interfaces) → (host, port); the config has checked its shape."""
-    host, _, port = address.rpartition(":")
-    return host.strip("[]") or "0.0.0.0", int(port)
-
-
 def serve_metrics(address: str, models: Callable[[], list], monitor: Monitor) -> tuple[RequestMetrics, object]:
     """Start the /metrics HTTP server on its own thread; returns the request metrics and the server."""
     registry = CollectorRegistry()
     registry.register(StateCollector(models, monitor))
     requests = RequestMetrics(registry)
-    host, port = parse_address(address)
+    host, port = split_host_port(address)
     server, _thread = start_http_server(port, addr=host, registry=registry)
     return requests, server
