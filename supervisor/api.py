@@ -14,11 +14,14 @@ from llm_supervisor.v1 import supervisor_pb2_grpc
 from llm_supervisor.v1 import worker_pb2
 
 from . import __version__
-from .errors import ApiError, invalid
+from .config import ConfigError
+from .errors import ApiError, invalid, precondition
 from .gpu import GpuReading
 from .policies import cpu_percent
 from .procfs import read_memory
 from .registry import Registry
+from .reload import Plan
+from .reloader import Reloader
 from .metrics import RequestMetrics
 from .scheduler import ModelRuntime
 from .state import LoadedModel
@@ -32,9 +35,11 @@ async def _abort(context: grpc.aio.ServicerContext, error: ApiError) -> None:
 
 
 class SupervisorService(supervisor_pb2_grpc.SupervisorServicer):
-    def __init__(self, registry: Registry, clock=time.monotonic, metrics: RequestMetrics | None = None) -> None:
+    def __init__(self, registry: Registry, clock=time.monotonic, metrics: RequestMetrics | None = None,
+                 reloader: Reloader | None = None) -> None:
         self.registry = registry
         self.metrics = metrics
+        self.reloader = reloader
         self._clock = clock
         self._started = clock()
 
@@ -54,8 +59,10 @@ class SupervisorService(supervisor_pb2_grpc.SupervisorServicer):
                 async for chunk in chunks:
                     last = chunk
                     yield chunk
-            if self.metrics and last is not None:
-                self.metrics.finished(model, last)
+            if last is not None:
+                runtime.lifecycle.last_tokens_per_second = last.timings.tokens_per_second
+                if self.metrics:
+                    self.metrics.finished(model, last)
         except ApiError as e:
             if self.metrics and model in self.registry.models:  # no label for names nobody loaded
                 self.metrics.failed(model, e.code.name)
@@ -92,6 +99,51 @@ class SupervisorService(supervisor_pb2_grpc.SupervisorServicer):
         log.info("model_loaded", model=runtime.name, path=str(runtime.gguf.path), source="api")
         return pb.LoadModelResponse(model=model_info(runtime))
 
+    async def StartModel(self, request: pb.StartModelRequest, context) -> pb.StartModelResponse:
+        try:
+            worker, running = await self.registry.get(request.name).lifecycle.start_by_hand()
+        except ApiError as e:
+            await _abort(context, e)
+        log.info("model_started", model=request.name, worker_pid=worker.pid, already_running=running)
+        return pb.StartModelResponse(pid=worker.pid, already_running=running)
+
+    async def StopModel(self, request: pb.StopModelRequest, context) -> pb.StopModelResponse:
+        try:
+            worker = await self.registry.get(request.name).lifecycle.stop_by_hand("stopped by hand (llmctl stop)")
+        except ApiError as e:
+            await _abort(context, e)
+        log.info("model_stopped", model=request.name, worker_pid=worker.pid if worker else 0)
+        return pb.StopModelResponse(pid=worker.pid if worker else 0)
+
+    async def TailModel(self, request: pb.TailModelRequest, context) -> AsyncIterator[pb.LogLine]:
+        try:
+            output = self.registry.get(request.name).lifecycle.output
+        except ApiError as e:
+            await _abort(context, e)
+            return
+        # Follow before reading what is kept: nothing comes between the two (no await), so no line is lost.
+        queue = output.followers.follow() if request.follow else None
+        try:
+            for line in output.recent(request.lines):
+                yield pb.LogLine(time_unix=line.time, worker_pid=line.worker_pid, line=line.line)
+            while queue is not None:
+                line = await queue.get()
+                if line is None:  # the model was unloaded, or the supervisor is stopping
+                    return
+                yield pb.LogLine(time_unix=line.time, worker_pid=line.worker_pid, line=line.line)
+        finally:
+            if queue is not None:
+                output.followers.unfollow(queue)
+
+    async def ReloadConfig(self, request: pb.ReloadConfigRequest, context) -> pb.ReloadConfigResponse:
+        if self.reloader is None:
+            await _abort(context, ApiError(grpc.StatusCode.UNIMPLEMENTED, "this daemon was started without a config to reload"))
+        try:
+            change, errors = await self.reloader.reload(request.dry_run)
+        except ConfigError as e:
+            await _abort(context, precondition(f"{e}; nothing was changed"))
+        return reload_response(change, errors, self.reloader.config_path, applied=not request.dry_run)
+
     async def UnloadModel(self, request: pb.UnloadModelRequest, context) -> pb.UnloadModelResponse:
         try:
             await self.registry.unload(request.name)
@@ -118,8 +170,8 @@ class SupervisorService(supervisor_pb2_grpc.SupervisorServicer):
         return pb.RecycleModelResponse(old_pid=old.pid, new_pid=fresh.pid)
 
     async def WatchEvents(self, request: pb.WatchEventsRequest, context) -> AsyncIterator[pb.Event]:
-        events = self.registry.events
-        queue = events.subscribe()
+        followers = self.registry.events.followers
+        queue = followers.follow()
         try:
             # Where things stand first, like `kubectl get -w`; it also tells the client it is subscribed.
             for runtime in list(self.registry.models.values()):
@@ -138,7 +190,7 @@ class SupervisorService(supervisor_pb2_grpc.SupervisorServicer):
                                reason=event.reason, state=event.state,
                                figures={k: str(v) for k, v in event.figures.items()})
         finally:
-            events.unsubscribe(queue)
+            followers.unfollow(queue)
 
     async def Status(self, request: pb.StatusRequest, context) -> pb.StatusResponse:
         monitor = self.registry.monitor
@@ -150,6 +202,17 @@ class SupervisorService(supervisor_pb2_grpc.SupervisorServicer):
             gpus=[gpu_status(r) for r in (monitor.last_gpus.readings if monitor.last_gpus else [])],
             cpu_temperature_c=monitor.last_cpu_temperature,
         )
+
+
+def reload_response(change: Plan, errors: dict[str, str], path: str, applied: bool) -> pb.ReloadConfigResponse:
+    models = ([pb.ModelChange(name=m.name, action="added") for m in change.added]
+              + [pb.ModelChange(name=name, action="removed") for name in change.removed]
+              + [pb.ModelChange(name=c.config.name, action="changed", keys=c.keys, new_worker=c.new_worker)
+                 for c in change.changed])
+    for m in models:
+        m.error = errors.get(m.name, "")
+    return pb.ReloadConfigResponse(config_path=path, models=models, live_settings=change.live_keys,
+                                   restart_settings=change.restart_keys, applied=applied)
 
 
 def model_info(runtime: ModelRuntime) -> pb.ModelInfo:
@@ -176,7 +239,8 @@ def worker_status(runtime: ModelRuntime) -> pb.WorkerStatus:
                              restarts=life.restarts, last_exit=life.fatal_reason or life.last_exit,
                              recycles=life.recycles, last_recycle_reason=life.last_recycle_reason,
                              throttle_reason=life.throttle_reason,
-                             gpu_temperature_c=life.gpu_temperature or 0)
+                             gpu_temperature_c=life.gpu_temperature or 0,
+                             tokens_per_second=life.last_tokens_per_second)
     if worker is not None and worker.alive:
         status.pid = worker.pid
         status.requests_served = worker.requests_served

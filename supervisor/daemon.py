@@ -19,6 +19,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 import grpc
 import psutil
@@ -39,6 +40,7 @@ from .monitor import Monitor
 from .notify import Notifier, summary
 from .logs import configure
 from .registry import Registry
+from .reloader import Reloader
 from .scheduler import ModelRuntime
 from .standby import StandbyPool
 
@@ -93,19 +95,21 @@ def status_line(registry: Registry, now: float) -> str:
                    (last.name, last.last_recycle_reason, now - last.last_recycle_at) if last else None)
 
 
-async def watch(registry: Registry, monitor: Monitor, interval: float, notifier: Notifier) -> None:
+async def watch(registry: Registry, monitor: Monitor, notifier: Notifier) -> None:
     """The watchdog loop: measure every worker each interval and act on what the policies decide.
 
     It is also what proves the daemon alive to systemd: WATCHDOG=1 goes out only from here, after a
     completed pass, so a pass that never ends (an NVML call hung on a GPU that fell off the bus) gets the
     service restarted. NVML is read on its own thread so that such a hang stalls this loop, not the API.
+    poll_interval is read each pass: a reload may change it.
     """
-    step = min(interval, notifier.watchdog_s / 2) if notifier.watchdog_s else interval
     nvml = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nvml")
     loop = asyncio.get_running_loop()
     due = 0.0
     try:
         while True:
+            interval = registry.config.poll_interval
+            step = min(interval, notifier.watchdog_s / 2) if notifier.watchdog_s else interval
             await asyncio.sleep(step)
             if loop.time() >= due:
                 due = loop.time() + interval - step / 2  # half a step early: sleeps overshoot, ticks must not slip
@@ -122,8 +126,12 @@ async def watch(registry: Registry, monitor: Monitor, interval: float, notifier:
 
 
 async def serve(config: SupervisorConfig, host: Host, stop: asyncio.Event | None = None,
-                gpu: GpuSource | None = None) -> int:
+                gpu: GpuSource | None = None, reread: Callable[[], SupervisorConfig] | None = None,
+                hangup: asyncio.Event | None = None, config_path: str = "") -> int:
+    """Serve until `stop` is set. `reread` reads the config again (for ReloadConfig; without it the
+    config never changes); each time `hangup` is set (SIGHUP) the config is reloaded as `llmctl update` does."""
     stop = stop or asyncio.Event()
+    hangup = hangup or asyncio.Event()
     config.state_dir.mkdir(parents=True, exist_ok=True)
     config.runtime_dir.mkdir(parents=True, exist_ok=True)
     socket_root = config.runtime_dir if len(str(config.runtime_dir)) < MAX_SOCKET_PATH - 40 else None
@@ -148,7 +156,10 @@ async def serve(config: SupervisorConfig, host: Host, stop: asyncio.Event | None
         request_metrics, metrics_server = serve_metrics(config.metrics_address, lambda: list(registry.models.values()),
                                                         monitor)
         log.info("metrics_listening", address=config.metrics_address)
-    supervisor_pb2_grpc.add_SupervisorServicer_to_server(SupervisorService(registry, metrics=request_metrics), server)
+    reloader = Reloader(registry, reread or (lambda: config), config_path, notifier,
+                        status=lambda: status_line(registry, time.monotonic()))
+    supervisor_pb2_grpc.add_SupervisorServicer_to_server(
+        SupervisorService(registry, metrics=request_metrics, reloader=reloader), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
@@ -189,16 +200,24 @@ async def serve(config: SupervisorConfig, host: Host, stop: asyncio.Event | None
         log.info("ready", models=len(registry.models))
         notifier.ready(status_line(registry, time.monotonic()))
         standby.refill()  # after the start-up loads, which it would only have slowed
-        watcher = asyncio.create_task(watch(registry, monitor, config.poll_interval, notifier), name="watch")
+        watcher = asyncio.create_task(watch(registry, monitor, notifier), name="watch")
+        reloads = asyncio.create_task(reload_on(hangup, reloader), name="sighup")
     await stop.wait()
     if watcher is not None:
         watcher.cancel()
-    log.info("stopping", grace_s=config.shutdown_timeout)
+        reloads.cancel()
+    drain = registry.config.shutdown_timeout
+    log.info("stopping", drain_s=drain)
     notifier.stopping()
     await health_servicer.enter_graceful_shutdown()
-    events.close()  # followers' streams end now, rather than hold the grace period open
-    await server.stop(config.shutdown_timeout)  # in-flight streams finish within the grace
-    await asyncio.gather(registry.stop_all(grace=5.0), standby.close())
+    events.followers.close()  # followers' streams end now, rather than hold the drain open
+    # New calls are refused from now on. Those queued or in flight get shutdown_timeout to finish; then
+    # they fail with UNAVAILABLE saying why. The server's own grace is longer, so that is what they read.
+    server_stopped = asyncio.create_task(server.stop(drain + 10))
+    await asyncio.gather(registry.stop_all(reason=f"was stopped: llm-supervisord is shutting down and "
+                                                  f"shutdown_timeout ({drain:g} s) has passed"),
+                         standby.close())
+    await server_stopped
     await asyncio.gather(loading, return_exceptions=True)
     if metrics_server is not None:
         metrics_server.shutdown()
@@ -207,6 +226,17 @@ async def serve(config: SupervisorConfig, host: Host, stop: asyncio.Event | None
         path.unlink(missing_ok=True)
     log.info("stopped")
     return 0
+
+
+async def reload_on(hangup: asyncio.Event, reloader: Reloader) -> None:
+    """SIGHUP: reload as `llmctl update` does; signals that come during a reload make one more."""
+    while True:
+        await hangup.wait()
+        hangup.clear()
+        try:
+            await reloader.reload(dry_run=False)
+        except ConfigError as e:
+            log.error("reload_refused", reason=str(e), kept="the running config")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -222,12 +252,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     host = Host(memory_bytes=psutil.virtual_memory().total, is_root=os.geteuid() == 0, env=os.environ)
     configure("info")
-    try:
+
+    def read_config() -> SupervisorConfig:
+        """The file (or the embedded default) with the command line's overrides, at start and each reload."""
         config = load_config(args.config, host)
         if args.address:
             config = dataclasses.replace(config, address=args.address)
         if args.log_level:
             config = dataclasses.replace(config, log_level=args.log_level)
+        return config
+
+    try:
+        config = read_config()
         configure(config.log_level, journald=config.journald)
         if args.config is None:
             ensure_demo_model(config)
@@ -236,12 +272,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     async def run() -> int:
-        stop = asyncio.Event()
+        stop, hangup = asyncio.Event(), asyncio.Event()
         loop = asyncio.get_running_loop()
-        # Handlers only set the event: no logging or work inside a signal handler.
+        # Handlers only set the events: no logging or work inside a signal handler.
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        return await serve(config, host, stop)
+        loop.add_signal_handler(signal.SIGHUP, hangup.set)
+        return await serve(config, host, stop, reread=read_config, hangup=hangup,
+                           config_path=str(args.config.resolve()) if args.config else "")
 
     try:
         return asyncio.run(run())

@@ -1,21 +1,20 @@
 """Decisions and state changes as events: one call writes the log line and feeds WatchEvents.
 
-Subscribers get a bounded queue each; one that does not keep up loses its oldest events (counted in
-`dropped`) and never slows the supervisor down.
+Followers (WatchEvents streams) get a bounded queue each through a Fanout: one that does not keep up
+loses its oldest events and never slows the supervisor down.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import structlog
 
-log = structlog.get_logger("llm_supervisor.events")
+from .fanout import Fanout
 
-QUEUE_SIZE = 1000
+log = structlog.get_logger("llm_supervisor.events")
 
 
 @dataclass(frozen=True)
@@ -31,9 +30,8 @@ class Event:
 
 class EventBus:
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
-        self._subscribers: set[asyncio.Queue] = set()
+        self.followers: Fanout[Event] = Fanout()
         self._clock = clock
-        self.dropped = 0
 
     def emit(self, kind: str, model: str, level: str = "info", worker_pid: int = 0, reason: str = "",
              state: str = "", **figures: Any) -> Event | None:
@@ -41,24 +39,5 @@ class EventBus:
         if level == "debug":
             return None  # routine (READY ⇄ BUSY twice a request): not worth a subscriber's attention
         event = Event(kind, model, worker_pid, reason, state, figures, self._clock())
-        self._publish(event)
+        self.followers.publish(event)
         return event
-
-    def _publish(self, event: Event | None) -> None:
-        for queue in self._subscribers:
-            if queue.full():
-                queue.get_nowait()
-                self.dropped += 1
-            queue.put_nowait(event)
-
-    def close(self) -> None:
-        """End every subscriber's stream (None is the end): a follower must not hold up a shutdown."""
-        self._publish(None)
-
-    def subscribe(self) -> asyncio.Queue:
-        queue: asyncio.Queue = asyncio.Queue(maxsize=QUEUE_SIZE)
-        self._subscribers.add(queue)
-        return queue
-
-    def unsubscribe(self, queue: asyncio.Queue) -> None:
-        self._subscribers.discard(queue)

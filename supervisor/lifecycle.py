@@ -26,6 +26,7 @@ from .events import EventBus
 from .gguf_file import GGUFInfo
 from .manager import Spawn, WorkerProcess
 from .monitor import Monitor, WorkerHistory
+from .output import OutputLog
 from .gpu import GpuSnapshot
 from .policies import (Action, Decision, Heat, Limits, Thermal, Usage, decide, draw_max_requests, heat_level,
                        hung_for, keep_alive_expired, restart_delay, unload_in)
@@ -89,7 +90,11 @@ class Lifecycle:
         self.last_recycle_reason = ""
         self.last_recycle_at: float | None = None
         self.fatal_reason = ""
+        self.stopped_reason = ""  # stopped by hand (llmctl stop): no worker starts until llmctl start
         self.closed = False
+        self.closed_reason = "is being unloaded"  # completes "model 'x' …" in what requests are told
+        self.output = OutputLog()  # its workers' output lines, for llmctl tail
+        self.last_tokens_per_second = 0.0
         self._retiring: set[WorkerProcess] = set()  # draining after a recycle, no longer self.worker
         self.waiting = 0  # requests queued for the slot
         self.keep_alive = config.keep_alive  # a request may change it for the model, as in Ollama
@@ -121,6 +126,8 @@ class Lifecycle:
     def state(self) -> str:
         if self.fatal_reason:
             return WorkerState.FATAL.value
+        if self.stopped_reason and (self.worker is None or not self.worker.alive):
+            return WorkerState.STOPPED.value
         return self.worker.state.value if self.worker else WorkerState.EXITED.value
 
     @property
@@ -147,7 +154,7 @@ class Lifecycle:
 
     async def _launch(self, warm_after: WorkerProcess | None) -> WorkerProcess:
         socket_path = self._socket_dir / f"{self.name}.{next(self._serial)}.sock"
-        worker = WorkerProcess(Spawn(self.config, self.gguf.path, socket_path), self.events)
+        worker = WorkerProcess(Spawn(self.config, self.gguf.path, socket_path), self.events, self.output)
         self._launching = worker
         try:
             await worker.start(self._standby.take() if self._standby else None)
@@ -155,7 +162,7 @@ class Lifecycle:
                 await quiet(warm_after)
             if self.closed:
                 await worker.stop()
-                raise unavailable(f"model {self.name!r} is being unloaded")
+                raise unavailable(f"model {self.name!r} {self.closed_reason}")
             await worker.warm_up()
         finally:
             self._launching = None
@@ -167,7 +174,7 @@ class Lifecycle:
         if after:
             await asyncio.sleep(after)
         if self.closed:
-            raise unavailable(f"model {self.name!r} is being unloaded")
+            raise unavailable(f"model {self.name!r} {self.closed_reason}")
         self.fatal_reason = ""
         try:
             worker = await self._launch(warm_after)
@@ -196,7 +203,10 @@ class Lifecycle:
         if worker is not None and worker.state in SERVING_STATES:
             return worker
         if self.closed:
-            raise unavailable(f"model {self.name!r} is being unloaded")
+            raise unavailable(f"model {self.name!r} {self.closed_reason}")
+        if self.stopped_reason:
+            raise unavailable(f"model {self.name!r} is STOPPED: {self.stopped_reason}; "
+                              f"`llmctl start {self.name}` starts it again")
         if self.fatal_reason and (self._starting is None or self._starting.done()):
             raise unavailable(f"model {self.name!r} is FATAL: {self.fatal_reason}; load it again to retry")
         if self._starting is not None and not self._starting.done():
@@ -445,7 +455,58 @@ class Lifecycle:
         self.begin_recycle(worker, reason, kind="by_hand")
         return await self.start()
 
-    async def stop(self, grace: float = 5.0) -> None:
+    # -- by hand and by reload -------------------------------------------------------------------------
+    async def stop_by_hand(self, reason: str) -> WorkerProcess | None:
+        """llmctl stop: the worker finishes its request and exits; none starts until `start_by_hand`.
+        Requests meanwhile get UNAVAILABLE saying so. Returns the worker stopped, if one ran."""
+        self.stopped_reason = reason
+        if self._starting is not None and not self._starting.done():
+            await asyncio.gather(self._starting, return_exceptions=True)  # a start in progress finishes first
+        worker = self.worker
+        if worker is None or worker.state not in SERVING_STATES:
+            return None
+        await self._retire_later(worker, reason, replacement=None)
+        return worker
+
+    async def start_by_hand(self) -> tuple[WorkerProcess, bool]:
+        """llmctl start: a worker serving now (a FATAL model gets a fresh set of tries); (worker, whether
+        one already ran)."""
+        running = self.serving
+        self.stopped_reason = ""
+        if self.fatal_reason:
+            self._fast_failures = 0
+        return await self.ready_worker(), running
+
+    async def reconfigure(self, config: ModelConfig, gguf: GGUFInfo, keys: tuple[str, ...], new_worker: bool) -> None:
+        """New settings from a reloaded config. Those baked into the worker process take a graceful
+        recycle (returns once the replacement serves); the rest apply to the running worker at once."""
+        self.config, self.gguf = config, gguf
+        self.keep_alive = config.keep_alive
+        worker = self.worker
+        if worker is not None and worker.alive:
+            worker.limits = limits_for(config, self._rng)
+        if self.fatal_reason and not self.stopped_reason:  # perhaps what the change fixed
+            self._fast_failures = 0
+            await self.start()
+        elif new_worker and worker is not None and worker.state in SERVING_STATES:
+            self.begin_recycle(worker, f"config changed: {', '.join(keys)}", kind="config")
+            await self.start()
+
+    async def drain(self, timeout: float) -> bool:
+        """Until every request queued or in flight has finished (True), or `timeout` has passed (False).
+        The slot is FIFO: once this holds it, all that queued before have been served. It keeps the slot,
+        so nothing else starts; `stop` lets go of it."""
+        try:
+            await asyncio.wait_for(self.slot.acquire(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    async def stop(self, grace: float = 5.0, drain: float = 0.0, reason: str = "is being unloaded") -> None:
+        """Stop for good: after `drain` seconds at most for the requests already queued or in flight;
+        what is still running then fails with UNAVAILABLE and `reason` ("model 'x' <reason>")."""
+        drained = drain > 0 and await self.drain(drain)
+        self.closed_reason = reason
         self.closed = True
         # Draining workers too: an unload or shutdown must not leave them to finish on their own. They go
         # first, since a replacement's start may be waiting for them to be idle.
@@ -456,4 +517,7 @@ class Lifecycle:
             await asyncio.gather(self._starting, return_exceptions=True)
         if self.worker is not None and self.worker not in workers:
             await self.worker.stop(grace)
+        if drained:
+            self.slot.release()  # a request that queued after the drain now learns the model is gone
+        self.output.followers.close()
         self._on_change()

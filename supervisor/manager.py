@@ -25,6 +25,7 @@ from .config import ModelConfig
 from .errors import precondition
 from .events import EventBus
 from .monitor import WorkerHistory
+from .output import OutputLog
 from .policies import Limits
 from .standby import spawn_worker_process
 from .states import ALLOWED, ALIVE_STATES, WorkerState, describe_exit
@@ -53,9 +54,10 @@ class Spawn:
 
 
 class WorkerProcess:
-    def __init__(self, spawn: Spawn, events: EventBus, clock=time.monotonic) -> None:
+    def __init__(self, spawn: Spawn, events: EventBus, output: OutputLog | None = None, clock=time.monotonic) -> None:
         self.spawn = spawn
         self.events = events
+        self.output = output
         self.name = spawn.model.name
         self.state = WorkerState.STARTING
         self.pid = 0
@@ -196,6 +198,8 @@ class WorkerProcess:
                 self.listening.set()
             elif line:
                 self.stderr_tail.append(line)
+                if self.output is not None:
+                    self.output.append(self.pid, line)
                 (log.warning if mentions(line, LOUD_WORDS) else log.debug)("worker_output", model=self.name, worker_pid=self.pid, line=line)
 
     async def _watch_exit(self) -> None:

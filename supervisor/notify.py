@@ -5,6 +5,7 @@ a one-line STATUS, WATCHDOG pings from the monitor loop, and STOPPING (RELOADING
 from __future__ import annotations
 
 import os
+import time
 from typing import Callable, Mapping, Sequence
 
 from systemd import daemon as sd_daemon
@@ -65,6 +66,11 @@ class Notifier:
     def watchdog(self) -> None:
         if self.watchdog_s:
             self._notify("WATCHDOG=1")
+
+    def reloading(self) -> None:
+        """RELOADING=1 until the next READY=1. MONOTONIC_USEC says when the reload began, as
+        Type=notify-reload (systemd 253+) requires; Python's monotonic clock is CLOCK_MONOTONIC."""
+        self._notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}\nSTATUS=reloading the config")
 
     def stopping(self) -> None:
         self._notify("STOPPING=1\nSTATUS=draining requests and stopping workers")

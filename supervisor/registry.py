@@ -16,6 +16,7 @@ from .events import EventBus
 from .lifecycle import Lifecycle
 from .monitor import Monitor
 from .policies import Usage, replacement_first
+from .reload import Change, Plan
 from . import state
 from .scheduler import ModelRuntime
 from .standby import StandbyPool
@@ -64,7 +65,7 @@ class Registry:
         # Late binding: the lambda reads `runtime` when a worker changes, by then it is assigned.
         lifecycle = Lifecycle(config, gguf, self._socket_dir, self.monitor, self.events,
                               on_change=lambda: self._on_change(runtime), standby=self.standby, room=self.room)
-        runtime = ModelRuntime(config, gguf, source, lifecycle)
+        runtime = ModelRuntime(source, lifecycle)
         self.models[config.name] = runtime  # reserve the name while loading
         try:
             await lifecycle.start()
@@ -110,14 +111,52 @@ class Registry:
         except OSError as e:  # a read-only state directory costs the record, not the running models
             log.error("state_not_saved", path=str(self.state_path), error=str(e))
 
-    async def unload(self, name: str, grace: float = 5.0) -> None:
+    async def unload(self, name: str, reason: str = "was unloaded") -> None:
+        """Take the model out now (new requests get NOT_FOUND); those queued or in flight finish first,
+        for shutdown_timeout at most."""
         runtime = self.get(name)
         del self.models[name]
         if self._loaded_by_api.pop(name, None) is not None:
             self._record()
-        await runtime.stop(grace)
+        await runtime.lifecycle.stop(drain=self.config.shutdown_timeout, reason=reason)
 
-    async def stop_all(self, grace: float) -> None:
+    async def stop_all(self, reason: str) -> None:
+        """Every model, as unload does, at once."""
         runtimes = list(self.models.values())
         self.models.clear()
-        await asyncio.gather(*(rt.stop(grace) for rt in runtimes), return_exceptions=True)
+        await asyncio.gather(*(rt.lifecycle.stop(drain=self.config.shutdown_timeout, reason=reason)
+                               for rt in runtimes), return_exceptions=True)
+
+    # -- reload ----------------------------------------------------------------------------------------
+    def running(self) -> dict[str, tuple[ModelConfig, str]]:
+        return {name: (rt.config, rt.source) for name, rt in self.models.items()}
+
+    async def update(self, config: SupervisorConfig, plan: Plan) -> dict[str, str]:
+        """Apply a reload: the new settings, then removals (their memory may be what the rest needs),
+        then changes and additions together. Returns what failed, by model; the rest applies regardless."""
+        self.config = config
+        errors: dict[str, str] = {}
+
+        async def attempt(name: str, work) -> None:
+            try:
+                await work
+            except ApiError as e:
+                errors[name] = e.message
+                log.error("reload_failed", model=name, reason=e.message)
+
+        await asyncio.gather(*(attempt(name, self.unload(name, reason="was removed from the config"))
+                               for name in plan.removed))
+        await asyncio.gather(*(attempt(c.config.name, self._reconfigure(c)) for c in plan.changed),
+                             *(attempt(m.name, self.load(m, source="config", keep_on_failure=True)) for m in plan.added))
+        return errors
+
+    async def _reconfigure(self, change: Change) -> None:
+        runtime = self.get(change.config.name)
+        gguf = runtime.gguf
+        if "path" in change.keys:
+            gguf = await asyncio.to_thread(read_gguf_info, resolve_model_path(change.config.path, self.config.model_dirs))
+        if runtime.source != "config":  # the file takes it over: no longer the API's to restore
+            runtime.source = "config"
+            self._loaded_by_api.pop(runtime.name, None)
+            self._record()
+        await runtime.lifecycle.reconfigure(change.config, gguf, change.keys, change.new_worker)

@@ -32,18 +32,22 @@ DEATH_REAP_S = 3.0
 
 
 class ModelRuntime:
-    def __init__(self, config: ModelConfig, gguf: GGUFInfo, source: str, lifecycle: Lifecycle) -> None:
-        self.config = config
-        self.gguf = gguf
-        self.source = source
+    def __init__(self, source: str, lifecycle: Lifecycle) -> None:
+        self.source = source  # "config", "api" or "state"
         self.lifecycle = lifecycle
+
+    # The lifecycle holds the settings: a reload changes them there, for the next worker it starts.
+    @property
+    def config(self) -> ModelConfig:
+        return self.lifecycle.config
+
+    @property
+    def gguf(self) -> GGUFInfo:
+        return self.lifecycle.gguf
 
     @property
     def name(self) -> str:
         return self.config.name
-
-    async def stop(self, grace: float = 5.0) -> None:
-        await self.lifecycle.stop(grace)
 
     # -- requests ------------------------------------------------------------------------------------
     async def _enter_queue(self) -> None:
@@ -122,4 +126,7 @@ class ModelRuntime:
             reason = f"stopped answering and was killed ({worker.exit_reason})"
         else:
             reason = worker.exit_reason
+        if self.lifecycle.closed:  # unloaded or shut down with this request unfinished at the drain's end
+            return unavailable(f"model {self.name!r} {self.lifecycle.closed_reason}; the request did not finish "
+                               f"in time (worker pid {worker.pid}: {reason})"), False
         return unavailable(f"model {self.name!r}: worker pid {worker.pid} died mid-request: {reason}"), True

@@ -14,6 +14,8 @@ class WorkerState(enum.Enum):
     EXITED = "EXITED"       # gone; the model may start another
     BACKOFF = "BACKOFF"     # waiting before a restart after a crash
     FATAL = "FATAL"         # gave up: the reason says why; loading the model again retries
+    # The model's, never a worker's: stopped by hand (llmctl stop), it starts again only with llmctl start.
+    STOPPED = "STOPPED"
 
 
 SERVING_STATES = frozenset({WorkerState.READY, WorkerState.BUSY})
@@ -29,6 +31,7 @@ ALLOWED = {
     WorkerState.EXITED: {WorkerState.STARTING, WorkerState.BACKOFF, WorkerState.FATAL},
     WorkerState.BACKOFF: {WorkerState.STARTING, WorkerState.FATAL},
     WorkerState.FATAL: {WorkerState.STARTING},
+    WorkerState.STOPPED: set(),
 }
 
 

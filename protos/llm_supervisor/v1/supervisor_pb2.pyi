@@ -202,7 +202,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("model", "pid", "state", "private_memory_bytes", "file_rss_bytes", "requests_served", "uptime_s", "queue_depth", "restarts", "last_exit", "gpu_memory_bytes", "recycles", "last_recycle_reason", "unload_in_s", "cpu_percent", "gpu_temperature_c", "throttle_reason")
+    __slots__ = ("model", "pid", "state", "private_memory_bytes", "file_rss_bytes", "requests_served", "uptime_s", "queue_depth", "restarts", "last_exit", "gpu_memory_bytes", "recycles", "last_recycle_reason", "unload_in_s", "cpu_percent", "gpu_temperature_c", "throttle_reason", "tokens_per_second")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -220,6 +220,7 @@ class WorkerStatus(_message.Message):
     CPU_PERCENT_FIELD_NUMBER: _ClassVar[int]
     GPU_TEMPERATURE_C_FIELD_NUMBER: _ClassVar[int]
     THROTTLE_REASON_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     model: str
     pid: int
     state: str
@@ -237,7 +238,8 @@ class WorkerStatus(_message.Message):
     cpu_percent: float
     gpu_temperature_c: float
     throttle_reason: str
-    def __init__(self, model: _Optional[str] = ..., pid: _Optional[int] = ..., state: _Optional[str] = ..., private_memory_bytes: _Optional[int] = ..., file_rss_bytes: _Optional[int] = ..., requests_served: _Optional[int] = ..., uptime_s: _Optional[float] = ..., queue_depth: _Optional[int] = ..., restarts: _Optional[int] = ..., last_exit: _Optional[str] = ..., gpu_memory_bytes: _Optional[int] = ..., recycles: _Optional[int] = ..., last_recycle_reason: _Optional[str] = ..., unload_in_s: _Optional[float] = ..., cpu_percent: _Optional[float] = ..., gpu_temperature_c: _Optional[float] = ..., throttle_reason: _Optional[str] = ...) -> None: ...
+    tokens_per_second: float
+    def __init__(self, model: _Optional[str] = ..., pid: _Optional[int] = ..., state: _Optional[str] = ..., private_memory_bytes: _Optional[int] = ..., file_rss_bytes: _Optional[int] = ..., requests_served: _Optional[int] = ..., uptime_s: _Optional[float] = ..., queue_depth: _Optional[int] = ..., restarts: _Optional[int] = ..., last_exit: _Optional[str] = ..., gpu_memory_bytes: _Optional[int] = ..., recycles: _Optional[int] = ..., last_recycle_reason: _Optional[str] = ..., unload_in_s: _Optional[float] = ..., cpu_percent: _Optional[float] = ..., gpu_temperature_c: _Optional[float] = ..., throttle_reason: _Optional[str] = ..., tokens_per_second: _Optional[float] = ...) -> None: ...
 
 class GpuStatus(_message.Message):
     __slots__ = ("index", "temperature_c", "memory_used_bytes", "memory_total_bytes", "throttle_reasons")
@@ -315,3 +317,83 @@ class Event(_message.Message):
     state: str
     figures: _containers.ScalarMap[str, str]
     def __init__(self, time_unix: _Optional[float] = ..., kind: _Optional[str] = ..., model: _Optional[str] = ..., worker_pid: _Optional[int] = ..., reason: _Optional[str] = ..., state: _Optional[str] = ..., figures: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class ReloadConfigRequest(_message.Message):
+    __slots__ = ("dry_run",)
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    dry_run: bool
+    def __init__(self, dry_run: _Optional[bool] = ...) -> None: ...
+
+class ModelChange(_message.Message):
+    __slots__ = ("name", "action", "keys", "new_worker", "error")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    NEW_WORKER_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    action: str
+    keys: _containers.RepeatedScalarFieldContainer[str]
+    new_worker: bool
+    error: str
+    def __init__(self, name: _Optional[str] = ..., action: _Optional[str] = ..., keys: _Optional[_Iterable[str]] = ..., new_worker: _Optional[bool] = ..., error: _Optional[str] = ...) -> None: ...
+
+class ReloadConfigResponse(_message.Message):
+    __slots__ = ("config_path", "models", "live_settings", "restart_settings", "applied")
+    CONFIG_PATH_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    LIVE_SETTINGS_FIELD_NUMBER: _ClassVar[int]
+    RESTART_SETTINGS_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_FIELD_NUMBER: _ClassVar[int]
+    config_path: str
+    models: _containers.RepeatedCompositeFieldContainer[ModelChange]
+    live_settings: _containers.RepeatedScalarFieldContainer[str]
+    restart_settings: _containers.RepeatedScalarFieldContainer[str]
+    applied: bool
+    def __init__(self, config_path: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelChange, _Mapping]]] = ..., live_settings: _Optional[_Iterable[str]] = ..., restart_settings: _Optional[_Iterable[str]] = ..., applied: _Optional[bool] = ...) -> None: ...
+
+class StartModelRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class StartModelResponse(_message.Message):
+    __slots__ = ("pid", "already_running")
+    PID_FIELD_NUMBER: _ClassVar[int]
+    ALREADY_RUNNING_FIELD_NUMBER: _ClassVar[int]
+    pid: int
+    already_running: bool
+    def __init__(self, pid: _Optional[int] = ..., already_running: _Optional[bool] = ...) -> None: ...
+
+class StopModelRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class StopModelResponse(_message.Message):
+    __slots__ = ("pid",)
+    PID_FIELD_NUMBER: _ClassVar[int]
+    pid: int
+    def __init__(self, pid: _Optional[int] = ...) -> None: ...
+
+class TailModelRequest(_message.Message):
+    __slots__ = ("name", "lines", "follow")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    LINES_FIELD_NUMBER: _ClassVar[int]
+    FOLLOW_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    lines: int
+    follow: bool
+    def __init__(self, name: _Optional[str] = ..., lines: _Optional[int] = ..., follow: _Optional[bool] = ...) -> None: ...
+
+class LogLine(_message.Message):
+    __slots__ = ("time_unix", "worker_pid", "line")
+    TIME_UNIX_FIELD_NUMBER: _ClassVar[int]
+    WORKER_PID_FIELD_NUMBER: _ClassVar[int]
+    LINE_FIELD_NUMBER: _ClassVar[int]
+    time_unix: float
+    worker_pid: int
+    line: str
+    def __init__(self, time_unix: _Optional[float] = ..., worker_pid: _Optional[int] = ..., line: _Optional[str] = ...) -> None: ...

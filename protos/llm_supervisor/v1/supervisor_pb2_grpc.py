@@ -79,6 +79,26 @@ class SupervisorStub:
                 request_serializer=llm__supervisor_dot_v1_dot_supervisor__pb2.WatchEventsRequest.SerializeToString,
                 response_deserializer=llm__supervisor_dot_v1_dot_supervisor__pb2.Event.FromString,
                 _registered_method=True)
+        self.ReloadConfig = channel.unary_unary(
+                '/llm_supervisor.v1.Supervisor/ReloadConfig',
+                request_serializer=llm__supervisor_dot_v1_dot_supervisor__pb2.ReloadConfigRequest.SerializeToString,
+                response_deserializer=llm__supervisor_dot_v1_dot_supervisor__pb2.ReloadConfigResponse.FromString,
+                _registered_method=True)
+        self.StartModel = channel.unary_unary(
+                '/llm_supervisor.v1.Supervisor/StartModel',
+                request_serializer=llm__supervisor_dot_v1_dot_supervisor__pb2.StartModelRequest.SerializeToString,
+                response_deserializer=llm__supervisor_dot_v1_dot_supervisor__pb2.StartModelResponse.FromString,
+                _registered_method=True)
+        self.StopModel = channel.unary_unary(
+                '/llm_supervisor.v1.Supervisor/StopModel',
+                request_serializer=llm__supervisor_dot_v1_dot_supervisor__pb2.StopModelRequest.SerializeToString,
+                response_deserializer=llm__supervisor_dot_v1_dot_supervisor__pb2.StopModelResponse.FromString,
+                _registered_method=True)
+        self.TailModel = channel.unary_stream(
+                '/llm_supervisor.v1.Supervisor/TailModel',
+                request_serializer=llm__supervisor_dot_v1_dot_supervisor__pb2.TailModelRequest.SerializeToString,
+                response_deserializer=llm__supervisor_dot_v1_dot_supervisor__pb2.LogLine.FromString,
+                _registered_method=True)
 
 
 class SupervisorServicer:
@@ -138,6 +158,32 @@ class SupervisorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReloadConfig(self, request, context):
+        """Read the config file again and show (dry_run) or apply the difference, as SIGHUP does.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StartModel(self, request, context):
+        """supervisorctl's start/stop: a stopped model stays listed (STOPPED) and refuses requests until started.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StopModel(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TailModel(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SupervisorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -185,6 +231,26 @@ def add_SupervisorServicer_to_server(servicer, server):
                     servicer.WatchEvents,
                     request_deserializer=llm__supervisor_dot_v1_dot_supervisor__pb2.WatchEventsRequest.FromString,
                     response_serializer=llm__supervisor_dot_v1_dot_supervisor__pb2.Event.SerializeToString,
+            ),
+            'ReloadConfig': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReloadConfig,
+                    request_deserializer=llm__supervisor_dot_v1_dot_supervisor__pb2.ReloadConfigRequest.FromString,
+                    response_serializer=llm__supervisor_dot_v1_dot_supervisor__pb2.ReloadConfigResponse.SerializeToString,
+            ),
+            'StartModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartModel,
+                    request_deserializer=llm__supervisor_dot_v1_dot_supervisor__pb2.StartModelRequest.FromString,
+                    response_serializer=llm__supervisor_dot_v1_dot_supervisor__pb2.StartModelResponse.SerializeToString,
+            ),
+            'StopModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.StopModel,
+                    request_deserializer=llm__supervisor_dot_v1_dot_supervisor__pb2.StopModelRequest.FromString,
+                    response_serializer=llm__supervisor_dot_v1_dot_supervisor__pb2.StopModelResponse.SerializeToString,
+            ),
+            'TailModel': grpc.unary_stream_rpc_method_handler(
+                    servicer.TailModel,
+                    request_deserializer=llm__supervisor_dot_v1_dot_supervisor__pb2.TailModelRequest.FromString,
+                    response_serializer=llm__supervisor_dot_v1_dot_supervisor__pb2.LogLine.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -430,6 +496,114 @@ class Supervisor:
             '/llm_supervisor.v1.Supervisor/WatchEvents',
             llm__supervisor_dot_v1_dot_supervisor__pb2.WatchEventsRequest.SerializeToString,
             llm__supervisor_dot_v1_dot_supervisor__pb2.Event.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReloadConfig(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llm_supervisor.v1.Supervisor/ReloadConfig',
+            llm__supervisor_dot_v1_dot_supervisor__pb2.ReloadConfigRequest.SerializeToString,
+            llm__supervisor_dot_v1_dot_supervisor__pb2.ReloadConfigResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llm_supervisor.v1.Supervisor/StartModel',
+            llm__supervisor_dot_v1_dot_supervisor__pb2.StartModelRequest.SerializeToString,
+            llm__supervisor_dot_v1_dot_supervisor__pb2.StartModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StopModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llm_supervisor.v1.Supervisor/StopModel',
+            llm__supervisor_dot_v1_dot_supervisor__pb2.StopModelRequest.SerializeToString,
+            llm__supervisor_dot_v1_dot_supervisor__pb2.StopModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TailModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/llm_supervisor.v1.Supervisor/TailModel',
+            llm__supervisor_dot_v1_dot_supervisor__pb2.TailModelRequest.SerializeToString,
+            llm__supervisor_dot_v1_dot_supervisor__pb2.LogLine.FromString,
             options,
             channel_credentials,
             insecure,

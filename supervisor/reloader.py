@@ -1,0 +1,55 @@
+"""Reloading the config at run time: `llmctl reread` shows, `llmctl update` and SIGHUP apply.
+
+What to do is supervisor/reload.py's pure plan; the registry carries it out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Callable
+
+import structlog
+
+from .config import SupervisorConfig
+from .logs import configure
+from .notify import Notifier
+from .registry import Registry
+from .reload import Plan, keep_bound, plan
+
+log = structlog.get_logger("llm_supervisor.reloader")
+
+
+class Reloader:
+    """`llmctl reread`/`update` and SIGHUP: read the config again, show or apply the difference.
+    One at a time; a config that does not parse changes nothing (ConfigError says why)."""
+
+    def __init__(self, registry: Registry, reread: Callable[[], SupervisorConfig], config_path: str,
+                 notifier: Notifier, status: Callable[[], str]) -> None:
+        self.registry = registry
+        self.reread = reread
+        self.config_path = config_path
+        self.notifier = notifier
+        self.status = status  # the one-line STATUS= for systemd
+        self._lock = asyncio.Lock()
+
+    async def reload(self, dry_run: bool) -> tuple[Plan, dict[str, str]]:
+        """The plan, and what failed applying it (by model; empty for a dry run)."""
+        async with self._lock:
+            running = self.registry.config
+            new = await asyncio.to_thread(self.reread)
+            change = plan(self.registry.running(), running, new)
+            if dry_run or change.empty:
+                return change, {}
+            self.notifier.reloading()
+            log.info("reloading", path=self.config_path, added=[m.name for m in change.added],
+                     removed=list(change.removed), changed=[c.config.name for c in change.changed],
+                     settings=list(change.live_keys))
+            if change.restart_keys:
+                log.warning("restart_needed", keys=list(change.restart_keys),
+                            reason="bound when the daemon started: the running values stay until a restart")
+            if "log_level" in change.live_keys:
+                configure(new.log_level, journald=running.journald)
+            errors = await self.registry.update(keep_bound(running, new), change)
+            log.info("reloaded", failed=errors)
+            self.notifier.ready(self.status())
+            return change, errors
