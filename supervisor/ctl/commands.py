@@ -9,6 +9,7 @@ from typing import IO, Iterable
 
 import grpc
 from google.protobuf.json_format import MessageToDict
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llm_supervisor.v1 import supervisor_pb2 as pb
 from llm_supervisor.v1 import supervisor_pb2_grpc
@@ -102,16 +103,49 @@ def stream(chunks: Iterable[pb.GenerateChunk], out: Output) -> str:
     return "".join(text)
 
 
+class Stubs(supervisor_pb2_grpc.SupervisorStub):
+    """The Supervisor service's stub, with the standard health service's beside it."""
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        super().__init__(channel)
+        self.health = health_pb2_grpc.HealthStub(channel)
+
+
+class CommandError(grpc.RpcError):
+    """A failure llmctl finds itself, reported like the server's own."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+def cancel_on_interrupt(call):
+    """A server stream's items; ^C cancels the call (the server stops its work) before it propagates."""
+    try:
+        yield from call
+    except KeyboardInterrupt:
+        call.cancel()
+        raise
+
+
 def run(args: argparse.Namespace, channel: grpc.Channel, out: Output) -> int:
-    stub = supervisor_pb2_grpc.SupervisorStub(channel)
+    stub = Stubs(channel)
     handler = globals()[f"cmd_{args.command}"]
     return handler(args, stub, out) or 0
 
 
 def cmd_status(args, stub, out: Output) -> int:
     status = stub.Status(pb.StatusRequest())
+    workers = [w for w in status.workers if not args.model or w.model == args.model]
+    if args.model and not workers:
+        raise CommandError(grpc.StatusCode.NOT_FOUND, f"unknown model {args.model!r}")
     if out.as_json:
-        for worker in status.workers:
+        for worker in workers:
             out.json(as_dict(worker))
         return 0
     rows = [[w.model, w.state, str(w.pid or "-"), human_bytes(w.private_memory_bytes), human_bytes(w.file_rss_bytes),
@@ -119,7 +153,7 @@ def cmd_status(args, stub, out: Output) -> int:
              f"{w.cpu_percent:.0f}%" if w.pid else "-", f"{w.gpu_temperature_c:.0f}°C" if w.gpu_temperature_c else "-",
              str(w.requests_served), str(w.queue_depth), str(w.restarts), str(w.recycles),
              human_duration(w.uptime_s) if w.pid else "-", until(w),
-             w.throttle_reason or w.last_exit or w.last_recycle_reason] for w in status.workers]
+             w.throttle_reason or w.last_exit or w.last_recycle_reason] for w in workers]
     out.table(["MODEL", "STATE", "PID", "PRIVATE", "FILE", "GPU", "CPU", "TEMP", "REQUESTS", "QUEUE", "RESTARTS",
                "RECYCLES", "UPTIME", "UNTIL", "THROTTLED / LAST EXIT / RECYCLE"], rows)
     host = [f"GPU {g.index}: {g.temperature_c:.0f}°C, {human_bytes(g.memory_used_bytes)} of "
@@ -166,11 +200,7 @@ def cmd_unload(args, stub, out: Output) -> int:
 def cmd_generate(args, stub, out: Output) -> int:
     call = stub.Generate(pb.GenerateRequest(model=args.model, prompt=args.prompt, options=sampling(args),
                                             keep_alive=args.keep_alive))
-    try:
-        stream(call, out)
-    except KeyboardInterrupt:
-        call.cancel()  # the worker stops at the next token
-        raise
+    stream(cancel_on_interrupt(call), out)  # the worker stops at the next token
     return 0
 
 
@@ -231,11 +261,140 @@ def cmd_events(args, stub, out: Output) -> int:
     """Follows until interrupted; one line (or JSON object) per event."""
     import datetime
 
-    for event in stub.WatchEvents(pb.WatchEventsRequest(model=args.model)):
+    for event in cancel_on_interrupt(stub.WatchEvents(pb.WatchEventsRequest(model=args.model))):
         if out.as_json:
             out.json(as_dict(event))
             continue
         when = datetime.datetime.fromtimestamp(event.time_unix).strftime("%H:%M:%S")
         figures = " ".join(f"{k}={v}" for k, v in sorted(event.figures.items()))
         out.text(f"{when} {event.model} {event.kind} pid={event.worker_pid} {event.state} {event.reason} {figures}".rstrip() + "\n")
+    return 0
+
+
+def cmd_start(args, stub, out: Output) -> int:
+    reply = stub.StartModel(pb.StartModelRequest(name=args.model))
+    if out.as_json:
+        out.json({"model": args.model, "pid": reply.pid, "already_running": reply.already_running})
+    else:
+        out.text(f"{args.model}: {'already running' if reply.already_running else 'started'}, pid {reply.pid}\n")
+    return 0
+
+
+def cmd_stop(args, stub, out: Output) -> int:
+    reply = stub.StopModel(pb.StopModelRequest(name=args.model))
+    if out.as_json:
+        out.json({"model": args.model, "pid": reply.pid})
+    else:
+        out.text(f"{args.model}: stopped" + (f" (worker pid {reply.pid})" if reply.pid else " (no worker was running)") + "\n")
+    return 0
+
+
+def cmd_tail(args, stub, out: Output) -> int:
+    """A worker's recent output; with -f, follows until interrupted or the model goes."""
+    import datetime
+
+    if args.lines < 0:
+        raise UsageError("-n takes 0 (all kept) or more")
+    for line in cancel_on_interrupt(stub.TailModel(pb.TailModelRequest(name=args.model, lines=args.lines,
+                                                                        follow=args.follow))):
+        if out.as_json:
+            out.json(as_dict(line))
+        else:
+            when = datetime.datetime.fromtimestamp(line.time_unix).strftime("%H:%M:%S")
+            out.text(f"{when} [{line.worker_pid}] {line.line}\n")
+    return 0
+
+
+def _reload(stub, out: Output, dry_run: bool) -> int:
+    reply = stub.ReloadConfig(pb.ReloadConfigRequest(dry_run=dry_run))
+    if out.as_json:
+        out.json(as_dict(reply))
+        return 1 if any(m.error for m in reply.models) else 0
+    source = reply.config_path or "the embedded default config"
+    if not (reply.models or reply.live_settings or reply.restart_settings):
+        out.text(f"no changes in {source}\n")
+        return 0
+    verb = {"added": "load", "removed": "drain and unload", "changed": "apply"} if dry_run else \
+           {"added": "loaded", "removed": "drained and unloaded", "changed": "applied"}
+    for m in reply.models:
+        line = f"{m.name}: {m.action}"
+        if m.keys:
+            line += f" ({', '.join(m.keys)})"
+        line += f" — {'would ' if dry_run else ''}{verb[m.action]}"
+        if m.action == "changed":
+            line += ", worker recycled" if m.new_worker else ", running worker kept"
+        if m.error:
+            line += f" — FAILED: {m.error}"
+        out.text(line + "\n")
+    if reply.live_settings:
+        out.text(f"settings {'to apply' if dry_run else 'applied'}: {', '.join(reply.live_settings)}\n")
+    if reply.restart_settings:
+        out.text(f"settings that need a restart of llm-supervisord: {', '.join(reply.restart_settings)}\n")
+    if dry_run:
+        out.text("`llmctl update` applies these\n")
+    return 1 if any(m.error for m in reply.models) else 0
+
+
+def cmd_reread(args, stub, out: Output) -> int:
+    return _reload(stub, out, dry_run=True)
+
+
+def cmd_update(args, stub, out: Output) -> int:
+    return _reload(stub, out, dry_run=False)
+
+
+def cmd_health(args, stub, out: Output) -> int:
+    """grpc.health.v1, as a load balancer or a probe sees it: exit 0 only if everything asked about serves."""
+    health = stub.health
+    names = [args.model] if args.model else [m.name for m in stub.ListModels(pb.ListModelsRequest()).models]
+    services = ([] if args.model else [""]) + [f"model/{name}" for name in names]
+    rows = []
+    for service in services:
+        try:
+            status = health_pb2.HealthCheckResponse.ServingStatus.Name(
+                health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status)
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+            status = "UNKNOWN"
+        rows.append([service or "(overall)", status])
+    if out.as_json:
+        for service, status in rows:
+            out.json({"service": "" if service == "(overall)" else service, "status": status})
+    else:
+        out.table(["SERVICE", "STATUS"], rows)
+    return 0 if all(status == "SERVING" for _, status in rows) else 1
+
+
+def cmd_top(args, stub, out: Output) -> int:
+    """Status refreshed every --interval seconds until interrupted (or --iterations times)."""
+    import itertools
+    import time
+
+    if args.interval <= 0:
+        raise UsageError("--interval must be more than 0")
+    clear = not out.as_json and out.stream.isatty()
+    for n in itertools.count(1):
+        status = stub.Status(pb.StatusRequest())
+        if out.as_json:
+            out.json({"time_unix": time.time(), "workers": [as_dict(w) for w in status.workers],
+                      "gpus": [as_dict(g) for g in status.gpus]})
+        else:
+            if clear:
+                out.text("\x1b[H\x1b[2J")  # home, clear: redraw in place like top(1)
+            out.text(f"llm-supervisor {status.version} — up {human_duration(status.uptime_s)} — "
+                     f"{time.strftime('%H:%M:%S')} — every {args.interval:g} s\n")
+            rows = [[w.model, w.state, str(w.pid or "-"), human_bytes(w.private_memory_bytes),
+                     human_bytes(w.gpu_memory_bytes) if w.gpu_memory_bytes else "-",
+                     f"{w.gpu_temperature_c:.0f}°C" if w.gpu_temperature_c else "-",
+                     f"{w.cpu_percent:.0f}%" if w.pid else "-",
+                     f"{w.tokens_per_second:.1f}" if w.tokens_per_second else "-",
+                     str(w.requests_served), str(w.queue_depth)] for w in status.workers]
+            out.table(["MODEL", "STATE", "PID", "PRIVATE", "GPU", "TEMP", "CPU", "TOK/S", "REQUESTS", "QUEUE"], rows)
+            for g in status.gpus:
+                out.text(f"GPU {g.index}: {g.temperature_c:.0f}°C, {human_bytes(g.memory_used_bytes)} of "
+                         f"{human_bytes(g.memory_total_bytes)}\n")
+        if args.iterations and n >= args.iterations:
+            return 0
+        time.sleep(args.interval)
     return 0

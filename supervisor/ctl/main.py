@@ -1,6 +1,7 @@
 """llmctl — drive llm-supervisord from a shell.
 
     llmctl [--address ADDR] [--json] COMMAND ...
+    llmctl [--address ADDR]                    an interactive shell of the same commands
 
 The address is --address, else $LLM_SUPERVISOR_ADDRESS, else the daemon's default unix socket.
 Exit status: 0 on success, 1 with the server's message on any error, 2 on bad usage.
@@ -17,6 +18,7 @@ import psutil
 
 from ..config import Host, default_address
 from . import commands
+from .shell import Shell
 
 
 def resolve_address(flag: str | None, env: dict[str, str]) -> str:
@@ -44,9 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmctl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--address", help="unix:///path/to.sock or host:port")
     parser.add_argument("--json", action="store_true", help="JSON lines on stdout, for scripts")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    sub.add_parser("status", help="every worker: state, pid, memory, requests, uptime")
+    p = sub.add_parser("status", help="every worker (or MODEL's): state, pid, memory, requests, uptime")
+    p.add_argument("model", nargs="?", default="")
     sub.add_parser("models", help="loaded models and their settings")
 
     p = sub.add_parser("load", help="load a GGUF from a model directory under NAME")
@@ -72,6 +75,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("restart", help="hard: kill the worker now (its request fails) and start a fresh one")
     p.add_argument("model")
 
+    p = sub.add_parser("start", help="start MODEL's worker now (a STOPPED or FATAL model too)")
+    p.add_argument("model")
+    p = sub.add_parser("stop", help="drain and stop MODEL's worker; it stays STOPPED until `start`")
+    p.add_argument("model")
+
+    p = sub.add_parser("tail", help="MODEL's recent worker output (llama.cpp's log)")
+    p.add_argument("model")
+    p.add_argument("-n", "--lines", type=int, default=20, help="this many last lines (0: all kept, up to 500)")
+    p.add_argument("-f", "--follow", action="store_true", help="then follow new lines until interrupted")
+
+    p = sub.add_parser("top", help="status refreshed live: memory, GPU, temperature, tokens/s")
+    p.add_argument("--interval", type=float, default=2.0, metavar="SECONDS")
+    p.add_argument("--iterations", type=int, default=0, metavar="N", help="stop after N refreshes (0: never)")
+
+    sub.add_parser("reread", help="show what changed in the config file, without applying it")
+    sub.add_parser("update", help="apply the config file: load added models, drain removed ones, apply changes")
+
+    p = sub.add_parser("health", help="grpc.health.v1 status, overall and per model; exit 1 unless all serve")
+    p.add_argument("model", nargs="?", default="", help="only this model's")
+
     p = sub.add_parser("events", help="follow the supervisor's decisions and state changes as they happen")
     p.add_argument("model", nargs="?", default="", help="only this model's")
 
@@ -82,13 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    address = resolve_address(args.address, dict(os.environ))
+def execute(args: argparse.Namespace, channel: grpc.Channel, address: str) -> int:
+    """One command; errors are printed, and the exit status says which kind."""
     out = commands.Output(sys.stdout, as_json=args.json)
     try:
-        with grpc.insecure_channel(address) as channel:
-            return commands.run(args, channel, out)
+        return commands.run(args, channel, out)
     except grpc.RpcError as e:
         code, details = e.code(), e.details()
         if code == grpc.StatusCode.UNAVAILABLE and "connect" in (details or ""):
@@ -98,8 +119,26 @@ def main(argv: list[str] | None = None) -> int:
     except commands.UsageError as e:
         print(f"llmctl: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    address = resolve_address(args.address, dict(os.environ))
+    with grpc.insecure_channel(address) as channel:
+        if args.command is not None:
+            try:
+                return execute(args, channel, address)
+            except KeyboardInterrupt:
+                return 130
+        shell = Shell(parser, lambda line_args: execute(line_args, channel, address))
+        while True:
+            try:
+                shell.cmdloop()
+                return shell.status
+            except KeyboardInterrupt:  # ^C at the prompt drops the line, as a shell does
+                shell.stdout.write("^C\n")
+                shell.intro = None
 
 
 if __name__ == "__main__":
