@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,21 @@ def wait_for(predicate: Callable[[], object], timeout: float = 30.0, interval: f
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(interval)
+
+
+def in_background(calls) -> tuple[threading.Thread, dict]:
+    """Consume a response stream on a thread: result["chunks"] when it ends, result["error"] if it fails."""
+    result: dict = {}
+
+    def consume():
+        try:
+            result["chunks"] = list(calls)
+        except grpc.RpcError as e:
+            result["error"] = e
+
+    thread = threading.Thread(target=consume)
+    thread.start()
+    return thread, result
 
 
 def pid_alive(pid: int) -> bool:

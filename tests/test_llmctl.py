@@ -6,8 +6,10 @@ import json
 import os
 import subprocess
 import sys
+import time
 
-from tests.conftest import ROOT
+from llm_supervisor.v1 import supervisor_pb2 as pb
+from tests.conftest import ROOT, model_table, pid_alive
 
 
 def llmctl(daemon, *args, stdin: str = "", env_address: bool = False):
@@ -64,3 +66,101 @@ def test_errors_exit_non_zero_with_the_servers_message(shared_daemon, tmp_path):
     nobody = subprocess.run([sys.executable, "-m", "supervisor.ctl.main", "--address", f"unix://{tmp_path}/none.sock",
                              "status"], capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert nobody.returncode == 1 and "cannot reach llm-supervisord" in nobody.stderr
+
+
+def test_stop_keeps_the_model_stopped_until_start(start_daemon):
+    daemon = start_daemon(model_table("tiny", "tiny.gguf", n_ctx=256))
+    pid = daemon.worker("tiny").pid
+    stopped = llmctl(daemon, "stop", "tiny")
+    assert stopped.returncode == 0 and f"tiny: stopped (worker pid {pid})" in stopped.stdout
+    assert not pid_alive(pid)
+    row = llmctl(daemon, "status", "tiny").stdout.splitlines()[1].split()
+    assert row[:3] == ["tiny", "STOPPED", "-"]
+    refused = llmctl(daemon, "generate", "tiny", "hi", "--max-tokens", "2")
+    assert refused.returncode == 1
+    assert "UNAVAILABLE" in refused.stderr and "STOPPED" in refused.stderr and "llmctl start tiny" in refused.stderr
+    started = llmctl(daemon, "--json", "start", "tiny")
+    assert started.returncode == 0, started.stderr
+    reply = json.loads(started.stdout)
+    assert reply["already_running"] is False and reply["pid"] not in (0, pid)
+    assert llmctl(daemon, "generate", "tiny", "hi", "--max-tokens", "2").returncode == 0
+    assert "already running" in llmctl(daemon, "start", "tiny").stdout
+    assert "NOT_FOUND" in llmctl(daemon, "stop", "nope").stderr
+
+
+def test_tail_shows_the_workers_own_output_and_follows_new_lines(start_daemon):
+    daemon = start_daemon(model_table("tiny", "tiny.gguf", n_ctx=256))
+    pid = daemon.worker("tiny").pid
+    kept = llmctl(daemon, "--json", "tail", "tiny", "-n", "0")
+    lines = [json.loads(line) for line in kept.stdout.splitlines()]
+    assert len(lines) > 20 and {line["worker_pid"] for line in lines} == {pid}
+    assert any("llama" in line["line"] for line in lines)  # llama.cpp's own load log
+    last = llmctl(daemon, "tail", "tiny", "-n", "5").stdout.splitlines()
+    assert len(last) == 5 and all(f"[{pid}]" in line for line in last)
+
+    # Follow: a recycle brings a new worker, whose load log must stream in.
+    follower = subprocess.Popen([sys.executable, "-m", "supervisor.ctl.main", "--address", daemon.address, "--json",
+                                 "tail", "tiny", "-n", "1", "-f"], stdout=subprocess.PIPE, text=True,
+                                env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    try:
+        assert json.loads(follower.stdout.readline())["worker_pid"] == pid  # the one kept line first
+        new_pid = daemon.stub.RecycleModel(pb.RecycleModelRequest(name="tiny")).new_pid
+        assert json.loads(follower.stdout.readline())["worker_pid"] == new_pid
+    finally:
+        follower.terminate()
+        follower.wait(10)
+
+
+def test_top_refreshes_with_tokens_per_second_and_health_says_serving(shared_daemon):
+    llmctl(shared_daemon, "generate", "tiny", "hello", "--max-tokens", "8")
+    top = llmctl(shared_daemon, "--json", "top", "--interval", "0.1", "--iterations", "2")
+    assert top.returncode == 0, top.stderr
+    frames = [json.loads(line) for line in top.stdout.splitlines()]
+    assert len(frames) == 2 and frames[1]["time_unix"] > frames[0]["time_unix"]
+    (worker,) = frames[-1]["workers"]
+    assert worker["model"] == "tiny" and worker["tokens_per_second"] > 0
+    table = llmctl(shared_daemon, "top", "--iterations", "1").stdout
+    assert "TOK/S" in table.splitlines()[1] and "\x1b[2J" not in table  # no screen clearing into a pipe
+    health = llmctl(shared_daemon, "health")
+    assert health.returncode == 0, health.stdout
+    assert [line.split() for line in health.stdout.splitlines()[1:]] == [["(overall)", "SERVING"], ["model/tiny", "SERVING"]]
+    assert llmctl(shared_daemon, "health", "nope").returncode == 1
+
+
+def test_interactive_shell_through_a_terminal(shared_daemon):
+    import pty
+    import select
+
+    parent, child = pty.openpty()
+    shell = subprocess.Popen([sys.executable, "-m", "supervisor.ctl.main", "--address", shared_daemon.address],
+                             stdin=child, stdout=child, stderr=child, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                             start_new_session=True)
+    os.close(child)
+    seen = b""
+
+    def read_until(marker: bytes, timeout: float = 30.0) -> bytes:
+        nonlocal seen
+        deadline = time.monotonic() + timeout
+        while marker not in seen:
+            ready, _, _ = select.select([parent], [], [], max(0.0, deadline - time.monotonic()))
+            assert ready, f"no {marker!r} from the shell; it said: {seen.decode(errors='replace')}"
+            seen += os.read(parent, 4096)
+        before, _, seen = seen.partition(marker)
+        return before
+
+    try:
+        read_until(b"llmctl> ")
+        os.write(parent, b"status\n")
+        assert b"READY" in read_until(b"llmctl> ")
+        os.write(parent, b"generate nope hi\n")
+        assert b"NOT_FOUND" in read_until(b"llmctl> ")  # an error is printed; the shell goes on
+        os.write(parent, b"bogus\n")
+        assert b"invalid choice" in read_until(b"llmctl> ")
+        os.write(parent, b"--json health tiny\n")
+        assert b'"status": "SERVING"' in read_until(b"llmctl> ")
+        os.write(parent, b"exit\n")
+        assert shell.wait(10) == 0
+    finally:
+        if shell.poll() is None:
+            shell.kill()
+        os.close(parent)

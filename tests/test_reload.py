@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import signal
-import threading
 
-import grpc
 import psutil
 
 from llm_supervisor.v1 import supervisor_pb2 as pb
 from supervisor.config import Host, parse_config
 from supervisor.reload import keep_bound, plan
-from tests.conftest import model_table, wait_for
+from tests.conftest import in_background, model_table, wait_for
 from tests.test_llmctl import llmctl
 from tests.test_notify import NotifySocket
 
@@ -62,20 +60,6 @@ def test_plan_of_supervisor_settings_live_or_at_restart():
 def stream(daemon, model: str, max_tokens: int):
     return daemon.stub.Generate(pb.GenerateRequest(model=model, prompt="hello",
                                                    options=pb.SamplingOptions(max_tokens=max_tokens, temperature=0)))
-
-
-def in_background(calls) -> tuple[threading.Thread, dict]:
-    result: dict = {}
-
-    def consume():
-        try:
-            result["chunks"] = list(calls)
-        except grpc.RpcError as e:
-            result["error"] = e
-
-    thread = threading.Thread(target=consume)
-    thread.start()
-    return thread, result
 
 
 def test_sighup_applies_added_removed_and_changed_models_without_failing_a_request(start_daemon):

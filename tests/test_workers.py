@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from llm_supervisor.v1 import supervisor_pb2 as pb
-from tests.conftest import ROOT, model_table, pid_alive, wait_for
+from tests.conftest import ROOT, in_background, model_table, pid_alive, wait_for
 
 SLOW = 'engine = "tests.engines:SlowEngine"'
 
@@ -193,3 +193,34 @@ def test_sigterm_during_a_start_up_load_stops_at_once_and_leaves_no_worker(model
         if proc.poll() is None:
             proc.kill()
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_sigterm_lets_queued_and_running_requests_finish_then_stops(start_daemon):
+    daemon = start_daemon(slow_model(), extra='shutdown_timeout = "30s"')
+    running, running_result = in_background(open_stream(daemon, max_tokens=60))
+    wait_for(lambda: daemon.worker("tiny").state == "BUSY", what="the first request to run")
+    queued, queued_result = in_background(open_stream(daemon, max_tokens=20))
+    wait_for(lambda: daemon.worker("tiny").queue_depth == 1, what="the second request to queue")
+    daemon.proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: '"stopping"' in daemon.log(), what="the daemon to begin stopping")
+    with pytest.raises(grpc.RpcError) as refused:  # nothing new is taken once it stops
+        list(open_stream(daemon, max_tokens=2))
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    running.join(30)
+    queued.join(30)
+    assert running_result["chunks"][-1].usage.completion_tokens == 60
+    assert queued_result["chunks"][-1].usage.completion_tokens == 20
+    assert daemon.proc.wait(30) == 0
+
+
+def test_sigterm_ends_what_outlasts_shutdown_timeout_with_a_reason(start_daemon):
+    daemon = start_daemon(slow_model(), extra='shutdown_timeout = "1s"', env={"TEST_TOKEN_DELAY": "0.03"})
+    long, result = in_background(open_stream(daemon, max_tokens=500))  # 15 s of tokens
+    wait_for(lambda: daemon.worker("tiny").state == "BUSY", what="the request to run")
+    started = time.monotonic()
+    daemon.proc.send_signal(signal.SIGTERM)
+    long.join(30)
+    assert result["error"].code() == grpc.StatusCode.UNAVAILABLE
+    assert "shutting down and shutdown_timeout (1 s) has passed" in result["error"].details()
+    assert daemon.proc.wait(30) == 0
+    assert time.monotonic() - started < 12  # not the 15 s the request wanted
