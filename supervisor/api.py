@@ -16,6 +16,7 @@ from llm_supervisor.v1 import worker_pb2
 from . import __version__
 from .config import ConfigError
 from .errors import ApiError, invalid, precondition
+from .estimate import Estimate
 from .gpu import GpuReading
 from .policies import cpu_percent
 from .procfs import read_memory
@@ -144,6 +145,14 @@ class SupervisorService(supervisor_pb2_grpc.SupervisorServicer):
             await _abort(context, precondition(f"{e}; nothing was changed"))
         return reload_response(change, errors, self.reloader.config_path, applied=not request.dry_run)
 
+    async def EstimateModel(self, request: pb.EstimateModelRequest, context) -> pb.EstimateModelResponse:
+        try:
+            gguf, figures = await self.registry.estimate(request.path, dict(request.options))
+        except ApiError as e:
+            await _abort(context, e)
+        return pb.EstimateModelResponse(path=str(gguf.path), architecture=gguf.architecture,
+                                        file_size_bytes=gguf.file_size, estimate=estimate_message(figures))
+
     async def UnloadModel(self, request: pb.UnloadModelRequest, context) -> pb.UnloadModelResponse:
         try:
             await self.registry.unload(request.name)
@@ -215,6 +224,16 @@ def reload_response(change: Plan, errors: dict[str, str], path: str, applied: bo
                                    restart_settings=change.restart_keys, applied=applied)
 
 
+def estimate_message(e: Estimate) -> pb.MemoryEstimate:
+    return pb.MemoryEstimate(
+        n_ctx=e.n_ctx, replicas=e.replicas, weights_mapped_bytes=e.weights_mapped,
+        weights_private_bytes=e.weights_private, weights_gpu_bytes=e.weights_gpu, kv_cache_cpu_bytes=e.kv_cpu,
+        kv_cache_gpu_bytes=e.kv_gpu, compute_cpu_at_load_bytes=e.compute_cpu_at_load,
+        compute_cpu_peak_bytes=e.compute_cpu_peak, compute_gpu_bytes=e.compute_gpu, runtime_bytes=e.runtime,
+        gpu_runtime_bytes=e.gpu_runtime, private_at_load_bytes=e.private_at_load, private_peak_bytes=e.private_peak,
+        gpu_bytes=e.gpu, total_private_bytes=e.total_private, total_gpu_bytes=e.total_gpu)
+
+
 def model_info(runtime: ModelRuntime) -> pb.ModelInfo:
     c, g = runtime.config, runtime.gguf
     worker = runtime.lifecycle.worker
@@ -223,7 +242,7 @@ def model_info(runtime: ModelRuntime) -> pb.ModelInfo:
     return pb.ModelInfo(
         name=c.name, path=str(g.path), state=runtime.lifecycle.state, n_ctx=n_ctx, n_gpu_layers=c.n_gpu_layers,
         use_mmap=c.use_mmap, source=runtime.source, architecture=g.architecture, file_size_bytes=g.file_size,
-        has_chat_template=g.has_chat_template,
+        has_chat_template=g.has_chat_template, estimate=estimate_message(runtime.estimate),
     )
 
 

@@ -13,6 +13,22 @@ GGUF_MAGIC = b"GGUF"
 
 
 @dataclass(frozen=True)
+class Shape:
+    """What memory estimates need from the header: the model's dimensions and where its bytes are."""
+
+    n_embd: int = 0
+    n_head: int = 0
+    n_head_kv: tuple[int, ...] = ()  # per layer (some models vary it)
+    head_dim_k: int = 0
+    head_dim_v: int = 0
+    n_ff: int = 0
+    n_vocab: int = 0
+    layer_bytes: tuple[int, ...] = ()  # the tensors of blk.N, by N
+    input_bytes: int = 0   # token embeddings: llama.cpp keeps them on the CPU
+    output_bytes: int = 0  # the output head and norm: on the GPU only when every layer is
+
+
+@dataclass(frozen=True)
 class GGUFInfo:
     path: Path
     architecture: str
@@ -21,6 +37,7 @@ class GGUFInfo:
     n_ctx_train: int
     n_layer: int
     has_chat_template: bool
+    shape: Shape = Shape()
 
 
 def resolve_model_path(path: str, model_dirs: Sequence[Path]) -> Path:
@@ -70,6 +87,8 @@ def read_gguf_info(path: Path) -> GGUFInfo:
         if not arch:
             raise ValueError("general.architecture is missing")
         n_tensors = len(reader.tensors)
+        shape = _shape(reader, lambda key, default=0: value(f"{arch}.{key}", default),
+                       int(value(f"{arch}.block_count", 0) or 0))
     except Exception as e:  # the reader raises many kinds on damaged files; all mean the same to a user
         raise precondition(f"{path} is not a valid GGUF file: {e}") from None
     if n_tensors == 0:
@@ -82,4 +101,35 @@ def read_gguf_info(path: Path) -> GGUFInfo:
         n_ctx_train=int(value(f"{arch}.context_length", 0) or 0),
         n_layer=int(value(f"{arch}.block_count", 0) or 0),
         has_chat_template=value("tokenizer.chat_template") is not None,
+        shape=shape,
     )
+
+
+def _largest(value) -> int:
+    """Some models give a per-layer array where most give one number."""
+    return int(max(value, default=0)) if isinstance(value, list) else int(value or 0)
+
+
+def _shape(reader, value, n_layer: int) -> Shape:
+    n_embd, n_head = int(value("embedding_length")), _largest(value("attention.head_count"))
+    kv = value("attention.head_count_kv", n_head)
+    n_head_kv = tuple(int(k) for k in kv) if isinstance(kv, list) else (int(kv),) * n_layer
+    head_dim = n_embd // n_head if n_head else 0
+    layers = [0] * n_layer
+    input_bytes = output_bytes = 0
+    for tensor in reader.tensors:
+        name, size = tensor.name, int(tensor.n_bytes)
+        if name.startswith("blk."):
+            index = int(name.split(".")[1])
+            if index < n_layer:
+                layers[index] += size
+        elif name.startswith("token_embd"):
+            input_bytes += size
+        else:
+            output_bytes += size
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    return Shape(n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv,
+                 head_dim_k=int(value("attention.key_length", head_dim)),
+                 head_dim_v=int(value("attention.value_length", head_dim)),
+                 n_ff=_largest(value("feed_forward_length")), n_vocab=len(tokens.data) if tokens else 0,
+                 layer_bytes=tuple(layers), input_bytes=input_bytes, output_bytes=output_bytes)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -11,7 +12,8 @@ import structlog
 
 from .config import ConfigError, Host, ModelConfig, SupervisorConfig, model_config
 from .errors import ApiError, invalid, not_found
-from .gguf_file import read_gguf_info, resolve_model_path
+from .estimate import Estimate, estimate
+from .gguf_file import GGUFInfo, read_gguf_info, resolve_model_path
 from .events import EventBus
 from .lifecycle import Lifecycle
 from .monitor import Monitor
@@ -54,6 +56,13 @@ class Registry:
             return model_config(name, {**options, "path": path}, self.config.defaults, self.host)
         except ConfigError as e:
             raise invalid(str(e)) from None
+
+    async def estimate(self, path: str, options: Mapping[str, str]) -> tuple[GGUFInfo, Estimate]:
+        """What a model would cost with these options (LoadModel's), without loading it."""
+        name = re.sub(r"[^A-Za-z0-9._:-]", "_", Path(path).stem)[:64] or "estimate"  # for its messages
+        config = self.model_config(name, path, options)
+        gguf = await asyncio.to_thread(read_gguf_info, resolve_model_path(config.path, self.config.model_dirs))
+        return gguf, estimate(gguf.shape, config)
 
     async def load(self, config: ModelConfig, source: str, keep_on_failure: bool = False) -> ModelRuntime:
         """Check the file, then start the worker. A config model that fails stays listed as FATAL."""

@@ -20,6 +20,7 @@ from llm_supervisor.v1 import worker_pb2
 
 from .config import ModelConfig
 from .errors import ApiError, exhausted, unavailable
+from .estimate import Estimate, estimate
 from .gguf_file import GGUFInfo
 from .lifecycle import KILL_GRACE_S, Lifecycle
 from .manager import WorkerProcess
@@ -48,6 +49,10 @@ class ModelRuntime:
     @property
     def name(self) -> str:
         return self.config.name
+
+    @property
+    def estimate(self) -> Estimate:
+        return estimate(self.gguf.shape, self.config)
 
     # -- requests ------------------------------------------------------------------------------------
     async def _enter_queue(self) -> None:

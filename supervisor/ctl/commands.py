@@ -398,3 +398,32 @@ def cmd_top(args, stub, out: Output) -> int:
             return 0
         time.sleep(args.interval)
     return 0
+
+
+def cmd_estimate(args, stub, out: Output) -> int:
+    """What a model would cost, without loading it: the parts, host and GPU, at load and at full context."""
+    reply = stub.EstimateModel(pb.EstimateModelRequest(path=args.path, options=parse_options(args.option)))
+    if out.as_json:
+        out.json(as_dict(reply))
+        return 0
+    e = reply.estimate
+
+    def size(n: int) -> str:
+        return human_bytes(n) if n else "-"
+
+    out.text(f"{reply.path}: {reply.architecture}, {human_bytes(reply.file_size_bytes)} file, n_ctx {e.n_ctx}, "
+             f"{e.replicas} replica{'s' if e.replicas != 1 else ''}\n")
+    mapped = f"+ {human_bytes(e.weights_mapped_bytes)} mapped from the file (page cache, shared)" if e.weights_mapped_bytes else ""
+    rows = [
+        ["weights", size(e.weights_private_bytes), size(e.weights_gpu_bytes), mapped],
+        ["KV cache", size(e.kv_cache_cpu_bytes), size(e.kv_cache_gpu_bytes), ""],
+        ["compute at load", size(e.compute_cpu_at_load_bytes), size(e.compute_gpu_bytes), "the warm-up pass"],
+        ["compute, full context", size(e.compute_cpu_peak_bytes), size(e.compute_gpu_bytes), "what budgets count"],
+        ["runtime", size(e.runtime_bytes), size(e.gpu_runtime_bytes), "Python, llama_cpp, gRPC; CUDA context"],
+        ["total at load", size(e.private_at_load_bytes), size(e.gpu_bytes), "per worker"],
+        ["total, full context", size(e.private_peak_bytes), size(e.gpu_bytes), "per worker"],
+    ]
+    if e.replicas > 1:
+        rows.append([f"× {e.replicas} replicas", size(e.total_private_bytes), size(e.total_gpu_bytes), "the mapped weights once"])
+    out.table(["PART", "HOST PRIVATE", "GPU", ""], rows)
+    return 0

@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--path", required=True, help="GGUF file, relative to a model directory")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="a [models.NAME] key (repeatable)")
 
+    p = sub.add_parser("estimate", help="what a GGUF would cost in memory with these options, without loading it")
+    p.add_argument("path", help="GGUF file, relative to a model directory")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="a [models.NAME] key (repeatable)")
+
     p = sub.add_parser("unload", help="stop a model's worker and forget it")
     p.add_argument("name")
 

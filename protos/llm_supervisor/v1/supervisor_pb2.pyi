@@ -168,7 +168,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "path", "state", "n_ctx", "n_gpu_layers", "use_mmap", "source", "architecture", "file_size_bytes", "has_chat_template")
+    __slots__ = ("name", "path", "state", "n_ctx", "n_gpu_layers", "use_mmap", "source", "architecture", "file_size_bytes", "has_chat_template", "estimate")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -179,6 +179,7 @@ class ModelInfo(_message.Message):
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     FILE_SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     HAS_CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATE_FIELD_NUMBER: _ClassVar[int]
     name: str
     path: str
     state: str
@@ -189,7 +190,73 @@ class ModelInfo(_message.Message):
     architecture: str
     file_size_bytes: int
     has_chat_template: bool
-    def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., state: _Optional[str] = ..., n_ctx: _Optional[int] = ..., n_gpu_layers: _Optional[int] = ..., use_mmap: _Optional[bool] = ..., source: _Optional[str] = ..., architecture: _Optional[str] = ..., file_size_bytes: _Optional[int] = ..., has_chat_template: _Optional[bool] = ...) -> None: ...
+    estimate: MemoryEstimate
+    def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., state: _Optional[str] = ..., n_ctx: _Optional[int] = ..., n_gpu_layers: _Optional[int] = ..., use_mmap: _Optional[bool] = ..., source: _Optional[str] = ..., architecture: _Optional[str] = ..., file_size_bytes: _Optional[int] = ..., has_chat_template: _Optional[bool] = ..., estimate: _Optional[_Union[MemoryEstimate, _Mapping]] = ...) -> None: ...
+
+class MemoryEstimate(_message.Message):
+    __slots__ = ("n_ctx", "replicas", "weights_mapped_bytes", "weights_private_bytes", "weights_gpu_bytes", "kv_cache_cpu_bytes", "kv_cache_gpu_bytes", "compute_cpu_at_load_bytes", "compute_cpu_peak_bytes", "compute_gpu_bytes", "runtime_bytes", "gpu_runtime_bytes", "private_at_load_bytes", "private_peak_bytes", "gpu_bytes", "total_private_bytes", "total_gpu_bytes")
+    N_CTX_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_MAPPED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_PRIVATE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_GPU_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_CPU_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_GPU_BYTES_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_CPU_AT_LOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_CPU_PEAK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_GPU_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RUNTIME_BYTES_FIELD_NUMBER: _ClassVar[int]
+    GPU_RUNTIME_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PRIVATE_AT_LOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PRIVATE_PEAK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    GPU_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_PRIVATE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_GPU_BYTES_FIELD_NUMBER: _ClassVar[int]
+    n_ctx: int
+    replicas: int
+    weights_mapped_bytes: int
+    weights_private_bytes: int
+    weights_gpu_bytes: int
+    kv_cache_cpu_bytes: int
+    kv_cache_gpu_bytes: int
+    compute_cpu_at_load_bytes: int
+    compute_cpu_peak_bytes: int
+    compute_gpu_bytes: int
+    runtime_bytes: int
+    gpu_runtime_bytes: int
+    private_at_load_bytes: int
+    private_peak_bytes: int
+    gpu_bytes: int
+    total_private_bytes: int
+    total_gpu_bytes: int
+    def __init__(self, n_ctx: _Optional[int] = ..., replicas: _Optional[int] = ..., weights_mapped_bytes: _Optional[int] = ..., weights_private_bytes: _Optional[int] = ..., weights_gpu_bytes: _Optional[int] = ..., kv_cache_cpu_bytes: _Optional[int] = ..., kv_cache_gpu_bytes: _Optional[int] = ..., compute_cpu_at_load_bytes: _Optional[int] = ..., compute_cpu_peak_bytes: _Optional[int] = ..., compute_gpu_bytes: _Optional[int] = ..., runtime_bytes: _Optional[int] = ..., gpu_runtime_bytes: _Optional[int] = ..., private_at_load_bytes: _Optional[int] = ..., private_peak_bytes: _Optional[int] = ..., gpu_bytes: _Optional[int] = ..., total_private_bytes: _Optional[int] = ..., total_gpu_bytes: _Optional[int] = ...) -> None: ...
+
+class EstimateModelRequest(_message.Message):
+    __slots__ = ("path", "options")
+    class OptionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    options: _containers.ScalarMap[str, str]
+    def __init__(self, path: _Optional[str] = ..., options: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class EstimateModelResponse(_message.Message):
+    __slots__ = ("path", "architecture", "file_size_bytes", "estimate")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
+    FILE_SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATE_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    architecture: str
+    file_size_bytes: int
+    estimate: MemoryEstimate
+    def __init__(self, path: _Optional[str] = ..., architecture: _Optional[str] = ..., file_size_bytes: _Optional[int] = ..., estimate: _Optional[_Union[MemoryEstimate, _Mapping]] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)

@@ -99,6 +99,11 @@ class SupervisorStub:
                 request_serializer=llm__supervisor_dot_v1_dot_supervisor__pb2.TailModelRequest.SerializeToString,
                 response_deserializer=llm__supervisor_dot_v1_dot_supervisor__pb2.LogLine.FromString,
                 _registered_method=True)
+        self.EstimateModel = channel.unary_unary(
+                '/llm_supervisor.v1.Supervisor/EstimateModel',
+                request_serializer=llm__supervisor_dot_v1_dot_supervisor__pb2.EstimateModelRequest.SerializeToString,
+                response_deserializer=llm__supervisor_dot_v1_dot_supervisor__pb2.EstimateModelResponse.FromString,
+                _registered_method=True)
 
 
 class SupervisorServicer:
@@ -184,6 +189,13 @@ class SupervisorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EstimateModel(self, request, context):
+        """What a model would cost with these settings, without loading it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SupervisorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -251,6 +263,11 @@ def add_SupervisorServicer_to_server(servicer, server):
                     servicer.TailModel,
                     request_deserializer=llm__supervisor_dot_v1_dot_supervisor__pb2.TailModelRequest.FromString,
                     response_serializer=llm__supervisor_dot_v1_dot_supervisor__pb2.LogLine.SerializeToString,
+            ),
+            'EstimateModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.EstimateModel,
+                    request_deserializer=llm__supervisor_dot_v1_dot_supervisor__pb2.EstimateModelRequest.FromString,
+                    response_serializer=llm__supervisor_dot_v1_dot_supervisor__pb2.EstimateModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -604,6 +621,33 @@ class Supervisor:
             '/llm_supervisor.v1.Supervisor/TailModel',
             llm__supervisor_dot_v1_dot_supervisor__pb2.TailModelRequest.SerializeToString,
             llm__supervisor_dot_v1_dot_supervisor__pb2.LogLine.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EstimateModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llm_supervisor.v1.Supervisor/EstimateModel',
+            llm__supervisor_dot_v1_dot_supervisor__pb2.EstimateModelRequest.SerializeToString,
+            llm__supervisor_dot_v1_dot_supervisor__pb2.EstimateModelResponse.FromString,
             options,
             channel_credentials,
             insecure,

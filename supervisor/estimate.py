@@ -1,0 +1,129 @@
+"""What a model will cost before it loads, from its GGUF header and its settings alone (pure).
+
+The parts, as llama.cpp allocates them:
+- weights: on the host, mmap'd (page cache: shared by replicas, not private, not a leak) or read into
+  private memory with use_mmap off; the last n_gpu_layers layers on the GPU (the output head too once
+  every layer is there; token embeddings always stay on the host);
+- KV cache: n_ctx × per layer (KV heads × head size × bytes of type_k, and the same with type_v); llama.cpp
+  clears it at load, so all of it is resident at once;
+- compute buffers: reserved for a full n_ubatch over a full context (the attention scores without flash
+  attention), but only touched as far as the context has grown: the figure at load covers the warm-up
+  pass (one n_batch), the peak a full context;
+- the worker's own runtime (Python, llama_cpp, gRPC), and on a GPU the CUDA context.
+
+Figures measured on this project's generated models (CPU build, llama-cpp-python 0.3.36) are in
+docs/decisions.md; the test suite checks the estimate at load against measured private memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config import ModelConfig
+from .gguf_file import Shape
+
+MiB = 1 << 20
+# Bytes per value of each KV cache type (ggml block sizes: q8_0 stores 32 values in 34 bytes, …).
+KV_TYPE_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32, "q4_1": 20 / 32,
+                 "q5_0": 22 / 32, "q5_1": 24 / 32, "iq4_nl": 18 / 32}
+# Private memory of a loaded worker beyond its model: the interpreter, llama_cpp, the gRPC server and its
+# threads (measured: 23 MiB for a standby process with the runtime imported, 34 MiB once serving).
+RUNTIME_BYTES = 34 * MiB
+# GPU memory a process takes before any model: the CUDA context and cuBLAS workspace.
+GPU_RUNTIME_BYTES = 400 * MiB
+N_UBATCH = 512   # llama-cpp-python's physical batch; n_batch above it is split
+CTX_PAD = 256    # llama.cpp rounds the context up to a multiple of this
+
+
+@dataclass(frozen=True)
+class Estimate:
+    n_ctx: int                 # as llama.cpp will allocate it
+    replicas: int
+    weights_mapped: int        # host, in the page cache: shared, counted once however many replicas
+    weights_private: int       # host, read into the worker (use_mmap off)
+    weights_gpu: int
+    kv_cpu: int
+    kv_gpu: int
+    compute_cpu_at_load: int
+    compute_cpu_peak: int
+    compute_gpu: int
+    runtime: int
+    gpu_runtime: int
+
+    @property
+    def private_at_load(self) -> int:
+        """One worker's private memory right after its load and warm-up."""
+        return self.runtime + self.weights_private + self.kv_cpu + self.compute_cpu_at_load
+
+    @property
+    def private_peak(self) -> int:
+        """One worker's private memory with its context full: what a budget must hold."""
+        return self.runtime + self.weights_private + self.kv_cpu + self.compute_cpu_peak
+
+    @property
+    def gpu(self) -> int:
+        """One worker's GPU memory."""
+        return self.gpu_runtime + self.weights_gpu + self.kv_gpu + self.compute_gpu if self.gpu_runtime else 0
+
+    @property
+    def total_private(self) -> int:
+        return self.private_peak * self.replicas
+
+    @property
+    def total_gpu(self) -> int:
+        return self.gpu * self.replicas
+
+
+def padded_ctx(n_ctx: int) -> int:
+    return -(-n_ctx // CTX_PAD) * CTX_PAD
+
+
+def compute_bytes(shape: Shape, n_ubatch: int, n_ctx: int, flash_attn: bool) -> int:
+    """The largest tensors a forward pass holds at once, as Ollama's estimate models llama.cpp's graph:
+    the attention scores (n_ctx × n_ubatch per head, f32) unless flash attention tiles them away, or the
+    logits (n_vocab per token), whichever is larger. Without flash attention the CPU backend also
+    converts the scores to f16 for their product with V, in a work buffer of its own (measured: +32 MiB
+    at n_ctx 4096 with 8 heads)."""
+    if flash_attn:  # no score matrix: activations, the f16 mask over the context, the FFN
+        attention = 4 * n_ubatch * (1 + 4 * shape.n_embd + shape.n_ff) + 2 * n_ubatch * n_ctx
+    else:
+        attention = 4 * n_ubatch * (1 + 4 * shape.n_embd + n_ctx * (1 + shape.n_head)) + 2 * n_ubatch * n_ctx * shape.n_head
+    return max(attention, 4 * n_ubatch * (shape.n_embd + shape.n_vocab))
+
+
+def estimate(shape: Shape, config: ModelConfig) -> Estimate:
+    n_layer = len(shape.layer_bytes)
+    n_ctx = padded_ctx(config.n_ctx)
+    on_gpu = n_layer + 1 if config.n_gpu_layers < 0 else min(config.n_gpu_layers, n_layer + 1)
+    first_gpu_layer = n_layer - min(on_gpu, n_layer)  # llama.cpp offloads the last layers
+    output_on_gpu = on_gpu > n_layer
+
+    def kv(layer: int) -> int:
+        heads = shape.n_head_kv[layer] if layer < len(shape.n_head_kv) else shape.n_head
+        per_token = heads * (shape.head_dim_k * KV_TYPE_BYTES[config.type_k] + shape.head_dim_v * KV_TYPE_BYTES[config.type_v])
+        return int(n_ctx * per_token)
+
+    host_layers = range(first_gpu_layer)
+    gpu_layers = range(first_gpu_layer, n_layer)
+    weights_host = shape.input_bytes + sum(shape.layer_bytes[i] for i in host_layers) + (0 if output_on_gpu else shape.output_bytes)
+    weights_gpu = sum(shape.layer_bytes[i] for i in gpu_layers) + (shape.output_bytes if output_on_gpu else 0)
+    n_ubatch = min(config.n_batch, N_UBATCH)
+    warm = min(n_ctx, padded_ctx(config.n_batch))  # the warm-up pass fills one n_batch of context
+    full = compute_bytes(shape, n_ubatch, n_ctx, config.flash_attn)
+    logits = 4 * n_ubatch * (shape.n_embd + shape.n_vocab)
+    all_on_gpu = on_gpu > 0 and first_gpu_layer == 0
+    return Estimate(
+        n_ctx=n_ctx,
+        replicas=config.replicas,
+        weights_mapped=weights_host if config.use_mmap else 0,
+        weights_private=0 if config.use_mmap else weights_host,
+        weights_gpu=weights_gpu,
+        kv_cpu=sum(kv(i) for i in host_layers),
+        kv_gpu=sum(kv(i) for i in gpu_layers),
+        # With every layer on the GPU the host keeps only the input and output staging.
+        compute_cpu_at_load=logits if all_on_gpu else compute_bytes(shape, n_ubatch, warm, config.flash_attn),
+        compute_cpu_peak=logits if all_on_gpu else full,
+        compute_gpu=full if on_gpu else 0,
+        runtime=RUNTIME_BYTES,
+        gpu_runtime=GPU_RUNTIME_BYTES if on_gpu else 0,
+    )
