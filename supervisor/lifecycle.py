@@ -14,7 +14,7 @@ import itertools
 import random
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Awaitable, Callable
 
 import structlog
 
@@ -22,6 +22,7 @@ from worker.heartbeat import read_beat
 
 from .config import ModelConfig
 from .errors import ApiError, unavailable
+from .estimate import estimate
 from .events import EventBus
 from .gguf_file import GGUFInfo
 from .manager import Spawn, WorkerProcess
@@ -76,7 +77,8 @@ class Lifecycle:
     def __init__(self, config: ModelConfig, gguf: GGUFInfo, socket_dir: Path, monitor: Monitor, events: EventBus,
                  on_change: Callable[[], None] = lambda: None, rng: random.Random | None = None,
                  clock: Callable[[], float] = time.monotonic, standby: StandbyPool | None = None,
-                 room: Callable[[Usage], tuple[bool, str]] = lambda needed: (True, "")) -> None:
+                 room: Callable[[Usage], tuple[bool, str]] = lambda needed: (True, ""),
+                 admit: Callable[["Lifecycle"], Awaitable[None]] | None = None) -> None:
         self.config = config
         self.events = events
         self.gguf = gguf
@@ -109,6 +111,7 @@ class Lifecycle:
         self._clock = clock
         self._standby = standby
         self._room = room  # whether the memory budgets hold a replacement beside the workers running now
+        self._admit = admit  # before any worker starts: make room, or refuse with RESOURCE_EXHAUSTED
         # Thermal state per GPU the model's workers have run on (NVML says which); kept while unloaded,
         # so a model drained by a critical GPU is not loaded onto it again before it cools.
         self.gpus: set[int] = set()
@@ -138,6 +141,17 @@ class Lifecycle:
     @property
     def serving(self) -> bool:
         return self.worker is not None and self.worker.state in SERVING_STATES
+
+    @property
+    def holds_memory(self) -> bool:
+        """A worker of this model is running, draining or loading (admitted: it counts against the budgets)."""
+        return self._launching is not None or any(w is not None and w.alive for w in (self.worker, *self._retiring))
+
+    @property
+    def idle(self) -> bool:
+        """No request running or queued: evicting it now costs nobody a wait."""
+        return (self.worker is not None and self.worker.state == WorkerState.READY and not self.waiting
+                and not self.slot.locked())
 
     # -- start -----------------------------------------------------------------------------------------
     def start_task(self, warm_after: WorkerProcess | None = None) -> asyncio.Task[WorkerProcess]:
@@ -175,6 +189,13 @@ class Lifecycle:
             await asyncio.sleep(after)
         if self.closed:
             raise unavailable(f"model {self.name!r} {self.closed_reason}")
+        if self._admit is not None:
+            try:
+                await self._admit(self)
+            except ApiError as e:  # no room now: the next request tries again, the model is not FATAL
+                self.last_exit = e.message
+                self._on_change()
+                raise
         self.fatal_reason = ""
         try:
             worker = await self._launch(warm_after)
@@ -405,8 +426,8 @@ class Lifecycle:
 
         Synchronous up to the DRAINING mark, so two decisions in one tick cannot both start a recycle.
         """
-        baseline = worker.watch.baseline  # what a fresh worker holds after its warm-up
-        first, why = self._room(Usage(baseline.private, baseline.gpu or 0) if baseline else Usage())
+        cost = estimate(self.gguf.shape, self.config)  # what the replacement may come to hold
+        first, why = self._room(Usage(cost.private_peak, cost.gpu))
         self.events.emit("worker_recycle", self.name, "info", worker.pid, reason, graceful=True,
                          replacement="first" if first else f"after the old worker exits: {why}",
                          **{**memory_figures(worker), **(figures or {})})
@@ -454,6 +475,14 @@ class Lifecycle:
         worker = await self.ready_worker()
         self.begin_recycle(worker, reason, kind="by_hand")
         return await self.start()
+
+    async def evict(self, reason: str) -> None:
+        """Unload the worker to make room for another model (it starts again on its next request)."""
+        worker = self.worker
+        if worker is None or worker.state not in SERVING_STATES:
+            return
+        self.events.emit("model_evicted", self.name, "info", worker.pid, reason, **memory_figures(worker))
+        await self._retire_later(worker, reason, replacement=None)
 
     # -- by hand and by reload -------------------------------------------------------------------------
     async def stop_by_hand(self, reason: str) -> WorkerProcess | None:

@@ -11,13 +11,13 @@ import grpc
 import structlog
 
 from .config import ConfigError, Host, ModelConfig, SupervisorConfig, model_config
-from .errors import ApiError, invalid, not_found
+from .errors import ApiError, exhausted, invalid, not_found
 from .estimate import Estimate, estimate
 from .gguf_file import GGUFInfo, read_gguf_info, resolve_model_path
 from .events import EventBus
 from .lifecycle import Lifecycle
 from .monitor import Monitor
-from .policies import Usage, replacement_first
+from .policies import Resident, Usage, admission, mib, replacement_first
 from .reload import Change, Plan
 from . import state
 from .scheduler import ModelRuntime
@@ -41,6 +41,7 @@ class Registry:
         self.standby = standby
         self.state_path = config.state_dir / "models.json"
         self._loaded_by_api: dict[str, LoadedModel] = {}
+        self._admission = asyncio.Lock()
 
     def get(self, name: str) -> ModelRuntime:
         runtime = self.models.get(name)
@@ -73,7 +74,8 @@ class Registry:
         gguf = await asyncio.to_thread(read_gguf_info, path)
         # Late binding: the lambda reads `runtime` when a worker changes, by then it is assigned.
         lifecycle = Lifecycle(config, gguf, self._socket_dir, self.monitor, self.events,
-                              on_change=lambda: self._on_change(runtime), standby=self.standby, room=self.room)
+                              on_change=lambda: self._on_change(runtime), standby=self.standby, room=self.room,
+                              admit=self.admit)
         runtime = ModelRuntime(source, lifecycle)
         self.models[config.name] = runtime  # reserve the name while loading
         try:
@@ -85,12 +87,38 @@ class Registry:
             raise
         return runtime
 
+    async def admit(self, starting: Lifecycle) -> None:
+        """Before any worker starts: within memory_budget, gpu_memory_budget and max_loaded_models, by the
+        estimate at full context (or what a worker holds, if more). Idle models are evicted least recently
+        used first, never pinned ones; RESOURCE_EXHAUSTED with the figures when that is not enough.
+        One admission at a time, so two loads cannot both take the same room."""
+        async with self._admission:
+            figures = estimate(starting.gguf.shape, starting.config)
+            needed = Usage(figures.private_peak, figures.gpu)
+            c = self.config
+            budget = Usage(c.memory_budget or 0, c.gpu_memory_budget or 0)
+            residents = [self._resident(rt) for rt in self.models.values()
+                         if rt.lifecycle is not starting and rt.lifecycle.holds_memory]
+            decision = admission(needed, budget, c.max_loaded_models, residents)
+            if decision.refused:
+                raise exhausted(refusal(starting.name, needed, budget, c.max_loaded_models, residents, decision.refused))
+            for name in decision.evict:
+                log.info("evicting", model=name, for_model=starting.name)
+                await self.models[name].lifecycle.evict(f"evicted to make room for {starting.name!r}")
+
+    def _resident(self, runtime: ModelRuntime) -> Resident:
+        life, figures = runtime.lifecycle, runtime.estimate
+        measured = life.usage()  # a worker past its estimate (a leak) holds what it holds
+        return Resident(runtime.name, Usage(max(figures.private_peak, measured.private), max(figures.gpu, measured.gpu)),
+                        life.last_used, runtime.config.pinned, life.idle)
+
     def room(self, needed: Usage) -> tuple[bool, str]:
-        """Whether the memory budgets hold `needed` beside every worker running now."""
+        """Whether the memory budgets hold `needed` beside every worker running now, counted as admission
+        counts them."""
         c = self.config
         budget = Usage(c.memory_budget or 0, c.gpu_memory_budget or 0) if (c.memory_budget or c.gpu_memory_budget) else None
-        in_use = [rt.lifecycle.usage() for rt in self.models.values()]
-        return replacement_first(budget, Usage(sum(u.private for u in in_use), sum(u.gpu for u in in_use)), needed)
+        held = [self._resident(rt).usage for rt in self.models.values() if rt.lifecycle.holds_memory]
+        return replacement_first(budget, Usage(sum(u.private for u in held), sum(u.gpu for u in held)), needed)
 
     async def load_by_api(self, request: LoadedModel, source: str = "api", keep_on_failure: bool = False) -> ModelRuntime:
         """A model loaded at run time: recorded in the state directory, so a restart loads it again."""
@@ -169,3 +197,20 @@ class Registry:
             self._loaded_by_api.pop(runtime.name, None)
             self._record()
         await runtime.lifecycle.reconfigure(change.config, gguf, change.keys, change.new_worker)
+
+
+def refusal(name: str, needed: Usage, budget: Usage, max_models: int, residents: list[Resident], broken: str) -> str:
+    """RESOURCE_EXHAUSTED's message: what the model needs, the limits it breaks and what holds the room."""
+    held = ", ".join(f"{r.name} {mib(r.usage.private)}" + (f" + {mib(r.usage.gpu)} GPU" if r.usage.gpu else "")
+                     + (" (pinned)" if r.pinned else "" if r.idle else " (busy)") for r in residents) or "nothing"
+    limits = []
+    if "memory_budget" in broken:
+        limits.append(f"memory_budget is {mib(budget.private)} with {mib(sum(r.usage.private for r in residents))} held")
+    if "gpu_memory_budget" in broken:
+        limits.append(f"gpu_memory_budget is {mib(budget.gpu)} with {mib(sum(r.usage.gpu for r in residents))} held")
+    if "max_loaded_models" in broken:
+        limits.append(f"max_loaded_models is {max_models} with {len(residents)} loaded")
+    gpu = f" and {mib(needed.gpu)} of GPU memory" if needed.gpu else ""
+    return (f"model {name!r} does not fit: it needs {mib(needed.private)} of host memory at full context{gpu} "
+            f"(`llmctl estimate` shows the parts); {'; '.join(limits)}; loaded: {held}. Only idle models that are "
+            f"not pinned are evicted to make room; unload one, or lower n_ctx, type_k/type_v or n_gpu_layers")
