@@ -259,7 +259,7 @@ def worker_status(runtime: ModelRuntime) -> pb.WorkerStatus:
                              recycles=life.recycles, last_recycle_reason=life.last_recycle_reason,
                              throttle_reason=life.throttle_reason,
                              gpu_temperature_c=life.gpu_temperature or 0,
-                             tokens_per_second=life.last_tokens_per_second)
+                             tokens_per_second=life.last_tokens_per_second, memory_note=life.memory_note)
     if worker is not None and worker.alive:
         status.pid = worker.pid
         status.requests_served = worker.requests_served

@@ -127,3 +127,32 @@ def estimate(shape: Shape, config: ModelConfig) -> Estimate:
         runtime=RUNTIME_BYTES,
         gpu_runtime=GPU_RUNTIME_BYTES if on_gpu else 0,
     )
+
+
+def mlock_refusal(figures: Estimate, memlock_limit: int, may_lock_any: bool) -> str:
+    """Why use_mlock cannot work here, or "". llama.cpp only warns when mlock fails and runs unlocked:
+    the operator asked for locked weights, so a load that cannot have them is refused instead.
+    `memlock_limit` is RLIMIT_MEMLOCK (-1: unlimited); `may_lock_any`: the process has CAP_IPC_LOCK."""
+    weights = figures.weights_mapped + figures.weights_private
+    if may_lock_any or memlock_limit < 0 or weights <= memlock_limit:
+        return ""
+    return (f"use_mlock locks the weights ({weights / MiB:.1f} MiB) in RAM but RLIMIT_MEMLOCK allows "
+            f"{memlock_limit / MiB:.1f} MiB: raise it (LimitMEMLOCK=infinity in the unit, `systemctl edit "
+            f"llm-supervisor`) or leave use_mlock off")
+
+
+def host_memory_note(figures: Estimate, available: int) -> str:
+    """What an operator should know about weights that do not fit the free RAM, or ""."""
+    if figures.weights_mapped > available:
+        return (f"weights ({figures.weights_mapped / MiB:.0f} MiB) are larger than the free RAM ({available / MiB:.0f} "
+                f"MiB): mmap'd, they are read from the file as needed, so tokens come slower than from RAM")
+    return ""
+
+
+def unmapped_refusal(figures: Estimate, available: int) -> str:
+    """A load that would read more weights into memory than is free fails inside llama.cpp ("unable to
+    allocate CPU buffer"): refuse it first, and say what works."""
+    if figures.weights_private > available:
+        return (f"use_mmap = false reads the weights ({figures.weights_private / MiB:.0f} MiB) into memory but only "
+                f"{available / MiB:.0f} MiB is free: leave use_mmap on, and the weights are paged in from the file")
+    return ""

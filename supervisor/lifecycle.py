@@ -97,6 +97,7 @@ class Lifecycle:
         self.closed_reason = "is being unloaded"  # completes "model 'x' …" in what requests are told
         self.output = OutputLog()  # its workers' output lines, for llmctl tail
         self.last_tokens_per_second = 0.0
+        self.memory_note = ""  # set at admission: e.g. weights larger than the free RAM, read from the file
         self._retiring: set[WorkerProcess] = set()  # draining after a recycle, no longer self.worker
         self.waiting = 0  # requests queued for the slot
         self.keep_alive = config.keep_alive  # a request may change it for the model, as in Ollama

@@ -1,4 +1,5 @@
-"""Reads of /proc/PID/status: what a worker owns privately versus the shared, file-backed weights."""
+"""Reads of /proc/PID/status: what a worker owns privately versus the shared, file-backed weights, and
+the capabilities a process has."""
 
 from __future__ import annotations
 
@@ -29,3 +30,15 @@ def read_memory(pid: int, proc: str = "/proc") -> MemorySample | None:
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         return None
     return MemorySample(values.get("RssAnon", 0), values.get("RssFile", 0), values.get("VmSwap", 0))
+
+
+CAP_IPC_LOCK = 14
+
+
+def has_capability(bit: int, pid: str = "self", proc: str = "/proc") -> bool:
+    """Whether the process's effective capability set (CapEff) holds capability number `bit`."""
+    with open(f"{proc}/{pid}/status") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> bit & 1)
+    return False

@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import re
+import resource
 from pathlib import Path
 from typing import Callable, Mapping
 
 import grpc
+import psutil
 import structlog
 
 from .config import ConfigError, Host, ModelConfig, SupervisorConfig, model_config
-from .errors import ApiError, exhausted, invalid, not_found
-from .estimate import Estimate, estimate
+from .errors import ApiError, exhausted, invalid, not_found, precondition
+from .estimate import Estimate, estimate, host_memory_note, mlock_refusal, unmapped_refusal
 from .gguf_file import GGUFInfo, read_gguf_info, resolve_model_path
 from .events import EventBus
 from .lifecycle import Lifecycle
 from .monitor import Monitor
+from .procfs import CAP_IPC_LOCK, has_capability
 from .policies import Resident, Usage, admission, mib, replacement_first
 from .reload import Change, Plan
 from . import state
@@ -95,6 +98,17 @@ class Registry:
         async with self._admission:
             figures = estimate(starting.gguf.shape, starting.config)
             needed = Usage(figures.private_peak, figures.gpu)
+            available = psutil.virtual_memory().available
+            if starting.config.use_mlock:
+                memlock = resource.getrlimit(resource.RLIMIT_MEMLOCK)[0]
+                refused = mlock_refusal(figures, -1 if memlock == resource.RLIM_INFINITY else memlock,
+                                        has_capability(CAP_IPC_LOCK))
+                if refused:
+                    raise precondition(f"model {starting.name!r}: {refused}")
+            refused = unmapped_refusal(figures, available)
+            if refused:
+                raise exhausted(f"model {starting.name!r}: {refused}")
+            starting.memory_note = host_memory_note(figures, available)
             c = self.config
             budget = Usage(c.memory_budget or 0, c.gpu_memory_budget or 0)
             residents = [self._resident(rt) for rt in self.models.values()

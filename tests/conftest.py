@@ -120,16 +120,18 @@ def model_table(name: str, path: Path | str, **options) -> str:
 
 
 def launch(model_dir: Path, models: str = "", env: dict[str, str] | None = None, extra: str = "",
-           config: bool = True, address_flag: bool = False, state_dir: Path | None = None) -> Daemon:
+           config: bool = True, address_flag: bool = False, state_dir: Path | None = None,
+           prefix: tuple[str, ...] = ()) -> Daemon:
     """Start llm-supervisord in a fresh directory and wait until it serves (with --address if asked).
-    Give `state_dir` to keep state across daemons (it is not removed with the daemon's directory)."""
+    Give `state_dir` to keep state across daemons (it is not removed with the daemon's directory);
+    `prefix` runs it under a command such as prlimit."""
     # Unix socket paths must stay under 108 bytes: pytest's tmp_path can be too deep.
     base = Path(tempfile.mkdtemp(prefix="llms-"))
     run_dir, state_dir = base / "run", state_dir or base / "state"
     address = f"unix://{base / 'flag.sock' if address_flag else run_dir / 'supervisor.sock'}"
     log_path = base / "daemon.log"
     process_env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
-    cmd = [sys.executable, "-m", "supervisor.daemon"]
+    cmd = [*prefix, sys.executable, "-m", "supervisor.daemon"]
     if config:
         config_path = base / "config.toml"
         config_path.write_text(

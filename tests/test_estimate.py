@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
 
+import grpc
 import pytest
 
 from llm_supervisor.v1 import supervisor_pb2 as pb
 from supervisor.config import Host, model_config
 from supervisor.demo_model import ModelShape, write_model
-from supervisor.estimate import KV_TYPE_BYTES, estimate
+from supervisor.estimate import KV_TYPE_BYTES, estimate, host_memory_note, mlock_refusal, unmapped_refusal
 from supervisor.gguf_file import read_gguf_info
 from tests.conftest import launch
 from tests.test_llmctl import llmctl
@@ -110,3 +112,30 @@ def test_llmctl_estimate_prints_the_parts(shapes_daemon):
     assert int(as_json["estimate"]["weights_gpu_bytes"]) > 0 and int(as_json["estimate"]["gpu_runtime_bytes"]) > 0
     bad = llmctl(shapes_daemon, "estimate", "gqa.gguf", "--option", "type_k=q3")
     assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr and "type_k must be one of" in bad.stderr
+
+
+def test_mlock_mmap_and_free_ram_checks(tmp_path):
+    shape = read_gguf_info(write_model(tmp_path / "gqa.gguf", GQA)).shape
+    mapped, unmapped = estimate(shape, config(use_mlock=True)), estimate(shape, config(use_mmap=False))
+    weights = mapped.weights_mapped
+    assert mlock_refusal(mapped, -1, False) == "" and mlock_refusal(mapped, weights, False) == ""
+    assert mlock_refusal(mapped, 0, True) == ""  # CAP_IPC_LOCK may lock anything
+    assert "RLIMIT_MEMLOCK allows 8.0 MiB" in mlock_refusal(mapped, 8 * MiB, False)
+    assert host_memory_note(mapped, weights - 1).startswith("weights (") and host_memory_note(mapped, weights) == ""
+    assert "leave use_mmap on" in unmapped_refusal(unmapped, weights - 1)
+    assert unmapped_refusal(unmapped, weights) == "" and unmapped_refusal(mapped, 0) == ""
+
+
+def test_use_mlock_past_rlimit_memlock_is_refused_with_what_to_do(model_dir):
+    # No CAP_IPC_LOCK (root has it: drop it from the bounding set) and 64 KiB of RLIMIT_MEMLOCK.
+    prefix = (("setpriv", "--bounding-set", "-ipc_lock") if os.geteuid() == 0 else ()) + ("prlimit", "--memlock=65536:65536")
+    daemon = launch(model_dir, "", prefix=prefix)
+    try:
+        with pytest.raises(grpc.RpcError) as refused:
+            daemon.stub.LoadModel(pb.LoadModelRequest(name="locked", path="tiny.gguf", options={"use_mlock": "true"}))
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "RLIMIT_MEMLOCK allows 0.1 MiB" in refused.value.details()
+        assert "LimitMEMLOCK=infinity" in refused.value.details()
+        daemon.stub.LoadModel(pb.LoadModelRequest(name="unlocked", path="tiny.gguf"))
+    finally:
+        daemon.stop()

@@ -153,9 +153,9 @@ def cmd_status(args, stub, out: Output) -> int:
              f"{w.cpu_percent:.0f}%" if w.pid else "-", f"{w.gpu_temperature_c:.0f}°C" if w.gpu_temperature_c else "-",
              str(w.requests_served), str(w.queue_depth), str(w.restarts), str(w.recycles),
              human_duration(w.uptime_s) if w.pid else "-", until(w),
-             w.throttle_reason or w.last_exit or w.last_recycle_reason] for w in workers]
+             w.throttle_reason or w.last_exit or w.last_recycle_reason or w.memory_note] for w in workers]
     out.table(["MODEL", "STATE", "PID", "PRIVATE", "FILE", "GPU", "CPU", "TEMP", "REQUESTS", "QUEUE", "RESTARTS",
-               "RECYCLES", "UPTIME", "UNTIL", "THROTTLED / LAST EXIT / RECYCLE"], rows)
+               "RECYCLES", "UPTIME", "UNTIL", "THROTTLED / LAST EXIT / RECYCLE / NOTE"], rows)
     host = [f"GPU {g.index}: {g.temperature_c:.0f}°C, {human_bytes(g.memory_used_bytes)} of "
             f"{human_bytes(g.memory_total_bytes)}" for g in status.gpus]
     if status.HasField("cpu_temperature_c"):
