@@ -224,3 +224,19 @@ def test_sigterm_ends_what_outlasts_shutdown_timeout_with_a_reason(start_daemon)
     assert "shutting down and shutdown_timeout (1 s) has passed" in result["error"].details()
     assert daemon.proc.wait(30) == 0
     assert time.monotonic() - started < 12  # not the 15 s the request wanted
+
+
+def test_a_queued_request_whose_deadline_passes_leaves_the_queue_and_never_runs(start_daemon):
+    daemon = start_daemon(slow_model(), env={"TEST_TOKEN_DELAY": "0.03"})
+    running, result = in_background(open_stream(daemon, max_tokens=100))  # 3 s of tokens
+    wait_for(lambda: daemon.worker("tiny").state == "BUSY", what="the first request to run")
+    late = daemon.stub.Generate(pb.GenerateRequest(model="tiny", prompt="late", options=pb.SamplingOptions(max_tokens=2)),
+                                timeout=0.5)
+    with pytest.raises(grpc.RpcError) as expired:
+        list(late)
+    assert expired.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    wait_for(lambda: daemon.worker("tiny").queue_depth == 0, what="the expired request to leave the queue")
+    assert running.is_alive() and daemon.worker("tiny").state == "BUSY"  # it left while the worker was busy
+    running.join(30)
+    assert result["chunks"][-1].usage.completion_tokens == 100
+    assert list(open_stream(daemon, max_tokens=2))[-1].usage.completion_tokens == 2
