@@ -13,8 +13,10 @@ from llm_supervisor.v1 import supervisor_pb2 as pb
 from llm_supervisor.v1 import supervisor_pb2_grpc
 from llm_supervisor.v1 import worker_pb2
 
+from worker.history import drop_oldest, strip_thinking
+
 from . import __version__
-from .config import ConfigError
+from .config import ConfigError, ModelConfig
 from .errors import ApiError, invalid, precondition
 from .estimate import Estimate
 from .gpu import GpuReading
@@ -45,19 +47,24 @@ class SupervisorService(supervisor_pb2_grpc.SupervisorServicer):
         self._started = clock()
 
     async def _stream(self, model: str, keep_alive: str, request: worker_pb2.WorkerGenerateRequest,
-                      context: grpc.aio.ServicerContext, check: Callable[[], None]) -> AsyncIterator[pb.GenerateChunk]:
-        """Generate and Chat alike: `check` is the request's own validation (prompt or messages)."""
+                      context: grpc.aio.ServicerContext, check: Callable[[], None],
+                      shape: Callable[[ModelConfig], int] = lambda config: 0) -> AsyncIterator[pb.GenerateChunk]:
+        """Generate and Chat alike: `check` is the request's own validation (prompt or messages); `shape`
+        fits it to the model's settings and says how many chat messages that left out."""
         try:
             check()
             check_model_name(model)
             runtime = self.registry.get(model)
             request.options.CopyFrom(check_options(request.options, runtime.config))
+            dropped = shape(runtime.config)
             if keep_alive:
                 runtime.lifecycle.keep_alive = check_keep_alive(keep_alive)
             # aclosing: a cancelled client must free the model's slot now, not when the generator is collected.
             last = None
             async with aclosing(runtime.generate(request)) as chunks:
                 async for chunk in chunks:
+                    if chunk.finish_reason:
+                        chunk.usage.messages_dropped += dropped  # the worker's own count is for n_ctx
                     last = chunk
                     yield chunk
             if last is not None:
@@ -78,7 +85,15 @@ class SupervisorService(supervisor_pb2_grpc.SupervisorServicer):
 
     async def Chat(self, request: pb.ChatRequest, context) -> AsyncIterator[pb.GenerateChunk]:
         work = worker_pb2.WorkerGenerateRequest(chat=request, options=request.options)
-        stream = self._stream(request.model, request.keep_alive, work, context, lambda: check_messages(request.messages))
+
+        def shape(config: ModelConfig) -> int:
+            messages, dropped = chat_history(request.messages, config)
+            del work.chat.messages[:]
+            work.chat.messages.extend(messages)
+            return dropped
+
+        stream = self._stream(request.model, request.keep_alive, work, context, lambda: check_messages(request.messages),
+                              shape)
         async with aclosing(stream) as chunks:
             async for chunk in chunks:
                 yield chunk
@@ -211,6 +226,19 @@ class SupervisorService(supervisor_pb2_grpc.SupervisorServicer):
             gpus=[gpu_status(r) for r in (monitor.last_gpus.readings if monitor.last_gpus else [])],
             cpu_temperature_c=monitor.last_cpu_temperature,
         )
+
+
+def chat_history(messages, config: ModelConfig) -> tuple[list[pb.ChatMessage], int]:
+    """The history as the model's settings want it: reasoning stripped from earlier assistant turns
+    (strip_thinking), the oldest turns beyond max_history_messages left out; and how many were."""
+    history = [{"role": m.role, "content": m.content} for m in messages]
+    if config.strip_thinking:
+        history = strip_thinking(history)
+    dropped = 0
+    if config.max_history_messages:
+        history, dropped = drop_oldest(
+            history, lambda kept: sum(m["role"] != "system" for m in kept) <= config.max_history_messages)
+    return [pb.ChatMessage(**m) for m in history], dropped
 
 
 def reload_response(change: Plan, errors: dict[str, str], path: str, applied: bool) -> pb.ReloadConfigResponse:

@@ -49,6 +49,8 @@ class ModelConfig:
     heartbeat_timeout: float = 60.0  # a busy worker with no token or prompt batch for this long is hung
     max_queue: int = 64
     max_tokens: int = 0  # cap on a request's max_tokens; 0 = no cap beyond the context
+    max_history_messages: int = 0  # Chat: the newest this many non-system messages are kept; 0 = all that fit
+    strip_thinking: bool = True  # Chat: earlier assistant turns lose their <think>…</think> reasoning
     rlimit_data: int | None = None  # kernel's last line on private memory (RLIMIT_DATA)
     rlimit_nofile: int = 1024
     load_timeout: float = 120.0
@@ -187,6 +189,7 @@ def _check_model(cfg: ModelConfig) -> None:
     need(cfg.replicas == 1, f"replicas other than 1 are not supported yet, got {cfg.replicas}")
     need(cfg.max_queue >= 0, f"max_queue must be 0 or more, got {cfg.max_queue}")
     need(cfg.max_tokens >= 0, f"max_tokens must be 0 (no cap) or more, got {cfg.max_tokens}")
+    need(cfg.max_history_messages >= 0, f"max_history_messages must be 0 (no limit) or more, got {cfg.max_history_messages}")
     need(cfg.max_requests >= 0, f"max_requests must be 0 (no limit) or more, got {cfg.max_requests}")
     need(cfg.max_requests_jitter >= 0, f"max_requests_jitter must be 0 or more, got {cfg.max_requests_jitter}")
     need(cfg.hard_memory_factor >= 1.0, f"hard_memory_factor must be 1 or more, got {cfg.hard_memory_factor:g}")

@@ -48,6 +48,7 @@ class Outcome:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_prompt_tokens: int = 0
+    messages_dropped: int = 0  # chat turns left out to fit the context
     time_to_first_token_s: float = 0.0
     total_s: float = 0.0
     first_token_at: float = field(default=0.0, repr=False)

@@ -24,6 +24,7 @@ from llm_supervisor.v1 import worker_pb2, worker_pb2_grpc
 
 from .engine import Engine, EngineError, EngineInfo
 from .generation import Outcome, Sampling, generate_text
+from .history import drop_oldest
 
 _DONE = object()
 
@@ -83,13 +84,25 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         tokens = self.engine.tokenize(request.text, request.add_special)
         return pb.TokenizeResponse(tokens=tokens, count=len(tokens), n_ctx=self.info.n_ctx)
 
-    def _prompt(self, request: worker_pb2.WorkerGenerateRequest, context) -> list[int]:
+    def _prompt(self, request: worker_pb2.WorkerGenerateRequest, context) -> tuple[list[int], int]:
+        """The prompt's tokens, and how many chat messages were left out to fit it in the context."""
+        n_ctx, max_tokens = self.info.n_ctx, request.options.max_tokens
+        dropped = 0
         if request.WhichOneof("input") == "chat":
+            # The oldest turns go until the prompt leaves room for the reply: max_tokens, or without
+            # one a quarter of the context. The final chunk's usage says how many went.
             messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
-            prompt = self.engine.chat_prompt(messages)
+            limit = n_ctx - (max_tokens or n_ctx // 4)
+            prompt: list[int] = []
+
+            def fits(kept: list[dict[str, str]]) -> bool:
+                nonlocal prompt
+                prompt = self.engine.chat_prompt(kept)
+                return len(prompt) <= limit
+
+            _, dropped = drop_oldest(messages, fits)  # the last messages it tried are those kept
         else:
             prompt = self.engine.tokenize(request.prompt, add_special=True)
-        n_ctx, max_tokens = self.info.n_ctx, request.options.max_tokens
         if len(prompt) >= n_ctx:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"prompt is {len(prompt)} tokens but model {self.name!r} has a context of {n_ctx} tokens "
@@ -98,18 +111,18 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) is more than model {self.name!r}'s "
                           f"context of {n_ctx} tokens (n_ctx); ask for at most {n_ctx - len(prompt)} tokens")
-        return prompt
+        return prompt, dropped
 
     def Generate(self, request: worker_pb2.WorkerGenerateRequest, context) -> Iterator[pb.GenerateChunk]:
         try:
-            prompt = self._prompt(request, context)
+            prompt, dropped = self._prompt(request, context)
         except EngineError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         sampling = sampling_from(request.options)
         cancel = threading.Event()
         context.add_callback(cancel.set)  # client gone or cancelled: stop at the next token
         pieces: queue.SimpleQueue = queue.SimpleQueue()
-        outcome = Outcome()
+        outcome = Outcome(messages_dropped=dropped)
         self._slot.submit(self._run, prompt, sampling, cancel, pieces, outcome)
         last_sent = 0.0
         while True:
@@ -160,7 +173,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             tokens=tokens,
             finish_reason=pb.FinishReason.Value(f"FINISH_REASON_{outcome.finish_reason}"),
             usage=pb.Usage(prompt_tokens=outcome.prompt_tokens, completion_tokens=outcome.completion_tokens,
-                           cached_prompt_tokens=outcome.cached_prompt_tokens),
+                           cached_prompt_tokens=outcome.cached_prompt_tokens, messages_dropped=outcome.messages_dropped),
             timings=pb.Timings(time_to_first_token_s=outcome.time_to_first_token_s,
                                tokens_per_second=outcome.tokens_per_second, total_s=outcome.total_s),
             model=self.name,
