@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from contextlib import aclosing
 from typing import AsyncIterator, Callable
@@ -20,6 +21,8 @@ from .config import ConfigError, ModelConfig
 from .errors import ApiError, invalid, precondition
 from .estimate import Estimate
 from .gpu import GpuReading
+from .lifecycle import Lifecycle
+from .manager import WorkerProcess
 from .policies import cpu_percent
 from .procfs import read_memory
 from .registry import Registry
@@ -58,7 +61,9 @@ class SupervisorService(supervisor_pb2_grpc.SupervisorServicer):
             request.options.CopyFrom(check_options(request.options, runtime.config))
             dropped = shape(runtime.config)
             if keep_alive:
-                runtime.lifecycle.keep_alive = check_keep_alive(keep_alive)
+                seconds = check_keep_alive(keep_alive)
+                for life in runtime.replicas:
+                    life.keep_alive = seconds
             # aclosing: a cancelled client must free the model's slot now, not when the generator is collected.
             last = None
             async with aclosing(runtime.generate(request)) as chunks:
@@ -68,7 +73,7 @@ class SupervisorService(supervisor_pb2_grpc.SupervisorServicer):
                     last = chunk
                     yield chunk
             if last is not None:
-                runtime.lifecycle.last_tokens_per_second = last.timings.tokens_per_second
+                runtime.last_tokens_per_second = last.timings.tokens_per_second
                 if self.metrics:
                     self.metrics.finished(model, last)
         except ApiError as e:
@@ -117,23 +122,26 @@ class SupervisorService(supervisor_pb2_grpc.SupervisorServicer):
 
     async def StartModel(self, request: pb.StartModelRequest, context) -> pb.StartModelResponse:
         try:
-            worker, running = await self.registry.get(request.name).lifecycle.start_by_hand()
+            started = await asyncio.gather(*(life.start_by_hand() for life in self.registry.get(request.name).replicas))
         except ApiError as e:
             await _abort(context, e)
+        (worker, _), running = started[0], all(was for _, was in started)
         log.info("model_started", model=request.name, worker_pid=worker.pid, already_running=running)
         return pb.StartModelResponse(pid=worker.pid, already_running=running)
 
     async def StopModel(self, request: pb.StopModelRequest, context) -> pb.StopModelResponse:
         try:
-            worker = await self.registry.get(request.name).lifecycle.stop_by_hand("stopped by hand (llmctl stop)")
+            stopped = await asyncio.gather(*(life.stop_by_hand("stopped by hand (llmctl stop)")
+                                             for life in self.registry.get(request.name).replicas))
         except ApiError as e:
             await _abort(context, e)
+        worker = stopped[0]
         log.info("model_stopped", model=request.name, worker_pid=worker.pid if worker else 0)
         return pb.StopModelResponse(pid=worker.pid if worker else 0)
 
     async def TailModel(self, request: pb.TailModelRequest, context) -> AsyncIterator[pb.LogLine]:
         try:
-            output = self.registry.get(request.name).lifecycle.output
+            output = self.registry.get(request.name).output
         except ApiError as e:
             await _abort(context, e)
             return
@@ -181,16 +189,11 @@ class SupervisorService(supervisor_pb2_grpc.SupervisorServicer):
 
     async def RecycleModel(self, request: pb.RecycleModelRequest, context) -> pb.RecycleModelResponse:
         try:
-            life = self.registry.get(request.name).lifecycle
-            old = await life.ready_worker()
-            if request.hard:
-                life.recycle_now(old, "restarted by hand (llmctl restart)", kind="by_hand")
-                await old.exited.wait()
-                fresh = await life.ready_worker()
-            else:
-                fresh = await life.recycle("recycled by hand (llmctl recycle)")
+            # One replica after another, so the others serve meanwhile; the reply names the first's workers.
+            replaced = [await recycle_by_hand(life, request.hard) for life in self.registry.get(request.name).replicas]
         except ApiError as e:
             await _abort(context, e)
+        old, fresh = replaced[0]
         return pb.RecycleModelResponse(old_pid=old.pid, new_pid=fresh.pid)
 
     async def WatchEvents(self, request: pb.WatchEventsRequest, context) -> AsyncIterator[pb.Event]:
@@ -198,10 +201,9 @@ class SupervisorService(supervisor_pb2_grpc.SupervisorServicer):
         queue = followers.follow()
         try:
             # Where things stand first, like `kubectl get -w`; it also tells the client it is subscribed.
-            for runtime in list(self.registry.models.values()):
-                if not request.model or runtime.name == request.model:
-                    life = runtime.lifecycle
-                    yield pb.Event(time_unix=time.time(), kind="snapshot", model=runtime.name, state=life.state,
+            for life in self.registry.lifecycles():
+                if not request.model or life.name == request.model:
+                    yield pb.Event(time_unix=time.time(), kind="snapshot", model=life.name, state=life.state,
                                    worker_pid=life.worker.pid if life.worker else 0,
                                    reason=life.fatal_reason or life.last_recycle_reason or life.last_exit)
             while True:
@@ -221,7 +223,7 @@ class SupervisorService(supervisor_pb2_grpc.SupervisorServicer):
         return pb.StatusResponse(
             version=__version__,
             uptime_s=self._clock() - self._started,
-            workers=[worker_status(rt) for rt in self.registry.models.values()],
+            workers=[worker_status(rt, life) for rt in list(self.registry.models.values()) for life in rt.replicas],
             standby_pids=self.registry.standby.pids if self.registry.standby else [],
             gpus=[gpu_status(r) for r in (monitor.last_gpus.readings if monitor.last_gpus else [])],
             cpu_temperature_c=monitor.last_cpu_temperature,
@@ -262,13 +264,23 @@ def estimate_message(e: Estimate) -> pb.MemoryEstimate:
         gpu_bytes=e.gpu, total_private_bytes=e.total_private, total_gpu_bytes=e.total_gpu)
 
 
+async def recycle_by_hand(life: Lifecycle, hard: bool) -> tuple[WorkerProcess, WorkerProcess]:
+    """(old worker, its replacement once serving)."""
+    old = await life.ready_worker()
+    if hard:
+        life.recycle_now(old, "restarted by hand (llmctl restart)", kind="by_hand")
+        await old.exited.wait()
+        return old, await life.ready_worker()
+    return old, await life.recycle("recycled by hand (llmctl recycle)")
+
+
 def model_info(runtime: ModelRuntime) -> pb.ModelInfo:
     c, g = runtime.config, runtime.gguf
-    worker = runtime.lifecycle.worker
-    # llama.cpp may round n_ctx up (to a multiple of 256): report what the worker really has.
-    n_ctx = worker.info.n_ctx if worker is not None and worker.info is not None else c.n_ctx
+    # llama.cpp may round n_ctx up (to a multiple of 256): report what a worker really has.
+    infos = [life.worker.info for life in runtime.replicas if life.worker is not None and life.worker.info is not None]
+    n_ctx = infos[0].n_ctx if infos else c.n_ctx
     return pb.ModelInfo(
-        name=c.name, path=str(g.path), state=runtime.lifecycle.state, n_ctx=n_ctx, n_gpu_layers=c.n_gpu_layers,
+        name=c.name, path=str(g.path), state=runtime.state, n_ctx=n_ctx, n_gpu_layers=c.n_gpu_layers,
         use_mmap=c.use_mmap, source=runtime.source, architecture=g.architecture, file_size_bytes=g.file_size,
         has_chat_template=g.has_chat_template, estimate=estimate_message(runtime.estimate),
     )
@@ -279,15 +291,14 @@ def gpu_status(reading: GpuReading) -> pb.GpuStatus:
                         memory_total_bytes=reading.memory_total, throttle_reasons=reading.throttle_reasons)
 
 
-def worker_status(runtime: ModelRuntime) -> pb.WorkerStatus:
-    life = runtime.lifecycle
+def worker_status(runtime: ModelRuntime, life: Lifecycle) -> pb.WorkerStatus:
     worker = life.worker
-    status = pb.WorkerStatus(model=runtime.name, state=life.state, queue_depth=life.waiting,
+    status = pb.WorkerStatus(model=runtime.name, replica=life.replica, state=life.state, queue_depth=life.waiting,
                              restarts=life.restarts, last_exit=life.fatal_reason or life.last_exit,
                              recycles=life.recycles, last_recycle_reason=life.last_recycle_reason,
                              throttle_reason=life.throttle_reason,
                              gpu_temperature_c=life.gpu_temperature or 0,
-                             tokens_per_second=life.last_tokens_per_second, memory_note=life.memory_note)
+                             tokens_per_second=runtime.last_tokens_per_second, memory_note=life.memory_note)
     if worker is not None and worker.alive:
         status.pid = worker.pid
         status.requests_served = worker.requests_served

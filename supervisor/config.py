@@ -35,7 +35,7 @@ class ModelConfig:
     type_k: str = "f16"
     type_v: str = "f16"
     # Supervision.
-    replicas: int = 1
+    replicas: int = 1  # worker processes serving the model; mmap'd weights are shared between them
     pinned: bool = False
     keep_alive: float = 300.0  # seconds after the last request; inf = never; 0 = right after each
     max_private_memory: int | None = None  # soft line: graceful recycle (watchdog)
@@ -186,7 +186,7 @@ def _check_model(cfg: ModelConfig) -> None:
     need(cfg.n_gpu_layers >= -1, f"n_gpu_layers must be -1 (all) or more, got {cfg.n_gpu_layers}")
     for key in ("type_k", "type_v"):
         need(getattr(cfg, key) in KV_TYPES, f"{key} must be one of {', '.join(KV_TYPES)}, got {getattr(cfg, key)!r}")
-    need(cfg.replicas == 1, f"replicas other than 1 are not supported yet, got {cfg.replicas}")
+    need(1 <= cfg.replicas <= 16, f"replicas must be between 1 and 16, got {cfg.replicas}")
     need(cfg.max_queue >= 0, f"max_queue must be 0 or more, got {cfg.max_queue}")
     need(cfg.max_tokens >= 0, f"max_tokens must be 0 (no cap) or more, got {cfg.max_tokens}")
     need(cfg.max_history_messages >= 0, f"max_history_messages must be 0 (no limit) or more, got {cfg.max_history_messages}")

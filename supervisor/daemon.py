@@ -88,7 +88,7 @@ def ensure_demo_model(config: SupervisorConfig) -> None:
 
 
 def status_line(registry: Registry, now: float) -> str:
-    lives = [rt.lifecycle for rt in registry.models.values()]
+    lives = registry.lifecycles()
     recycled = [life for life in lives if life.last_recycle_at is not None]
     last = max(recycled, key=lambda life: life.last_recycle_at, default=None)
     return summary([life.state for life in lives],
@@ -114,11 +114,11 @@ async def watch(registry: Registry, monitor: Monitor, notifier: Notifier) -> Non
             if loop.time() >= due:
                 due = loop.time() + interval - step / 2  # half a step early: sleeps overshoot, ticks must not slip
                 gpus = await loop.run_in_executor(nvml, monitor.host)  # one NVML read a tick, for every worker
-                for runtime in list(registry.models.values()):
+                for life in registry.lifecycles():
                     try:
-                        runtime.lifecycle.tick(gpus)
+                        life.tick(gpus)
                     except Exception:  # one model's trouble must not stop the watch over the others
-                        log.exception("watch_failed", model=runtime.name)
+                        log.exception("watch_failed", model=life.label)
                 notifier.status(status_line(registry, time.monotonic()))
             notifier.watchdog()
     finally:
@@ -142,7 +142,7 @@ async def serve(config: SupervisorConfig, host: Host, stop: asyncio.Event | None
     loop = asyncio.get_running_loop()
 
     def on_change(runtime: ModelRuntime) -> None:
-        live = runtime.lifecycle.serving and runtime.name in registry.models
+        live = runtime.serving and runtime.name in registry.models
         status = health_pb2.HealthCheckResponse.SERVING if live else health_pb2.HealthCheckResponse.NOT_SERVING
         loop.create_task(health_servicer.set(model_health_name(runtime.name), status))
 

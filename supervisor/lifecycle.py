@@ -78,7 +78,8 @@ class Lifecycle:
                  on_change: Callable[[], None] = lambda: None, rng: random.Random | None = None,
                  clock: Callable[[], float] = time.monotonic, standby: StandbyPool | None = None,
                  room: Callable[[Usage], tuple[bool, str]] = lambda needed: (True, ""),
-                 admit: Callable[["Lifecycle"], Awaitable[None]] | None = None) -> None:
+                 admit: Callable[["Lifecycle"], Awaitable[None]] | None = None, replica: int = 0,
+                 output: OutputLog | None = None) -> None:
         self.config = config
         self.events = events
         self.gguf = gguf
@@ -95,7 +96,8 @@ class Lifecycle:
         self.stopped_reason = ""  # stopped by hand (llmctl stop): no worker starts until llmctl start
         self.closed = False
         self.closed_reason = "is being unloaded"  # completes "model 'x' …" in what requests are told
-        self.output = OutputLog()  # its workers' output lines, for llmctl tail
+        self.replica = replica  # which of the model's `replicas` this is, from 0
+        self.output = output or OutputLog()  # its workers' output lines, for llmctl tail (shared by the replicas)
         self.last_tokens_per_second = 0.0
         self.memory_note = ""  # set at admission: e.g. weights larger than the free RAM, read from the file
         self._retiring: set[WorkerProcess] = set()  # draining after a recycle, no longer self.worker
@@ -125,6 +127,16 @@ class Lifecycle:
     @property
     def name(self) -> str:
         return self.config.name
+
+    @property
+    def label(self) -> str:
+        """The model's name, with the replica's number when it has several: "qwen", "qwen#2"."""
+        return f"{self.name}#{self.replica + 1}" if self.config.replicas > 1 or self.replica else self.name
+
+    @property
+    def load(self) -> int:
+        """Requests on it: the one running, and those queued for it."""
+        return int(self.slot.locked()) + self.waiting
 
     @property
     def state(self) -> str:
@@ -168,7 +180,7 @@ class Lifecycle:
         return await asyncio.shield(self.start_task())
 
     async def _launch(self, warm_after: WorkerProcess | None) -> WorkerProcess:
-        socket_path = self._socket_dir / f"{self.name}.{next(self._serial)}.sock"
+        socket_path = self._socket_dir / f"{self.name}.{self.replica}.{next(self._serial)}.sock"
         worker = WorkerProcess(Spawn(self.config, self.gguf.path, socket_path), self.events, self.output)
         self._launching = worker
         try:

@@ -8,6 +8,8 @@ in one CollectorRegistry owned by the daemon, not prometheus-client's global one
 
 from __future__ import annotations
 
+import collections
+
 from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
@@ -69,25 +71,27 @@ class StateCollector:
                                        labels=["model", "reason"])
         restarts = CounterMetricFamily(f"{PREFIX}_restarts", "Workers restarted after a crash", labels=["model"])
         for runtime in list(self._models()):
-            life, name = runtime.lifecycle, runtime.name
-            up.add_metric([name], 1.0 if life.serving else 0.0)
-            queue.add_metric([name], life.waiting)
-            restarts.add_metric([name], life.restarts)
-            for kind, count in list(life.recycles_by_kind.items()):
+            name, lives = runtime.name, runtime.replicas
+            up.add_metric([name], 1.0 if runtime.serving else 0.0)
+            queue.add_metric([name], runtime.waiting)
+            restarts.add_metric([name], sum(life.restarts for life in lives))
+            by_kind = sum((collections.Counter(dict(life.recycles_by_kind)) for life in lives), collections.Counter())
+            for kind, count in by_kind.items():
                 recycles.add_metric([name, kind], count)
-            if life.gpu_temperature is not None:
-                temperature.add_metric([name], life.gpu_temperature)
-            worker = life.worker
-            if worker is None or not worker.alive or not worker.watch.periodic:
-                continue
-            latest, labels = worker.watch.periodic[-1], [name, str(worker.pid)]
-            private.add_metric(labels, latest.private)
-            file_rss.add_metric(labels, latest.file_rss)
-            if latest.gpu is not None:
-                gpu.add_metric(labels, latest.gpu)
-            share = cpu_percent(list(worker.watch.periodic))  # a copy: the event loop appends meanwhile
-            if share is not None:
-                cpu.add_metric(labels, share)
+            hottest = max((life.gpu_temperature for life in lives if life.gpu_temperature is not None), default=None)
+            if hottest is not None:
+                temperature.add_metric([name], hottest)
+            for worker in (life.worker for life in lives):
+                if worker is None or not worker.alive or not worker.watch.periodic:
+                    continue
+                latest, labels = worker.watch.periodic[-1], [name, str(worker.pid)]
+                private.add_metric(labels, latest.private)
+                file_rss.add_metric(labels, latest.file_rss)
+                if latest.gpu is not None:
+                    gpu.add_metric(labels, latest.gpu)
+                share = cpu_percent(list(worker.watch.periodic))  # a copy: the event loop appends meanwhile
+                if share is not None:
+                    cpu.add_metric(labels, share)
         yield from (private, file_rss, gpu, cpu, up, queue, temperature, recycles, restarts)
         yield from self._host()
 

@@ -257,13 +257,18 @@ def replacement_first(budget: Usage | None, in_use: Usage, needed: Usage) -> tup
 
 @dataclass(frozen=True)
 class Resident:
-    """A model holding memory now (a worker running or starting), as admission sees it."""
+    """A model's replica holding memory now (a worker running or starting), as admission sees it."""
 
-    name: str
+    name: str         # the replica's label: "qwen", "qwen#2"
     usage: Usage
     last_used: float  # monotonic time of its last request
     pinned: bool
     idle: bool        # no request running or queued
+    model: str = ""   # the model it serves, when its label is not the model's name
+
+    @property
+    def model_name(self) -> str:
+        return self.model or self.name
 
 
 @dataclass(frozen=True)
@@ -272,31 +277,32 @@ class Admission:
     refused: str = ""            # why it cannot start even then; empty when it can
 
 
-def over_limits(budget: Usage, max_models: int, held: Sequence[Resident], needed: Usage) -> list[str]:
-    """The limits (0 = none) that `needed` beside `held` would break, by config key."""
+def over_limits(budget: Usage, max_models: int, held: Sequence[Resident], needed: Usage, model: str = "") -> list[str]:
+    """The limits (0 = none) that `needed` (for `model`) beside `held` would break, by config key."""
     private, gpu = sum(r.usage.private for r in held), sum(r.usage.gpu for r in held)
     broken = []
     if budget.private and private + needed.private > budget.private:
         broken.append("memory_budget")
     if budget.gpu and gpu + needed.gpu > budget.gpu:
         broken.append("gpu_memory_budget")
-    if max_models and len(held) + 1 > max_models:
+    if max_models and len({r.model_name for r in held} | {model}) > max_models:
         broken.append("max_loaded_models")
     return broken
 
 
-def admission(needed: Usage, budget: Usage, max_models: int, residents: Sequence[Resident]) -> Admission:
+def admission(needed: Usage, budget: Usage, max_models: int, residents: Sequence[Resident],
+              model: str = "") -> Admission:
     """Whether a worker needing `needed` may start: idle models are evicted least recently used first,
     never pinned or busy ones, and only as many as it takes. When even evicting every candidate is not
     enough, nothing is evicted and the answer names the limits that stay broken."""
     held = list(residents)
     evict: list[str] = []
     for candidate in sorted((r for r in residents if r.idle and not r.pinned), key=lambda r: r.last_used):
-        if not over_limits(budget, max_models, held, needed):
+        if not over_limits(budget, max_models, held, needed, model):
             break
         held.remove(candidate)
         evict.append(candidate.name)
-    broken = over_limits(budget, max_models, held, needed)
+    broken = over_limits(budget, max_models, held, needed, model)
     if broken:
         return Admission(refused=", ".join(broken))
     return Admission(evict=tuple(evict))

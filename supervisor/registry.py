@@ -19,6 +19,7 @@ from .gguf_file import GGUFInfo, read_gguf_info, resolve_model_path
 from .events import EventBus
 from .lifecycle import Lifecycle
 from .monitor import Monitor
+from .output import OutputLog
 from .procfs import CAP_IPC_LOCK, has_capability
 from .policies import Resident, Usage, admission, mib, replacement_first
 from .reload import Change, Plan
@@ -75,20 +76,28 @@ class Registry:
                            f"model {config.name!r} is already loaded; unload it first or pick another name")
         path = resolve_model_path(config.path, self.config.model_dirs)
         gguf = await asyncio.to_thread(read_gguf_info, path)
-        # Late binding: the lambda reads `runtime` when a worker changes, by then it is assigned.
-        lifecycle = Lifecycle(config, gguf, self._socket_dir, self.monitor, self.events,
-                              on_change=lambda: self._on_change(runtime), standby=self.standby, room=self.room,
-                              admit=self.admit)
-        runtime = ModelRuntime(source, lifecycle)
+        runtime = ModelRuntime(source, [])
+        runtime.replicas = [self._replica(runtime, config, gguf, i, OutputLog()) for i in range(config.replicas)]
         self.models[config.name] = runtime  # reserve the name while loading
-        try:
-            await lifecycle.start()
-        except ApiError:
+        started = await asyncio.gather(*(life.start() for life in runtime.replicas), return_exceptions=True)
+        failed = [e for e in started if isinstance(e, BaseException)]
+        if failed:
             if not keep_on_failure:
                 del self.models[config.name]
+                await asyncio.gather(*(life.stop() for life in runtime.replicas))
                 self._on_change(runtime)
-            raise
+            raise failed[0]
         return runtime
+
+    def _replica(self, runtime: ModelRuntime, config: ModelConfig, gguf: GGUFInfo, index: int,
+                 output: OutputLog) -> Lifecycle:
+        return Lifecycle(config, gguf, self._socket_dir, self.monitor, self.events,
+                         on_change=lambda: self._on_change(runtime), standby=self.standby, room=self.room,
+                         admit=self.admit, replica=index, output=output)
+
+    def lifecycles(self) -> list[Lifecycle]:
+        """Every replica of every model."""
+        return [life for runtime in list(self.models.values()) for life in runtime.replicas]
 
     async def admit(self, starting: Lifecycle) -> None:
         """Before any worker starts: within memory_budget, gpu_memory_budget and max_loaded_models, by the
@@ -111,27 +120,21 @@ class Registry:
             starting.memory_note = host_memory_note(figures, available)
             c = self.config
             budget = Usage(c.memory_budget or 0, c.gpu_memory_budget or 0)
-            residents = [self._resident(rt) for rt in self.models.values()
-                         if rt.lifecycle is not starting and rt.lifecycle.holds_memory]
-            decision = admission(needed, budget, c.max_loaded_models, residents)
+            holders = {life.label: life for life in self.lifecycles() if life is not starting and life.holds_memory}
+            residents = [resident(life) for life in holders.values()]
+            decision = admission(needed, budget, c.max_loaded_models, residents, model=starting.name)
             if decision.refused:
-                raise exhausted(refusal(starting.name, needed, budget, c.max_loaded_models, residents, decision.refused))
-            for name in decision.evict:
-                log.info("evicting", model=name, for_model=starting.name)
-                await self.models[name].lifecycle.evict(f"evicted to make room for {starting.name!r}")
-
-    def _resident(self, runtime: ModelRuntime) -> Resident:
-        life, figures = runtime.lifecycle, runtime.estimate
-        measured = life.usage()  # a worker past its estimate (a leak) holds what it holds
-        return Resident(runtime.name, Usage(max(figures.private_peak, measured.private), max(figures.gpu, measured.gpu)),
-                        life.last_used, runtime.config.pinned, life.idle)
+                raise exhausted(refusal(starting.label, needed, budget, c.max_loaded_models, residents, decision.refused))
+            for label in decision.evict:
+                log.info("evicting", model=label, for_model=starting.label)
+                await holders[label].evict(f"evicted to make room for {starting.label!r}")
 
     def room(self, needed: Usage) -> tuple[bool, str]:
         """Whether the memory budgets hold `needed` beside every worker running now, counted as admission
         counts them."""
         c = self.config
         budget = Usage(c.memory_budget or 0, c.gpu_memory_budget or 0) if (c.memory_budget or c.gpu_memory_budget) else None
-        held = [self._resident(rt).usage for rt in self.models.values() if rt.lifecycle.holds_memory]
+        held = [resident(life).usage for life in self.lifecycles() if life.holds_memory]
         return replacement_first(budget, Usage(sum(u.private for u in held), sum(u.gpu for u in held)), needed)
 
     async def load_by_api(self, request: LoadedModel, source: str = "api", keep_on_failure: bool = False) -> ModelRuntime:
@@ -169,14 +172,14 @@ class Registry:
         del self.models[name]
         if self._loaded_by_api.pop(name, None) is not None:
             self._record()
-        await runtime.lifecycle.stop(drain=self.config.shutdown_timeout, reason=reason)
+        await asyncio.gather(*(life.stop(drain=self.config.shutdown_timeout, reason=reason) for life in runtime.replicas))
 
     async def stop_all(self, reason: str) -> None:
         """Every model, as unload does, at once."""
         runtimes = list(self.models.values())
         self.models.clear()
-        await asyncio.gather(*(rt.lifecycle.stop(drain=self.config.shutdown_timeout, reason=reason)
-                               for rt in runtimes), return_exceptions=True)
+        await asyncio.gather(*(life.stop(drain=self.config.shutdown_timeout, reason=reason)
+                               for rt in runtimes for life in rt.replicas), return_exceptions=True)
 
     # -- reload ----------------------------------------------------------------------------------------
     def running(self) -> dict[str, tuple[ModelConfig, str]]:
@@ -210,7 +213,15 @@ class Registry:
             runtime.source = "config"
             self._loaded_by_api.pop(runtime.name, None)
             self._record()
-        await runtime.lifecycle.reconfigure(change.config, gguf, change.keys, change.new_worker)
+        # One replica after another: while one is recycled, the others serve.
+        lives = runtime.replicas
+        for life in lives[:change.config.replicas]:
+            await life.reconfigure(change.config, gguf, change.keys, change.new_worker)
+        extra, added = lives[change.config.replicas:], range(len(lives), change.config.replicas)
+        runtime.replicas = lives[:change.config.replicas] + [
+            self._replica(runtime, change.config, gguf, i, runtime.output) for i in added]
+        await asyncio.gather(*(life.stop(drain=self.config.shutdown_timeout, reason="was stopped: fewer replicas")
+                               for life in extra), *(life.start() for life in runtime.replicas[len(lives):]))
 
 
 def refusal(name: str, needed: Usage, budget: Usage, max_models: int, residents: list[Resident], broken: str) -> str:
@@ -228,3 +239,10 @@ def refusal(name: str, needed: Usage, budget: Usage, max_models: int, residents:
     return (f"model {name!r} does not fit: it needs {mib(needed.private)} of host memory at full context{gpu} "
             f"(`llmctl estimate` shows the parts); {'; '.join(limits)}; loaded: {held}. Only idle models that are "
             f"not pinned are evicted to make room; unload one, or lower n_ctx, type_k/type_v or n_gpu_layers")
+
+
+def resident(life: Lifecycle) -> Resident:
+    """A replica as admission counts it: its estimate at full context, or what it holds if more (a leak)."""
+    figures, measured = estimate(life.gguf.shape, life.config), life.usage()
+    return Resident(life.label, Usage(max(figures.private_peak, measured.private), max(figures.gpu, measured.gpu)),
+                    life.last_used, life.config.pinned, life.idle, model=life.name)

@@ -1,7 +1,9 @@
-"""One model at run time: its worker, the FIFO queue in front of it, and the path of a request.
+"""One model at run time: its replicas (a worker each), the FIFO queues in front of them, and the path
+of a request.
 
-A worker serves one request at a time (its KV cache is one sequence), so the queue is an asyncio.Lock,
-which wakes waiters first in, first out. A request that never reached the client when its worker died
+A worker serves one request at a time (its KV cache is one sequence), so each replica's queue is an
+asyncio.Lock, which wakes waiters first in, first out. A request goes to the least-loaded replica that
+serves; `max_queue` bounds the requests waiting across all of them. A request that never reached the client when its worker died
 is retried once on a fresh worker; one that had already streamed text fails with UNAVAILABLE and the
 reason — never a silently short answer.
 """
@@ -24,6 +26,7 @@ from .estimate import Estimate, estimate
 from .gguf_file import GGUFInfo
 from .lifecycle import KILL_GRACE_S, Lifecycle
 from .manager import WorkerProcess
+from .output import OutputLog
 from .states import WorkerState
 
 log = structlog.get_logger("llm_supervisor.scheduler")
@@ -33,18 +36,43 @@ DEATH_REAP_S = 3.0
 
 
 class ModelRuntime:
-    def __init__(self, source: str, lifecycle: Lifecycle) -> None:
+    def __init__(self, source: str, replicas: list[Lifecycle]) -> None:
         self.source = source  # "config", "api" or "state"
-        self.lifecycle = lifecycle
+        self.replicas = replicas
+        self.last_tokens_per_second = 0.0
 
-    # The lifecycle holds the settings: a reload changes them there, for the next worker it starts.
+    # The lifecycles hold the settings: a reload changes them there, for the next worker each starts.
     @property
     def config(self) -> ModelConfig:
-        return self.lifecycle.config
+        return self.replicas[0].config
 
     @property
     def gguf(self) -> GGUFInfo:
-        return self.lifecycle.gguf
+        return self.replicas[0].gguf
+
+    @property
+    def output(self) -> OutputLog:
+        return self.replicas[0].output
+
+    @property
+    def serving(self) -> bool:
+        return any(life.serving for life in self.replicas)
+
+    @property
+    def waiting(self) -> int:
+        return sum(life.waiting for life in self.replicas)
+
+    @property
+    def state(self) -> str:
+        """READY while a replica takes requests at once, BUSY while all that serve are busy; else the first's."""
+        serving = [life.state for life in self.replicas if life.serving]
+        if serving:
+            return "READY" if "READY" in serving else "BUSY"
+        return self.replicas[0].state
+
+    def pick(self) -> Lifecycle:
+        """The replica for the next request: one that serves (else one that may start), least loaded."""
+        return min(self.replicas, key=lambda life: (not life.serving, life.load))
 
     @property
     def name(self) -> str:
@@ -55,10 +83,9 @@ class ModelRuntime:
         return estimate(self.gguf.shape, self.config)
 
     # -- requests ------------------------------------------------------------------------------------
-    async def _enter_queue(self) -> None:
-        life = self.lifecycle
-        if life.slot.locked() and life.waiting >= self.config.max_queue:
-            raise exhausted(f"model {self.name!r}: queue is full ({life.waiting} waiting, max_queue = "
+    async def _enter_queue(self, life: Lifecycle) -> None:
+        if life.slot.locked() and self.waiting >= self.config.max_queue:
+            raise exhausted(f"model {self.name!r}: queue is full ({self.waiting} waiting, max_queue = "
                             f"{self.config.max_queue}); retry later or raise max_queue")
         life.waiting += 1
         try:
@@ -67,11 +94,12 @@ class ModelRuntime:
             life.waiting -= 1
 
     async def generate(self, request: worker_pb2.WorkerGenerateRequest) -> AsyncIterator[pb.GenerateChunk]:
-        await self._enter_queue()
+        life = self.pick()
+        await self._enter_queue(life)
         try:
-            await self.lifecycle.admitted()  # a GPU past temperature_throttle: wait here, first in line
+            await life.admitted()  # a GPU past temperature_throttle: wait here, first in line
             for attempt in (1, 2):
-                worker = await self.lifecycle.ready_worker()
+                worker = await life.ready_worker()
                 sent = False
                 if worker.state == WorkerState.READY:  # it may have died since: the call below then says how
                     worker.change_state(WorkerState.BUSY, "request")
@@ -84,7 +112,7 @@ class ModelRuntime:
                         yield chunk
                     worker.requests_served += 1
                     try:
-                        self.lifecycle.after_request(worker)
+                        life.after_request(worker)
                     except Exception:  # the watchdog's trouble must never fail a request that succeeded
                         log.exception("after_request_failed", model=self.name)
                     return
@@ -92,7 +120,7 @@ class ModelRuntime:
                     if isinstance(e, asyncio.CancelledError) and asyncio.current_task().cancelling():
                         raise  # our own client went away
                     # A CancelledError we did not ask for means the call's channel closed: the worker is gone.
-                    error, died = await self._explain(worker, e if isinstance(e, grpc.aio.AioRpcError) else None)
+                    error, died = await self._explain(life, worker, e if isinstance(e, grpc.aio.AioRpcError) else None)
                     if died and not sent and attempt == 1:
                         log.warning("request_retried", model=self.name, worker_pid=worker.pid, reason=error.message)
                         continue
@@ -103,22 +131,24 @@ class ModelRuntime:
                     if worker.state == WorkerState.BUSY:
                         worker.change_state(WorkerState.READY, "request done")
         finally:
-            self.lifecycle.slot.release()
+            life.slot.release()
 
     async def tokenize(self, request: pb.TokenizeRequest) -> pb.TokenizeResponse:
-        worker = await self.lifecycle.ready_worker()
+        life = self.pick()
+        worker = await life.ready_worker()
         try:
             return await worker.stub.Tokenize(request, timeout=30)
         except grpc.aio.AioRpcError as e:
-            raise (await self._explain(worker, e))[0] from None
+            raise (await self._explain(life, worker, e))[0] from None
 
-    async def _explain(self, worker: WorkerProcess, e: grpc.aio.AioRpcError | None) -> tuple[ApiError, bool]:
+    async def _explain(self, life: Lifecycle, worker: WorkerProcess,
+                       e: grpc.aio.AioRpcError | None) -> tuple[ApiError, bool]:
         """Turn a failed worker call into what the client should read, and whether the worker died."""
         code = e.code() if e is not None else grpc.StatusCode.UNAVAILABLE
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             # A worker past the deadline may be hung in a C call that never sees the cancel: replace it.
             reason = f"request ran past request_timeout ({self.config.request_timeout:g} s)"
-            self.lifecycle.recycle_now(worker, reason, grace=KILL_GRACE_S, kind="timeout")
+            life.recycle_now(worker, reason, grace=KILL_GRACE_S, kind="timeout")
             return ApiError(code, f"model {self.name!r}: {reason}; its worker pid {worker.pid} is being replaced"), False
         if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN,
                         grpc.StatusCode.INTERNAL):
@@ -131,7 +161,7 @@ class ModelRuntime:
             reason = f"stopped answering and was killed ({worker.exit_reason})"
         else:
             reason = worker.exit_reason
-        if self.lifecycle.closed:  # unloaded or shut down with this request unfinished at the drain's end
-            return unavailable(f"model {self.name!r} {self.lifecycle.closed_reason}; the request did not finish "
+        if life.closed:  # unloaded or shut down with this request unfinished at the drain's end
+            return unavailable(f"model {self.name!r} {life.closed_reason}; the request did not finish "
                                f"in time (worker pid {worker.pid}: {reason})"), False
         return unavailable(f"model {self.name!r}: worker pid {worker.pid} died mid-request: {reason}"), True

@@ -63,6 +63,12 @@ def until(worker: pb.WorkerStatus) -> str:
     return "forever" if worker.unload_in_s < 0 else f"in {human_duration(worker.unload_in_s)}"
 
 
+def label(worker: pb.WorkerStatus, workers) -> str:
+    """The model's name, with the replica's number where the model has several: "qwen#2"."""
+    several = sum(w.model == worker.model for w in workers) > 1
+    return f"{worker.model}#{worker.replica + 1}" if several else worker.model
+
+
 def sampling(args: argparse.Namespace) -> pb.SamplingOptions:
     options = pb.SamplingOptions(max_tokens=max(args.max_tokens, 0), stop=args.stop)
     if args.max_tokens < 0:
@@ -148,7 +154,7 @@ def cmd_status(args, stub, out: Output) -> int:
         for worker in workers:
             out.json(as_dict(worker))
         return 0
-    rows = [[w.model, w.state, str(w.pid or "-"), human_bytes(w.private_memory_bytes), human_bytes(w.file_rss_bytes),
+    rows = [[label(w, workers), w.state, str(w.pid or "-"), human_bytes(w.private_memory_bytes), human_bytes(w.file_rss_bytes),
              human_bytes(w.gpu_memory_bytes) if w.gpu_memory_bytes else "-",
              f"{w.cpu_percent:.0f}%" if w.pid else "-", f"{w.gpu_temperature_c:.0f}°C" if w.gpu_temperature_c else "-",
              str(w.requests_served), str(w.queue_depth), str(w.restarts), str(w.recycles),
@@ -384,7 +390,7 @@ def cmd_top(args, stub, out: Output) -> int:
                 out.text("\x1b[H\x1b[2J")  # home, clear: redraw in place like top(1)
             out.text(f"llm-supervisor {status.version} — up {human_duration(status.uptime_s)} — "
                      f"{time.strftime('%H:%M:%S')} — every {args.interval:g} s\n")
-            rows = [[w.model, w.state, str(w.pid or "-"), human_bytes(w.private_memory_bytes),
+            rows = [[label(w, status.workers), w.state, str(w.pid or "-"), human_bytes(w.private_memory_bytes),
                      human_bytes(w.gpu_memory_bytes) if w.gpu_memory_bytes else "-",
                      f"{w.gpu_temperature_c:.0f}°C" if w.gpu_temperature_c else "-",
                      f"{w.cpu_percent:.0f}%" if w.pid else "-",

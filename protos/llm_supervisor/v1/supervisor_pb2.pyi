@@ -271,7 +271,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("model", "pid", "state", "private_memory_bytes", "file_rss_bytes", "requests_served", "uptime_s", "queue_depth", "restarts", "last_exit", "gpu_memory_bytes", "recycles", "last_recycle_reason", "unload_in_s", "cpu_percent", "gpu_temperature_c", "throttle_reason", "tokens_per_second", "memory_note")
+    __slots__ = ("model", "pid", "state", "private_memory_bytes", "file_rss_bytes", "requests_served", "uptime_s", "queue_depth", "restarts", "last_exit", "gpu_memory_bytes", "recycles", "last_recycle_reason", "unload_in_s", "cpu_percent", "gpu_temperature_c", "throttle_reason", "tokens_per_second", "memory_note", "replica")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -291,6 +291,7 @@ class WorkerStatus(_message.Message):
     THROTTLE_REASON_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     MEMORY_NOTE_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
     model: str
     pid: int
     state: str
@@ -310,7 +311,8 @@ class WorkerStatus(_message.Message):
     throttle_reason: str
     tokens_per_second: float
     memory_note: str
-    def __init__(self, model: _Optional[str] = ..., pid: _Optional[int] = ..., state: _Optional[str] = ..., private_memory_bytes: _Optional[int] = ..., file_rss_bytes: _Optional[int] = ..., requests_served: _Optional[int] = ..., uptime_s: _Optional[float] = ..., queue_depth: _Optional[int] = ..., restarts: _Optional[int] = ..., last_exit: _Optional[str] = ..., gpu_memory_bytes: _Optional[int] = ..., recycles: _Optional[int] = ..., last_recycle_reason: _Optional[str] = ..., unload_in_s: _Optional[float] = ..., cpu_percent: _Optional[float] = ..., gpu_temperature_c: _Optional[float] = ..., throttle_reason: _Optional[str] = ..., tokens_per_second: _Optional[float] = ..., memory_note: _Optional[str] = ...) -> None: ...
+    replica: int
+    def __init__(self, model: _Optional[str] = ..., pid: _Optional[int] = ..., state: _Optional[str] = ..., private_memory_bytes: _Optional[int] = ..., file_rss_bytes: _Optional[int] = ..., requests_served: _Optional[int] = ..., uptime_s: _Optional[float] = ..., queue_depth: _Optional[int] = ..., restarts: _Optional[int] = ..., last_exit: _Optional[str] = ..., gpu_memory_bytes: _Optional[int] = ..., recycles: _Optional[int] = ..., last_recycle_reason: _Optional[str] = ..., unload_in_s: _Optional[float] = ..., cpu_percent: _Optional[float] = ..., gpu_temperature_c: _Optional[float] = ..., throttle_reason: _Optional[str] = ..., tokens_per_second: _Optional[float] = ..., memory_note: _Optional[str] = ..., replica: _Optional[int] = ...) -> None: ...
 
 class GpuStatus(_message.Message):
     __slots__ = ("index", "temperature_c", "memory_used_bytes", "memory_total_bytes", "throttle_reasons")
