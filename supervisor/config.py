@@ -76,6 +76,7 @@ class SupervisorConfig:
     poll_interval: float = 1.0
     memory_budget: int | None = None
     gpu_memory_budget: int | None = None
+    gpu_memory_budget_percent: float | None = None  # "90%": of the GPUs' total memory, as NVML reports it
     max_loaded_models: int = 0  # 0 = no limit
     shutdown_timeout: float = 30.0
     standby_workers: int = 1  # spare processes with the runtime imported, taken by the next worker start
@@ -244,7 +245,10 @@ def parse_config(text: str, host: Host, base_dir: Path | None = None) -> Supervi
             model_dirs=tuple(directory(d) for d in model_dirs),
             poll_interval=parse_duration(sup.get("poll_interval", 1.0)),
             memory_budget=parse_size(sup["memory_budget"], host.memory_bytes) if "memory_budget" in sup else None,
-            gpu_memory_budget=parse_size(sup["gpu_memory_budget"], None) if "gpu_memory_budget" in sup else None,
+            gpu_memory_budget=(parse_size(sup["gpu_memory_budget"], None)
+                               if "gpu_memory_budget" in sup and not is_percent(sup["gpu_memory_budget"]) else None),
+            gpu_memory_budget_percent=(parse_size(sup["gpu_memory_budget"], 10**9) / 10**7
+                                       if is_percent(sup.get("gpu_memory_budget")) else None),
             max_loaded_models=int(sup.get("max_loaded_models", 0)),
             shutdown_timeout=parse_duration(sup.get("shutdown_timeout", 30.0)),
             standby_workers=int(sup.get("standby_workers", 1)),
@@ -272,6 +276,10 @@ def parse_config(text: str, host: Host, base_dir: Path | None = None) -> Supervi
     models_table = data.get("models", {})
     models = tuple(model_config(name, dict(values), cfg.defaults, host) for name, values in models_table.items())
     return dataclasses.replace(cfg, models=models)
+
+
+def is_percent(value: Any) -> bool:
+    return isinstance(value, str) and value.strip().endswith("%")
 
 
 def split_host_port(address: str) -> tuple[str, int]:

@@ -119,7 +119,9 @@ class Registry:
                 raise exhausted(f"model {starting.name!r}: {refused}")
             starting.memory_note = host_memory_note(figures, available)
             c = self.config
-            budget = Usage(c.memory_budget or 0, c.gpu_memory_budget or 0)
+            if c.gpu_memory_budget_percent and self.monitor.last_gpus is None:
+                await asyncio.to_thread(self.monitor.host)  # before the watch loop's first read
+            budget = self.budget()
             holders = {life.label: life for life in self.lifecycles() if life is not starting and life.holds_memory}
             residents = [resident(life) for life in holders.values()]
             decision = admission(needed, budget, c.max_loaded_models, residents, model=starting.name)
@@ -129,13 +131,22 @@ class Registry:
                 log.info("evicting", model=label, for_model=starting.label)
                 await holders[label].evict(f"evicted to make room for {starting.label!r}")
 
+    def budget(self) -> Usage:
+        """memory_budget and gpu_memory_budget in bytes (0: none). A GPU budget in % is of the GPUs' total
+        memory by NVML's last read; without a GPU it bounds nothing."""
+        c = self.config
+        gpu = c.gpu_memory_budget or 0
+        if c.gpu_memory_budget_percent and self.monitor.last_gpus is not None:
+            total = sum(r.memory_total for r in self.monitor.last_gpus.readings)
+            gpu = int(total * c.gpu_memory_budget_percent / 100)
+        return Usage(c.memory_budget or 0, gpu)
+
     def room(self, needed: Usage) -> tuple[bool, str]:
         """Whether the memory budgets hold `needed` beside every worker running now, counted as admission
         counts them."""
-        c = self.config
-        budget = Usage(c.memory_budget or 0, c.gpu_memory_budget or 0) if (c.memory_budget or c.gpu_memory_budget) else None
+        budget = self.budget()
         held = [resident(life).usage for life in self.lifecycles() if life.holds_memory]
-        return replacement_first(budget, Usage(sum(u.private for u in held), sum(u.gpu for u in held)), needed)
+        return replacement_first(budget if budget.private or budget.gpu else None, Usage(sum(u.private for u in held), sum(u.gpu for u in held)), needed)
 
     async def load_by_api(self, request: LoadedModel, source: str = "api", keep_on_failure: bool = False) -> ModelRuntime:
         """A model loaded at run time: recorded in the state directory, so a restart loads it again."""

@@ -22,6 +22,8 @@ WORKER_KEYS = frozenset({"path", "engine", "rlimit_data", "rlimit_nofile", "stre
 # [supervisor]/[logging]/[metrics] settings bound when the daemon starts (sockets, directories, the log
 # sink, the standby pool): a reload reports them as needing a restart and keeps the running values.
 RESTART_KEYS = ("address", "state_dir", "runtime_dir", "standby_workers", "journald", "metrics_address")
+# Fields whose config key has another name.
+KEY_NAMES = {"gpu_memory_budget_percent": "gpu_memory_budget"}
 # The rest of SupervisorConfig takes effect at once.
 LIVE_KEYS = tuple(f.name for f in dataclasses.fields(SupervisorConfig)
                   if f.name not in RESTART_KEYS and f.name not in ("defaults", "models"))
@@ -72,7 +74,8 @@ def plan(running: Mapping[str, tuple[ModelConfig, str]], old: SupervisorConfig, 
     def differ(keys: tuple[str, ...]) -> tuple[str, ...]:
         return tuple(k for k in keys if getattr(old, k) != getattr(new, k))
 
-    return Plan(tuple(added), removed, tuple(changed), differ(LIVE_KEYS), differ(RESTART_KEYS))
+    live = tuple(dict.fromkeys(KEY_NAMES.get(k, k) for k in differ(LIVE_KEYS)))  # as the file spells them
+    return Plan(tuple(added), removed, tuple(changed), live, differ(RESTART_KEYS))
 
 
 def keep_bound(running: SupervisorConfig, new: SupervisorConfig) -> SupervisorConfig:

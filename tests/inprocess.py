@@ -28,11 +28,11 @@ class InProcessDaemon:
     """serve() on its own event loop thread, with the GPU source a test feeds."""
 
     def __init__(self, model_dir: Path, models: str, gpu: FedGpu | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, supervisor: str = "") -> None:
         self.base = Path(tempfile.mkdtemp(prefix="llms-"))
         address = f"unix://{self.base}/s.sock"
         text = (f'[supervisor]\naddress = "{address}"\nstate_dir = "{self.base}/state"\nruntime_dir = "{self.base}/run"\n'
-                f'model_dirs = ["{model_dir}"]\npoll_interval = "50ms"\nstandby_workers = 0\n{models}\n')
+                f'model_dirs = ["{model_dir}"]\npoll_interval = "50ms"\nstandby_workers = 0\n{supervisor}\n{models}\n')
         host = Host(memory_bytes=psutil.virtual_memory().total, is_root=os.geteuid() == 0, env=env or {})
         self.gpu = gpu or FedGpu()
         self.loop = asyncio.new_event_loop()

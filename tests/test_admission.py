@@ -6,8 +6,10 @@ import grpc
 import pytest
 
 from llm_supervisor.v1 import supervisor_pb2 as pb
+from supervisor.gpu import FedGpu, GpuReading
 from supervisor.policies import Resident, Usage, admission
 from tests.conftest import in_background, model_table, wait_for
+from tests.inprocess import InProcessDaemon
 
 MiB = 1 << 20
 
@@ -101,3 +103,22 @@ def test_max_loaded_models_keeps_one_worker_and_swaps_on_demand(start_daemon):
     assert [s.state for s in states(daemon).values()] == ["EXITED", "READY"]
     assert list(generate(daemon, "first"))[-1].usage.completion_tokens == 2
     assert {m: s.state for m, s in states(daemon).items()} == {"first": "READY", "second": "EXITED"}
+
+
+def test_a_gpu_budget_in_percent_is_of_the_gpus_memory_as_nvml_reports_it(model_dir):
+    gpu = FedGpu()
+    gpu.gpus = [GpuReading(index=0, temperature_c=40, throttle_reasons=0, memory_used=0, memory_total=1000 * MiB)]
+    # Every layer on the GPU: each worker needs ~401 MiB of GPU memory by its estimate (CUDA context included).
+    offloaded = model_table("first", "tiny.gguf", n_ctx=256, n_gpu_layers=-1)
+    daemon = InProcessDaemon(model_dir, offloaded, gpu=gpu, supervisor='gpu_memory_budget = "50%"')
+    try:
+        daemon.stub.LoadModel(pb.LoadModelRequest(name="second", path="tiny.gguf",
+                                                  options={"n_ctx": "256", "n_gpu_layers": "-1"}))
+        assert {m: s.state for m, s in states(daemon).items()} == {"first": "EXITED", "second": "READY"}
+        with pytest.raises(grpc.RpcError) as refused:
+            daemon.stub.LoadModel(pb.LoadModelRequest(name="big", path="tiny.gguf",
+                                                      options={"n_ctx": "65536", "n_gpu_layers": "-1"}))
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "gpu_memory_budget is 500.0 MiB" in refused.value.details()
+    finally:
+        daemon.stop()
