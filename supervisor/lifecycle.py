@@ -98,7 +98,6 @@ class Lifecycle:
         self.closed_reason = "is being unloaded"  # completes "model 'x' …" in what requests are told
         self.replica = replica  # which of the model's `replicas` this is, from 0
         self.output = output or OutputLog()  # its workers' output lines, for llmctl tail (shared by the replicas)
-        self.last_tokens_per_second = 0.0
         self.memory_note = ""  # set at admission: e.g. weights larger than the free RAM, read from the file
         self._retiring: set[WorkerProcess] = set()  # draining after a recycle, no longer self.worker
         self.waiting = 0  # requests queued for the slot

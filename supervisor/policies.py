@@ -242,12 +242,10 @@ class Usage:
     gpu: int = 0
 
 
-def replacement_first(budget: Usage | None, in_use: Usage, needed: Usage) -> tuple[bool, str]:
+def replacement_first(budget: Usage, in_use: Usage, needed: Usage) -> tuple[bool, str]:
     """Whether a recycle may start the replacement while the old worker still holds its memory: only when
     the budgets (0 = none) hold both. Otherwise the old worker goes first and requests wait a little longer
     — better than the replacement's load failing, or the host swapping. Returns the answer and why not."""
-    if budget is None:
-        return True, ""
     for what, limit, used, more in (("memory_budget", budget.private, in_use.private, needed.private),
                                     ("gpu_memory_budget", budget.gpu, in_use.gpu, needed.gpu)):
         if limit and used + more > limit:

@@ -76,7 +76,7 @@ class Registry:
                            f"model {config.name!r} is already loaded; unload it first or pick another name")
         path = resolve_model_path(config.path, self.config.model_dirs)
         gguf = await asyncio.to_thread(read_gguf_info, path)
-        runtime = ModelRuntime(source, [])
+        runtime = ModelRuntime(source, [])  # its replicas tell the registry of their changes: they need it first
         runtime.replicas = [self._replica(runtime, config, gguf, i, OutputLog()) for i in range(config.replicas)]
         self.models[config.name] = runtime  # reserve the name while loading
         started = await asyncio.gather(*(life.start() for life in runtime.replicas), return_exceptions=True)
@@ -107,17 +107,7 @@ class Registry:
         async with self._admission:
             figures = estimate(starting.gguf.shape, starting.config)
             needed = Usage(figures.private_peak, figures.gpu)
-            available = psutil.virtual_memory().available
-            if starting.config.use_mlock:
-                memlock = resource.getrlimit(resource.RLIMIT_MEMLOCK)[0]
-                refused = mlock_refusal(figures, -1 if memlock == resource.RLIM_INFINITY else memlock,
-                                        has_capability(CAP_IPC_LOCK))
-                if refused:
-                    raise precondition(f"model {starting.name!r}: {refused}")
-            refused = unmapped_refusal(figures, available)
-            if refused:
-                raise exhausted(f"model {starting.name!r}: {refused}")
-            starting.memory_note = host_memory_note(figures, available)
+            self._check_host(starting, figures)
             c = self.config
             if c.gpu_memory_budget_percent and self.monitor.last_gpus is None:
                 await asyncio.to_thread(self.monitor.host)  # before the watch loop's first read
@@ -130,6 +120,22 @@ class Registry:
             for label in decision.evict:
                 log.info("evicting", model=label, for_model=starting.label)
                 await holders[label].evict(f"evicted to make room for {starting.label!r}")
+
+    @staticmethod
+    def _check_host(starting: Lifecycle, figures: Estimate) -> None:
+        """What the host allows whatever the budgets: locked weights within RLIMIT_MEMLOCK, weights read
+        into memory within the free RAM. Notes weights that are mmap'd past the free RAM."""
+        available = psutil.virtual_memory().available
+        if starting.config.use_mlock:
+            memlock = resource.getrlimit(resource.RLIMIT_MEMLOCK)[0]
+            refused = mlock_refusal(figures, -1 if memlock == resource.RLIM_INFINITY else memlock,
+                                    has_capability(CAP_IPC_LOCK))
+            if refused:
+                raise precondition(f"model {starting.name!r}: {refused}")
+        refused = unmapped_refusal(figures, available)
+        if refused:
+            raise exhausted(f"model {starting.name!r}: {refused}")
+        starting.memory_note = host_memory_note(figures, available)
 
     def budget(self) -> Usage:
         """memory_budget and gpu_memory_budget in bytes (0: none). A GPU budget in % is of the GPUs' total
@@ -144,9 +150,8 @@ class Registry:
     def room(self, needed: Usage) -> tuple[bool, str]:
         """Whether the memory budgets hold `needed` beside every worker running now, counted as admission
         counts them."""
-        budget = self.budget()
         held = [resident(life).usage for life in self.lifecycles() if life.holds_memory]
-        return replacement_first(budget if budget.private or budget.gpu else None, Usage(sum(u.private for u in held), sum(u.gpu for u in held)), needed)
+        return replacement_first(self.budget(), Usage(sum(u.private for u in held), sum(u.gpu for u in held)), needed)
 
     async def load_by_api(self, request: LoadedModel, source: str = "api", keep_on_failure: bool = False) -> ModelRuntime:
         """A model loaded at run time: recorded in the state directory, so a restart loads it again."""

@@ -145,7 +145,7 @@ def test_a_temperature_line_set_to_zero_is_off():
 
 
 @pytest.mark.parametrize("budget, in_use, needed, first, words", [
-    (None, Usage(10**12), Usage(10**12), True, ""),                                  # no budget: always first
+    (Usage(), Usage(10**12), Usage(10**12), True, ""),                               # no budget: always first
     (Usage(1000 * MiB), Usage(600 * MiB), Usage(300 * MiB), True, ""),
     (Usage(1000 * MiB), Usage(800 * MiB), Usage(300 * MiB), False, "memory_budget (1000.0 MiB) cannot hold both"),
     (Usage(0, 8000 * MiB), Usage(100 * MiB, 6000 * MiB), Usage(50 * MiB, 3000 * MiB), False, "gpu_memory_budget"),
