@@ -83,6 +83,16 @@ class SupervisorConfig:
     log_level: str = "info"
     journald: bool = False
     metrics_address: str = ""
+    # Who may connect (see supervisor/security.py). TCP needs TLS unless insecure is written out.
+    insecure: bool = False
+    socket_group: str = ""  # the unix socket's group (mode 0660): its members may connect
+    max_message_size: int = 4 << 20  # largest request a client may send
+    max_concurrent_streams: int = 100  # per connection
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None  # set: clients must present a certificate it signed (mTLS)
+    inference_tokens_file: Path | None = None
+    admin_tokens_file: Path | None = None
     defaults: Mapping[str, Any] = field(default_factory=dict)
     models: tuple[ModelConfig, ...] = ()
 
@@ -210,7 +220,10 @@ def _check_model(cfg: ModelConfig) -> None:
 
 
 _SUPERVISOR_KEYS = {"address", "state_dir", "runtime_dir", "model_dirs", "poll_interval", "memory_budget",
-                    "gpu_memory_budget", "max_loaded_models", "shutdown_timeout", "standby_workers"}
+                    "gpu_memory_budget", "max_loaded_models", "shutdown_timeout", "standby_workers", "insecure",
+                    "socket_group", "max_message_size", "max_concurrent_streams"}
+_SECTION_KEYS = {"logging": {"level", "journald"}, "metrics": {"address"}, "tls": {"cert", "key", "client_ca"},
+                 "auth": {"inference_tokens_file", "admin_tokens_file"}}
 
 
 def parse_config(text: str, host: Host, base_dir: Path | None = None) -> SupervisorConfig:
@@ -219,9 +232,14 @@ def parse_config(text: str, host: Host, base_dir: Path | None = None) -> Supervi
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config is not valid TOML: {e}") from None
-    unknown = set(data) - {"supervisor", "logging", "metrics", "defaults", "models"}
+    unknown = set(data) - {"supervisor", "defaults", "models", *_SECTION_KEYS}
     if unknown:
         raise ConfigError(f"unknown config section(s): {', '.join(sorted(unknown))}")
+    for section, known in _SECTION_KEYS.items():
+        bad = set(data.get(section, {})) - known
+        if bad:
+            raise ConfigError(f"[{section}]: unknown key(s) {', '.join(sorted(bad))}; known: {', '.join(sorted(known))}")
+    tls, auth = data.get("tls", {}), data.get("auth", {})
     sup = dict(data.get("supervisor", {}))
     bad = set(sup) - _SUPERVISOR_KEYS
     if bad:
@@ -255,6 +273,15 @@ def parse_config(text: str, host: Host, base_dir: Path | None = None) -> Supervi
             log_level=str(data.get("logging", {}).get("level", "info")).lower(),
             journald=data.get("logging", {}).get("journald", False),
             metrics_address=str(data.get("metrics", {}).get("address", "")),
+            insecure=sup.get("insecure", False),
+            socket_group=str(sup.get("socket_group", "")),
+            max_message_size=parse_size(sup.get("max_message_size", "4MiB")),
+            max_concurrent_streams=int(sup.get("max_concurrent_streams", 100)),
+            tls_cert=directory(tls["cert"]) if "cert" in tls else None,
+            tls_key=directory(tls["key"]) if "key" in tls else None,
+            tls_client_ca=directory(tls["client_ca"]) if "client_ca" in tls else None,
+            inference_tokens_file=directory(auth["inference_tokens_file"]) if "inference_tokens_file" in auth else None,
+            admin_tokens_file=directory(auth["admin_tokens_file"]) if "admin_tokens_file" in auth else None,
             defaults=dict(data.get("defaults", {})),
         )
     except ValueError as e:
@@ -269,6 +296,16 @@ def parse_config(text: str, host: Host, base_dir: Path | None = None) -> Supervi
         except ValueError:
             raise ConfigError(f"[metrics] address must be host:port (or :port for every interface), "
                               f"got {cfg.metrics_address!r}") from None
+    if not isinstance(cfg.insecure, bool):
+        raise ConfigError(f"[supervisor] insecure must be true or false, got {cfg.insecure!r}")
+    if (cfg.tls_cert is None) != (cfg.tls_key is None):
+        raise ConfigError("[tls] needs both cert and key")
+    if cfg.tls_client_ca is not None and cfg.tls_cert is None:
+        raise ConfigError("[tls] client_ca needs cert and key too: mutual TLS is TLS first")
+    if not 1 << 10 <= cfg.max_message_size <= 1 << 30:
+        raise ConfigError(f"[supervisor] max_message_size must be between 1KiB and 1GiB, got {cfg.max_message_size}")
+    if not 1 <= cfg.max_concurrent_streams <= 10_000:
+        raise ConfigError(f"[supervisor] max_concurrent_streams must be between 1 and 10000, got {cfg.max_concurrent_streams}")
     if not isinstance(cfg.journald, bool):
         raise ConfigError(f"[logging] journald must be true or false, got {cfg.journald!r}")
     if cfg.log_level not in ("debug", "info", "warning", "error"):

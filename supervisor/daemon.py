@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import grp
 import os
 import shutil
 import signal
@@ -40,6 +41,7 @@ from .monitor import Monitor
 from .notify import Notifier, summary
 from .logs import configure
 from .registry import Registry
+from .security import AuthInterceptor, read_tokens, server_credentials
 from .reloader import Reloader
 from .scheduler import ModelRuntime
 from .standby import StandbyPool
@@ -78,6 +80,35 @@ def _claim_socket(path: Path) -> None:
     finally:
         probe.close()
     raise ConfigError(f"another process is already listening on {path}; stop it or pick another --address")
+
+
+def listen(server: grpc.aio.Server, config: SupervisorConfig) -> Path | None:
+    """Bind the API's address; the unix socket's path, or None for TCP. TCP is TLS unless the config
+    says `insecure = true` in so many words, and then the log says so at every start."""
+    path = unix_socket_path(config.address)
+    if path is not None:
+        if config.socket_group:
+            try:
+                grp.getgrnam(config.socket_group)
+            except KeyError:
+                raise ConfigError(f"[supervisor] socket_group {config.socket_group!r}: no such group") from None
+        _claim_socket(path)
+        server.add_insecure_port(config.address)
+        return path
+    if config.tls_cert is not None:
+        bound = server.add_secure_port(config.address, server_credentials(config))
+    elif config.insecure:
+        bound = server.add_insecure_port(config.address)
+        log.critical("insecure_tcp", address=config.address,
+                     reason="insecure = true: the API listens on TCP without TLS; anyone on the network can read "
+                            "prompts and replies" + ("" if config.inference_tokens_file or config.admin_tokens_file
+                                                     else ", and call it without a token"))
+    else:
+        raise ConfigError(f"{config.address} is TCP: give [tls] cert and key, or write insecure = true in "
+                          f"[supervisor] to listen without TLS")
+    if bound == 0:
+        raise ConfigError(f"cannot listen on {config.address}")
+    return None
 
 
 def ensure_demo_model(config: SupervisorConfig) -> None:
@@ -137,7 +168,11 @@ async def serve(config: SupervisorConfig, host: Host, stop: asyncio.Event | None
     socket_root = config.runtime_dir if len(str(config.runtime_dir)) < MAX_SOCKET_PATH - 40 else None
     socket_dir = Path(tempfile.mkdtemp(prefix="workers-", dir=socket_root))  # mode 0700: ours alone
 
-    server = grpc.aio.server()
+    auth = AuthInterceptor(read_tokens(config))
+    server = grpc.aio.server(interceptors=[auth], options=[
+        ("grpc.max_receive_message_length", config.max_message_size),
+        ("grpc.max_concurrent_streams", config.max_concurrent_streams),
+    ])
     health_servicer = health.aio.HealthServicer()
     loop = asyncio.get_running_loop()
 
@@ -157,26 +192,22 @@ async def serve(config: SupervisorConfig, host: Host, stop: asyncio.Event | None
                                                         monitor)
         log.info("metrics_listening", address=config.metrics_address)
     reloader = Reloader(registry, reread or (lambda: config), config_path, notifier,
-                        status=lambda: status_line(registry, time.monotonic()))
+                        status=lambda: status_line(registry, time.monotonic()), auth=auth)
     supervisor_pb2_grpc.add_SupervisorServicer_to_server(
         SupervisorService(registry, metrics=request_metrics, reloader=reloader), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
 
-    path = unix_socket_path(config.address)
-    if path is not None:
-        _claim_socket(path)
-    if server.add_insecure_port(config.address) == 0 and path is None:
-        raise ConfigError(f"cannot listen on {config.address}")
+    path = listen(server, config)
     await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()
     if path is not None:
         os.chmod(path, 0o660)
-    log.info("listening", address=config.address, pid=os.getpid())
-    if path is None and not config.address.startswith(("127.", "localhost:", "[::1]:")):
-        log.warning("plaintext_tcp", address=config.address,
-                    reason="the API is reachable unencrypted and unauthenticated beyond this host")
+        if config.socket_group:
+            os.chown(path, -1, grp.getgrnam(config.socket_group).gr_gid)
+    log.info("listening", address=config.address, pid=os.getpid(), tls=config.tls_cert is not None,
+             mutual_tls=config.tls_client_ca is not None, tokens=auth.tokens.required)
 
     async def load(model) -> None:
         try:

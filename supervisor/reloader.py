@@ -15,6 +15,7 @@ from .logs import configure
 from .notify import Notifier
 from .registry import Registry
 from .reload import Plan, keep_bound, plan
+from .security import AuthInterceptor, read_tokens
 
 log = structlog.get_logger("llm_supervisor.reloader")
 
@@ -24,12 +25,13 @@ class Reloader:
     One at a time; a config that does not parse changes nothing (ConfigError says why)."""
 
     def __init__(self, registry: Registry, reread: Callable[[], SupervisorConfig], config_path: str,
-                 notifier: Notifier, status: Callable[[], str]) -> None:
+                 notifier: Notifier, status: Callable[[], str], auth: AuthInterceptor | None = None) -> None:
         self.registry = registry
         self.reread = reread
         self.config_path = config_path
         self.notifier = notifier
         self.status = status  # the one-line STATUS= for systemd
+        self.auth = auth
         self._lock = asyncio.Lock()
 
     async def reload(self, dry_run: bool) -> tuple[Plan, dict[str, str]]:
@@ -38,6 +40,9 @@ class Reloader:
             running = self.registry.config
             new = await asyncio.to_thread(self.reread)
             change = plan(self.registry.running(), running, new)
+            tokens = await asyncio.to_thread(read_tokens, keep_bound(running, new))  # rotated tokens apply now
+            if not dry_run and self.auth is not None:
+                self.auth.tokens = tokens
             if dry_run or change.empty:
                 return change, {}
             self.notifier.reloading()

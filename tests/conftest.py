@@ -75,10 +75,12 @@ class Daemon:
     state_dir: Path
     log_path: Path
     base: Path
+    credentials: grpc.ChannelCredentials | None = None  # TLS, for a daemon that listens with it
     channel: grpc.Channel = field(init=False)
 
     def __post_init__(self) -> None:
-        self.channel = grpc.insecure_channel(self.address)
+        self.channel = (grpc.secure_channel(self.address, self.credentials) if self.credentials
+                        else grpc.insecure_channel(self.address))
         self.stub = supervisor_pb2_grpc.SupervisorStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
 
@@ -121,14 +123,17 @@ def model_table(name: str, path: Path | str, **options) -> str:
 
 def launch(model_dir: Path, models: str = "", env: dict[str, str] | None = None, extra: str = "",
            config: bool = True, address_flag: bool = False, state_dir: Path | None = None,
-           prefix: tuple[str, ...] = ()) -> Daemon:
+           prefix: tuple[str, ...] = (), address: str = "",
+           credentials: grpc.ChannelCredentials | None = None) -> Daemon:
     """Start llm-supervisord in a fresh directory and wait until it serves (with --address if asked).
     Give `state_dir` to keep state across daemons (it is not removed with the daemon's directory);
-    `prefix` runs it under a command such as prlimit."""
+    `prefix` runs it under a command such as prlimit; `address` (--address) listens elsewhere, e.g. on TCP
+    with `credentials` for TLS."""
     # Unix socket paths must stay under 108 bytes: pytest's tmp_path can be too deep.
     base = Path(tempfile.mkdtemp(prefix="llms-"))
     run_dir, state_dir = base / "run", state_dir or base / "state"
-    address = f"unix://{base / 'flag.sock' if address_flag else run_dir / 'supervisor.sock'}"
+    address_flag = address_flag or bool(address)
+    address = address or f"unix://{base / 'flag.sock' if address_flag else run_dir / 'supervisor.sock'}"
     log_path = base / "daemon.log"
     process_env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
     cmd = [*prefix, sys.executable, "-m", "supervisor.daemon"]
@@ -145,7 +150,7 @@ def launch(model_dir: Path, models: str = "", env: dict[str, str] | None = None,
         cmd += ["--address", address]
     with log_path.open("w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=process_env, cwd=ROOT)
-    daemon = Daemon(proc, address, run_dir, state_dir, log_path, base)
+    daemon = Daemon(proc, address, run_dir, state_dir, log_path, base, credentials)
     try:
         daemon.wait_ready()
     except BaseException:

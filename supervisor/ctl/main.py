@@ -12,11 +12,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 import grpc
 import psutil
 
 from ..config import Host, default_address
+from ..security import token_lines
 from . import commands
 from .shell import Shell
 
@@ -46,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmctl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--address", help="unix:///path/to.sock or host:port")
     parser.add_argument("--json", action="store_true", help="JSON lines on stdout, for scripts")
+    parser.add_argument("--token-file", type=Path, help="a file holding the bearer token to send "
+                        "(else $LLM_SUPERVISOR_TOKEN_FILE); never the token itself on the command line")
+    parser.add_argument("--tls-ca", type=Path, help="CA certificate to check a TLS daemon's certificate with")
+    parser.add_argument("--tls-cert", type=Path, help="client certificate, for a daemon that wants mutual TLS")
+    parser.add_argument("--tls-key", type=Path, help="the client certificate's key")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("status", help="every worker (or MODEL's): state, pid, memory, requests, uptime")
@@ -109,6 +116,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Bearer(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Adds `authorization: Bearer <token>` to every call."""
+
+    def __init__(self, token: str) -> None:
+        self._metadata = ("authorization", f"Bearer {token}")
+
+    def _with_token(self, details):
+        return details._replace(metadata=[*(details.metadata or ()), self._metadata])
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._with_token(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._with_token(details), request)
+
+
+def open_channel(args: argparse.Namespace, address: str, env: dict[str, str]) -> grpc.Channel:
+    """TLS when --tls-ca (or a client certificate) is given, the token file's token on every call."""
+    def read(path: Path, what: str) -> bytes:
+        try:
+            return path.read_bytes()
+        except OSError as e:
+            raise commands.UsageError(f"{what} {path}: {e.strerror}") from None
+
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise commands.UsageError("--tls-cert and --tls-key go together")
+    if args.tls_ca or args.tls_cert:
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=read(args.tls_ca, "--tls-ca") if args.tls_ca else None,
+            private_key=read(args.tls_key, "--tls-key") if args.tls_key else None,
+            certificate_chain=read(args.tls_cert, "--tls-cert") if args.tls_cert else None)
+        channel = grpc.secure_channel(address, credentials)
+    else:
+        channel = grpc.insecure_channel(address)
+    token_file = args.token_file or (Path(env["LLM_SUPERVISOR_TOKEN_FILE"]) if env.get("LLM_SUPERVISOR_TOKEN_FILE") else None)
+    if token_file is not None:
+        tokens = token_lines(read(token_file, "--token-file").decode())
+        if not tokens:
+            raise commands.UsageError(f"--token-file {token_file} holds no token")
+        channel = grpc.intercept_channel(channel, _Bearer(tokens[0]))
+    return channel
+
+
 def execute(args: argparse.Namespace, channel: grpc.Channel, address: str) -> int:
     """One command; errors are printed, and the exit status says which kind."""
     out = commands.Output(sys.stdout, as_json=args.json)
@@ -129,7 +179,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     address = resolve_address(args.address, dict(os.environ))
-    with grpc.insecure_channel(address) as channel:
+    try:
+        channel = open_channel(args, address, dict(os.environ))
+    except commands.UsageError as e:
+        print(f"llmctl: {e}", file=sys.stderr)
+        return 2
+    with channel:
         if args.command is not None:
             try:
                 return execute(args, channel, address)
