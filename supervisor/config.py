@@ -79,6 +79,7 @@ class SupervisorConfig:
     gpu_memory_budget_percent: float | None = None  # "90%": of the GPUs' total memory, as NVML reports it
     max_loaded_models: int = 0  # 0 = no limit
     shutdown_timeout: float = 30.0
+    shutdown_delay: float = 0.0  # on SIGTERM: NOT_SERVING at once, new calls still taken this long
     standby_workers: int = 1  # spare processes with the runtime imported, taken by the next worker start
     log_level: str = "info"
     journald: bool = False
@@ -221,7 +222,7 @@ def _check_model(cfg: ModelConfig) -> None:
 
 _SUPERVISOR_KEYS = {"address", "state_dir", "runtime_dir", "model_dirs", "poll_interval", "memory_budget",
                     "gpu_memory_budget", "max_loaded_models", "shutdown_timeout", "standby_workers", "insecure",
-                    "socket_group", "max_message_size", "max_concurrent_streams"}
+                    "socket_group", "max_message_size", "max_concurrent_streams", "shutdown_delay"}
 _SECTION_KEYS = {"logging": {"level", "journald"}, "metrics": {"address"}, "tls": {"cert", "key", "client_ca"},
                  "auth": {"inference_tokens_file", "admin_tokens_file"}}
 
@@ -269,6 +270,7 @@ def parse_config(text: str, host: Host, base_dir: Path | None = None) -> Supervi
                                        if is_percent(sup.get("gpu_memory_budget")) else None),
             max_loaded_models=int(sup.get("max_loaded_models", 0)),
             shutdown_timeout=parse_duration(sup.get("shutdown_timeout", 30.0)),
+            shutdown_delay=parse_duration(sup.get("shutdown_delay", 0.0)),
             standby_workers=int(sup.get("standby_workers", 1)),
             log_level=str(data.get("logging", {}).get("level", "info")).lower(),
             journald=data.get("logging", {}).get("journald", False),

@@ -238,9 +238,12 @@ async def serve(config: SupervisorConfig, host: Host, stop: asyncio.Event | None
         watcher.cancel()
         reloads.cancel()
     drain = registry.config.shutdown_timeout
-    log.info("stopping", drain_s=drain)
+    log.info("stopping", drain_s=drain, delay_s=registry.config.shutdown_delay)
     notifier.stopping()
+    # NOT_SERVING first, while calls are still taken: balancers checking health move away before a call
+    # could be refused (shutdown_delay: as long as they take to notice).
     await health_servicer.enter_graceful_shutdown()
+    await asyncio.sleep(registry.config.shutdown_delay)
     events.followers.close()  # followers' streams end now, rather than hold the drain open
     # New calls are refused from now on. Those queued or in flight get shutdown_timeout to finish; then
     # they fail with UNAVAILABLE saying why. The server's own grace is longer, so that is what they read.

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import datetime
 import grp
-import ipaddress
 import os
 import socket
 import subprocess
@@ -13,15 +11,12 @@ from pathlib import Path
 
 import grpc
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llm_supervisor.v1 import supervisor_pb2 as pb
 from supervisor.security import ADMIN, INFERENCE, Tokens, bearer, required_role, role_of
 from tests.conftest import ROOT, launch, model_table
+from tests.pki import make_pki
 
 INFERENCE_TOKEN = "inference-token-0123456789abcdef"
 ADMIN_TOKEN = "admin-token-0123456789abcdef0123"
@@ -116,34 +111,9 @@ def test_every_rpc_against_no_token_a_bad_token_the_wrong_role_and_the_right_one
         daemon.stop()
 
 
-def certificate(subject: str, key, issuer_key=None, issuer=None, ca: bool = False, server: bool = False):
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    builder = (x509.CertificateBuilder().subject_name(name).issuer_name(issuer or name).public_key(key.public_key())
-               .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-               .not_valid_after(now + datetime.timedelta(days=1))
-               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-    if server:
-        builder = builder.add_extension(x509.SubjectAlternativeName(
-            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-    return builder.sign(issuer_key or key, hashes.SHA256())
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> dict[str, Path]:
-    """A test CA, a server certificate for 127.0.0.1 and a client certificate, as PEM files."""
-    directory = tmp_path_factory.mktemp("pki")
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = certificate("test CA", ca_key, ca=True)
-    files = {"ca": ca}
-    for name, server in (("server", True), ("client", False)):
-        key = ec.generate_private_key(ec.SECP256R1())
-        files[name] = certificate(name, key, ca_key, ca.subject, server=server)
-        (directory / f"{name}.key").write_bytes(key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    for name, cert in files.items():
-        (directory / f"{name}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return {p.name: p for p in directory.iterdir()}
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 def llmctl_tls(address: str, *flags: str) -> subprocess.CompletedProcess:

@@ -23,12 +23,18 @@ from . import commands
 from .shell import Shell
 
 
+# round_robin over every address, skipping daemons whose health says NOT_SERVING (a draining one), and
+# retrying UNAVAILABLE on another while nothing of the reply has come: gRPC's own machinery.
+SERVICE_CONFIG = (Path(__file__).parent / "service_config.json").read_text()
+
+
 def resolve_address(flag: str | None, env: dict[str, str]) -> str:
-    if flag:
-        return flag
-    if env.get("LLM_SUPERVISOR_ADDRESS"):
-        return env["LLM_SUPERVISOR_ADDRESS"]
-    return default_address(Host(memory_bytes=psutil.virtual_memory().total, is_root=os.geteuid() == 0, env=env))
+    """A gRPC target: unix:///path, host:port, dns:///name:port, or several host:port joined by commas."""
+    address = flag or env.get("LLM_SUPERVISOR_ADDRESS") or default_address(
+        Host(memory_bytes=psutil.virtual_memory().total, is_root=os.geteuid() == 0, env=env))
+    if "," in address and ":///" not in address and not address.startswith(("ipv4:", "ipv6:")):
+        return ("ipv6:" if address.startswith("[") else "ipv4:") + address  # gRPC's own list syntax
+    return address
 
 
 def sampling_flags(parser: argparse.ArgumentParser) -> None:
@@ -46,13 +52,16 @@ def sampling_flags(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmctl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--address", help="unix:///path/to.sock or host:port")
+    parser.add_argument("--address", help="unix:///path/to.sock, host:port, dns:///name:port, or host:port,host:port,… "
+                        "(round_robin over them, draining daemons skipped, UNAVAILABLE retried on another)")
     parser.add_argument("--json", action="store_true", help="JSON lines on stdout, for scripts")
     parser.add_argument("--token-file", type=Path, help="a file holding the bearer token to send "
                         "(else $LLM_SUPERVISOR_TOKEN_FILE); never the token itself on the command line")
     parser.add_argument("--tls-ca", type=Path, help="CA certificate to check a TLS daemon's certificate with")
     parser.add_argument("--tls-cert", type=Path, help="client certificate, for a daemon that wants mutual TLS")
     parser.add_argument("--tls-key", type=Path, help="the client certificate's key")
+    parser.add_argument("--tls-server-name", help="the name the daemons' certificate is for, when the address "
+                        "does not say it (several addresses, an IP)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("status", help="every worker (or MODEL's): state, pid, memory, requests, uptime")
@@ -132,6 +141,9 @@ class _Bearer(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientIntercepto
         return continuation(self._with_token(details), request)
 
 
+BALANCING = [("grpc.service_config", SERVICE_CONFIG), ("grpc.enable_retries", 1)]
+
+
 def open_channel(args: argparse.Namespace, address: str, env: dict[str, str]) -> grpc.Channel:
     """TLS when --tls-ca (or a client certificate) is given, the token file's token on every call."""
     def read(path: Path, what: str) -> bytes:
@@ -147,9 +159,10 @@ def open_channel(args: argparse.Namespace, address: str, env: dict[str, str]) ->
             root_certificates=read(args.tls_ca, "--tls-ca") if args.tls_ca else None,
             private_key=read(args.tls_key, "--tls-key") if args.tls_key else None,
             certificate_chain=read(args.tls_cert, "--tls-cert") if args.tls_cert else None)
-        channel = grpc.secure_channel(address, credentials)
+        name = [("grpc.ssl_target_name_override", args.tls_server_name)] if args.tls_server_name else []
+        channel = grpc.secure_channel(address, credentials, options=BALANCING + name)
     else:
-        channel = grpc.insecure_channel(address)
+        channel = grpc.insecure_channel(address, options=BALANCING)
     token_file = args.token_file or (Path(env["LLM_SUPERVISOR_TOKEN_FILE"]) if env.get("LLM_SUPERVISOR_TOKEN_FILE") else None)
     if token_file is not None:
         tokens = token_lines(read(token_file, "--token-file").decode())
