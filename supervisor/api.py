@@ -59,6 +59,7 @@ class SupervisorService(supervisor_pb2_grpc.SupervisorServicer):
             check_model_name(model)
             runtime = self.registry.get(model)
             request.options.CopyFrom(check_options(request.options, runtime.config))
+            request.max_prompt_tokens = runtime.config.max_prompt_tokens
             dropped = shape(runtime.config)
             if keep_alive:
                 seconds = check_keep_alive(keep_alive)

@@ -49,6 +49,7 @@ class ModelConfig:
     heartbeat_timeout: float = 60.0  # a busy worker with no token or prompt batch for this long is hung
     max_queue: int = 64
     max_tokens: int = 0  # cap on a request's max_tokens; 0 = no cap beyond the context
+    max_prompt_tokens: int = 0  # cap on a request's prompt (a chat's history is fitted to it); 0 = the context
     max_history_messages: int = 0  # Chat: the newest this many non-system messages are kept; 0 = all that fit
     strip_thinking: bool = True  # Chat: earlier assistant turns lose their <think>…</think> reasoning
     rlimit_data: int | None = None  # kernel's last line on private memory (RLIMIT_DATA)
@@ -201,6 +202,7 @@ def _check_model(cfg: ModelConfig) -> None:
     need(1 <= cfg.replicas <= 16, f"replicas must be between 1 and 16, got {cfg.replicas}")
     need(cfg.max_queue >= 0, f"max_queue must be 0 or more, got {cfg.max_queue}")
     need(cfg.max_tokens >= 0, f"max_tokens must be 0 (no cap) or more, got {cfg.max_tokens}")
+    need(cfg.max_prompt_tokens >= 0, f"max_prompt_tokens must be 0 (no cap) or more, got {cfg.max_prompt_tokens}")
     need(cfg.max_history_messages >= 0, f"max_history_messages must be 0 (no limit) or more, got {cfg.max_history_messages}")
     need(cfg.max_requests >= 0, f"max_requests must be 0 (no limit) or more, got {cfg.max_requests}")
     need(cfg.max_requests_jitter >= 0, f"max_requests_jitter must be 0 or more, got {cfg.max_requests_jitter}")

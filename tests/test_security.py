@@ -179,3 +179,32 @@ def test_the_unix_socket_belongs_to_the_configured_group(model_dir, tmp_path):
         daemon.stop()
     unknown = start_bare(model_dir, tmp_path, 'socket_group = "no-such-group-here"', f"unix://{tmp_path}/s.sock")
     assert unknown.returncode == 2 and "socket_group 'no-such-group-here': no such group" in unknown.stderr
+
+
+def test_what_a_client_may_send_is_bounded_with_clear_statuses(model_dir):
+    daemon = launch(model_dir, model_table("tiny", "tiny.gguf", n_ctx=256, max_prompt_tokens=48, max_tokens=8),
+                    extra='max_message_size = "64KiB"')
+    try:
+        def generate(prompt: str, max_tokens: int = 2):
+            return list(daemon.stub.Generate(pb.GenerateRequest(model="tiny", prompt=prompt,
+                                                                options=pb.SamplingOptions(max_tokens=max_tokens))))
+
+        with pytest.raises(grpc.RpcError) as huge:
+            generate("x" * (100 << 10))  # above max_message_size: refused before it is even read
+        assert huge.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        with pytest.raises(grpc.RpcError) as long_prompt:
+            generate("the model " * 40)
+        assert long_prompt.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "takes at most 48 (max_prompt_tokens)" in long_prompt.value.details()
+        with pytest.raises(grpc.RpcError) as too_many:
+            generate("hi", max_tokens=9)
+        assert too_many.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "8" in too_many.value.details()
+        assert generate("hi")[-1].usage.completion_tokens == 2  # and it still serves
+        # A chat's history is fitted under the cap, the newest message kept.
+        messages = [pb.ChatMessage(role="user", content="the model " * 10), pb.ChatMessage(role="assistant", content="ok"),
+                    pb.ChatMessage(role="user", content="hi")]
+        final = list(daemon.stub.Chat(pb.ChatRequest(model="tiny", messages=messages,
+                                                     options=pb.SamplingOptions(max_tokens=2))))[-1]
+        assert final.usage.prompt_tokens <= 48 and final.usage.messages_dropped == 2
+    finally:
+        daemon.stop()

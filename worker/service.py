@@ -93,6 +93,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             # one a quarter of the context. The final chunk's usage says how many went.
             messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
             limit = n_ctx - (max_tokens or n_ctx // 4)
+            if request.max_prompt_tokens:
+                limit = min(limit, request.max_prompt_tokens)
             prompt: list[int] = []
 
             def fits(kept: list[dict[str, str]]) -> bool:
@@ -103,6 +105,11 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             _, dropped = drop_oldest(messages, fits)  # the last messages it tried are those kept
         else:
             prompt = self.engine.tokenize(request.prompt, add_special=True)
+        cap = request.max_prompt_tokens
+        if cap and len(prompt) > cap:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"prompt is {len(prompt)} tokens but model {self.name!r} takes at most {cap} "
+                          f"(max_prompt_tokens); shorten it")
         if len(prompt) >= n_ctx:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"prompt is {len(prompt)} tokens but model {self.name!r} has a context of {n_ctx} tokens "

@@ -7,14 +7,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class WorkerGenerateRequest(_message.Message):
-    __slots__ = ("prompt", "chat", "options")
+    __slots__ = ("prompt", "chat", "options", "max_prompt_tokens")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     CHAT_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    MAX_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     chat: _supervisor_pb2.ChatRequest
     options: _supervisor_pb2.SamplingOptions
-    def __init__(self, prompt: _Optional[str] = ..., chat: _Optional[_Union[_supervisor_pb2.ChatRequest, _Mapping]] = ..., options: _Optional[_Union[_supervisor_pb2.SamplingOptions, _Mapping]] = ...) -> None: ...
+    max_prompt_tokens: int
+    def __init__(self, prompt: _Optional[str] = ..., chat: _Optional[_Union[_supervisor_pb2.ChatRequest, _Mapping]] = ..., options: _Optional[_Union[_supervisor_pb2.SamplingOptions, _Mapping]] = ..., max_prompt_tokens: _Optional[int] = ...) -> None: ...
 
 class WorkerInfoRequest(_message.Message):
     __slots__ = ()
