@@ -85,6 +85,8 @@ class SupervisorConfig:
     log_level: str = "info"
     journald: bool = False
     metrics_address: str = ""
+    # A second, plaintext listener with only grpc.health.v1: kubelet's gRPC probes cannot speak TLS.
+    health_address: str = ""
     # Who may connect (see supervisor/security.py). TCP needs TLS unless insecure is written out.
     insecure: bool = False
     socket_group: str = ""  # the unix socket's group (mode 0660): its members may connect
@@ -224,7 +226,7 @@ def _check_model(cfg: ModelConfig) -> None:
 
 _SUPERVISOR_KEYS = {"address", "state_dir", "runtime_dir", "model_dirs", "poll_interval", "memory_budget",
                     "gpu_memory_budget", "max_loaded_models", "shutdown_timeout", "standby_workers", "insecure",
-                    "socket_group", "max_message_size", "max_concurrent_streams", "shutdown_delay"}
+                    "socket_group", "max_message_size", "max_concurrent_streams", "shutdown_delay", "health_address"}
 _SECTION_KEYS = {"logging": {"level", "journald"}, "metrics": {"address"}, "tls": {"cert", "key", "client_ca"},
                  "auth": {"inference_tokens_file", "admin_tokens_file"}}
 
@@ -278,6 +280,7 @@ def parse_config(text: str, host: Host, base_dir: Path | None = None) -> Supervi
             journald=data.get("logging", {}).get("journald", False),
             metrics_address=str(data.get("metrics", {}).get("address", "")),
             insecure=sup.get("insecure", False),
+            health_address=str(sup.get("health_address", "")),
             socket_group=str(sup.get("socket_group", "")),
             max_message_size=parse_size(sup.get("max_message_size", "4MiB")),
             max_concurrent_streams=int(sup.get("max_concurrent_streams", 100)),
@@ -294,12 +297,12 @@ def parse_config(text: str, host: Host, base_dir: Path | None = None) -> Supervi
         raise ConfigError("[supervisor] poll_interval must be more than 0")
     if not 0 <= cfg.standby_workers <= 8:
         raise ConfigError(f"[supervisor] standby_workers must be between 0 (none) and 8, got {cfg.standby_workers}")
-    if cfg.metrics_address:
+    for key, value in (("[metrics] address", cfg.metrics_address), ("[supervisor] health_address", cfg.health_address)):
         try:
-            split_host_port(cfg.metrics_address)
+            if value:
+                split_host_port(value)
         except ValueError:
-            raise ConfigError(f"[metrics] address must be host:port (or :port for every interface), "
-                              f"got {cfg.metrics_address!r}") from None
+            raise ConfigError(f"{key} must be host:port (or :port for every interface), got {value!r}") from None
     if not isinstance(cfg.insecure, bool):
         raise ConfigError(f"[supervisor] insecure must be true or false, got {cfg.insecure!r}")
     if (cfg.tls_cert is None) != (cfg.tls_key is None):

@@ -31,7 +31,7 @@ from grpc_reflection.v1alpha import reflection
 from llm_supervisor.v1 import supervisor_pb2, supervisor_pb2_grpc
 
 from .api import SupervisorService
-from .config import ConfigError, Host, SupervisorConfig, load_config
+from .config import ConfigError, Host, SupervisorConfig, load_config, split_host_port
 from .demo_model import write_model
 from .errors import ApiError
 from .events import EventBus
@@ -200,6 +200,14 @@ async def serve(config: SupervisorConfig, host: Host, stop: asyncio.Event | None
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
 
     path = listen(server, config)
+    probes = None
+    if config.health_address:
+        probes = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, probes)  # the same answers, no API
+        host_, port = split_host_port(config.health_address)
+        if probes.add_insecure_port(f"{host_}:{port}") == 0:
+            raise ConfigError(f"cannot listen on health_address {config.health_address}")
+        await probes.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()
     if path is not None:
@@ -252,6 +260,8 @@ async def serve(config: SupervisorConfig, host: Host, stop: asyncio.Event | None
                                                   f"shutdown_timeout ({drain:g} s) has passed"),
                          standby.close())
     await server_stopped
+    if probes is not None:
+        await probes.stop(0)
     await asyncio.gather(loading, return_exceptions=True)
     if metrics_server is not None:
         metrics_server.shutdown()

@@ -14,6 +14,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llm_supervisor.v1 import supervisor_pb2 as pb
+from llm_supervisor.v1 import supervisor_pb2_grpc
 from supervisor.security import ADMIN, INFERENCE, Tokens, bearer, required_role, role_of
 from tests.conftest import ROOT, launch, model_table
 from tests.pki import make_pki
@@ -124,13 +125,20 @@ def llmctl_tls(address: str, *flags: str) -> subprocess.CompletedProcess:
 def test_tls_and_mutual_tls_and_plaintext_refused_on_the_tls_port(model_dir, pki):
     ca = pki["ca.crt"].read_bytes()
     tls = f'[tls]\ncert = "{pki["server.crt"]}"\nkey = "{pki["server.key"]}"\n'
-    address = f"127.0.0.1:{free_port()}"
+    address, probes = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     daemon = launch(model_dir, model_table("tiny", "tiny.gguf", n_ctx=256) + "\n" + tls, address=address,
-                    credentials=grpc.ssl_channel_credentials(root_certificates=ca))
+                    credentials=grpc.ssl_channel_credentials(root_certificates=ca), extra=f'health_address = "{probes}"')
     try:
         assert llmctl_tls(address, "--tls-ca", str(pki["ca.crt"])).returncode == 0
         plain = llmctl_tls(address)
         assert plain.returncode == 1 and "UNAVAILABLE" in plain.stderr  # no TLS, no conversation
+        # kubelet's gRPC probes speak no TLS: health_address answers health in plaintext, and nothing else.
+        with grpc.insecure_channel(probes) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            with pytest.raises(grpc.RpcError) as api:
+                supervisor_pb2_grpc.SupervisorStub(channel).Status(pb.StatusRequest(), timeout=10)
+            assert api.value.code() == grpc.StatusCode.UNIMPLEMENTED
     finally:
         daemon.stop()
 
