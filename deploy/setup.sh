@@ -26,6 +26,8 @@ fi
 python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "setup: Python 3.11 or newer is needed" >&2; exit 1; }
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-# CMAKE_BUILD_PARALLEL_LEVEL: build llama.cpp on every core rather than cmake's default.
-CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" .venv/bin/python -m pip install -q -e '.[test]'
+# CMAKE_BUILD_PARALLEL_LEVEL: build llama.cpp on every core rather than cmake's default. CMAKE_ARGS from
+# the environment reaches llama.cpp's build (CMAKE_ARGS=-DGGML_CUDA=on for NVIDIA GPUs, as the container
+# image's CUDA flavour does); SETUP_EXTRAS= (empty) leaves out the test tools.
+CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" .venv/bin/python -m pip install -q -e ".[${SETUP_EXTRAS-test}]"
 echo "setup: ready — .venv/bin/llm-supervisord, .venv/bin/llmctl" >&2
