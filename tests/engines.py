@@ -54,3 +54,23 @@ class LeakyEngine(SlowEngine):
         if per_request:
             self._kept.append(b"\x01" * per_request)
         super().after_request()
+
+
+class ProbingEngine(LlamaEngine):
+    """Tries, at each request, to connect where TEST_CONNECT_TO says (a unix socket path, or host:port)
+    and says on stderr how that went: what a compromised worker could reach."""
+
+    def generate(self, prompt: Sequence[int], sampling: Sampling) -> Iterator[int]:
+        import socket
+        import sys
+
+        target = os.environ["TEST_CONNECT_TO"]
+        family = socket.AF_UNIX if target.startswith("/") else socket.AF_INET
+        address = target if family == socket.AF_UNIX else (target.rsplit(":", 1)[0], int(target.rsplit(":", 1)[1]))
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            try:
+                s.connect(address)
+                print("probe: connected", file=sys.stderr, flush=True)
+            except OSError as e:
+                print(f"probe: refused: {os.strerror(e.errno)}", file=sys.stderr, flush=True)
+        return super().generate(prompt, sampling)

@@ -18,7 +18,7 @@ import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from .limits import Limits, apply_limits, tie_to_parent
+from .limits import Limits, apply_limits, forbid_connect, tie_to_parent
 
 EXIT_LOAD_FAILED = 3
 # Printed on stdout once the socket listens, so the supervisor connects once, at the right moment,
@@ -102,6 +102,7 @@ def serve(args: argparse.Namespace) -> int:
     os.umask(0o077)  # the socket is the supervisor's alone
     server.add_insecure_port(f"unix://{args.socket}")
     server.start()
+    forbid_connect()
     print(LISTENING, flush=True)
     stop.wait()
     server.stop(grace=10).wait()
