@@ -65,7 +65,8 @@ def read_gguf_info(path: Path) -> GGUFInfo:
     """Parse the header with the gguf package; anything that is not a loadable GGUF is FAILED_PRECONDITION."""
     try:
         with path.open("rb") as f:
-            head = f.read(8)
+            head = f.read(24)
+        size = path.stat().st_size
     except OSError as e:
         raise precondition(f"cannot read model file {path}: {e.strerror}") from None
     if len(head) < 8 or head[:4] != GGUF_MAGIC:
@@ -73,6 +74,14 @@ def read_gguf_info(path: Path) -> GGUFInfo:
     version = struct.unpack("<I", head[4:8])[0]
     if version not in (2, 3):
         raise precondition(f"{path} is GGUF version {version}; llama.cpp reads versions 2 and 3")
+    if len(head) < 24:
+        raise precondition(f"{path} is not a valid GGUF file: it ends inside its header ({size} bytes)")
+    tensors, keys = struct.unpack("<QQ", head[8:24])
+    # Each tensor's entry takes at least 24 bytes of the file and each key at least 12: counts beyond
+    # that are a damaged or hostile header, refused before any reader tries to allocate for them.
+    if tensors * 24 + keys * 12 > size:
+        raise precondition(f"{path} is not a valid GGUF file: its header declares {tensors} tensors and {keys} "
+                           f"keys, more than its {size} bytes can hold")
     from gguf import GGUFReader
 
     try:
