@@ -176,10 +176,18 @@ async def serve(config: SupervisorConfig, host: Host, stop: asyncio.Event | None
     health_servicer = health.aio.HealthServicer()
     loop = asyncio.get_running_loop()
 
+    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    ready = False
+
     def on_change(runtime: ModelRuntime) -> None:
         live = runtime.serving and runtime.name in registry.models
-        status = health_pb2.HealthCheckResponse.SERVING if live else health_pb2.HealthCheckResponse.NOT_SERVING
-        loop.create_task(health_servicer.set(model_health_name(runtime.name), status))
+        loop.create_task(health_servicer.set(model_health_name(runtime.name), serving if live else not_serving))
+        if ready:  # before READY the daemon as a whole is NOT_SERVING anyway
+            # A model with every replica being replaced at once cannot take a request now: balancers should
+            # send its traffic elsewhere until one is back, as they do for a draining daemon.
+            replaced = any(all(life.replacing for life in rt.replicas) for rt in list(registry.models.values()))
+            for service in ("", SERVICE_NAME):
+                loop.create_task(health_servicer.set(service, not_serving if replaced else serving))
 
     monitor = Monitor(gpu or Nvml.open())
     notifier = Notifier(host.env)
@@ -234,6 +242,7 @@ async def serve(config: SupervisorConfig, host: Host, stop: asyncio.Event | None
     await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
     watcher = None
     if not stop.is_set():
+        ready = True
         await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         log.info("ready", models=len(registry.models))
@@ -256,6 +265,8 @@ async def serve(config: SupervisorConfig, host: Host, stop: asyncio.Event | None
     # New calls are refused from now on. Those queued or in flight get shutdown_timeout to finish; then
     # they fail with UNAVAILABLE saying why. The server's own grace is longer, so that is what they read.
     server_stopped = asyncio.create_task(server.stop(drain + 10))
+    await asyncio.sleep(0)  # let the stop begin: from here no new call is taken
+    log.info("draining", models=len(registry.models), queued=sum(rt.waiting for rt in registry.models.values()))
     await asyncio.gather(registry.stop_all(reason=f"was stopped: llm-supervisord is shutting down and "
                                                   f"shutdown_timeout ({drain:g} s) has passed"),
                          standby.close())

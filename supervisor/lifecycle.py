@@ -99,6 +99,7 @@ class Lifecycle:
         self.replica = replica  # which of the model's `replicas` this is, from 0
         self.output = output or OutputLog()  # its workers' output lines, for llmctl tail (shared by the replicas)
         self.memory_note = ""  # set at admission: e.g. weights larger than the free RAM, read from the file
+        self.replacing = False  # a recycle's replacement is on its way: not serving until it is in
         self._retiring: set[WorkerProcess] = set()  # draining after a recycle, no longer self.worker
         self.waiting = 0  # requests queued for the slot
         self.keep_alive = config.keep_alive  # a request may change it for the model, as in Ollama
@@ -206,6 +207,7 @@ class Lifecycle:
                 await self._admit(self)
             except ApiError as e:  # no room now: the next request tries again, the model is not FATAL
                 self.last_exit = e.message
+                self.replacing = False
                 self._on_change()
                 raise
         self.fatal_reason = ""
@@ -213,6 +215,7 @@ class Lifecycle:
             worker = await self._launch(warm_after)
         except ApiError as e:
             self.fatal_reason = e.message
+            self.replacing = False
             self._on_change()
             raise
         self._install(worker)
@@ -223,6 +226,7 @@ class Lifecycle:
         # The previous worker's channel is left to the garbage collector: closing it while a request
         # may still be reading its last call would cancel that call under the request's feet.
         self.worker = worker
+        self.replacing = False
         self.last_used = self._clock()
         worker.watch = WorkerHistory(baseline=self.monitor.sample(worker.pid, 0))
         worker.limits = limits_for(self.config, self._rng)
@@ -417,6 +421,8 @@ class Lifecycle:
             self.last_recycle_reason = reason
             self.last_recycle_at = self._clock()
         self.events.emit("worker_recycle", self.name, "warning", worker.pid, reason, graceful=False, **memory_figures(worker))
+        self.replacing = True
+        self._on_change()
         worker.kill_reason = reason
         worker.change_state(WorkerState.STOPPING, reason)  # no request goes to it any more
         if grace > 0:
@@ -447,6 +453,8 @@ class Lifecycle:
         self.recycles_by_kind[kind] += 1
         self.last_recycle_reason = reason
         self.last_recycle_at = self._clock()
+        self.replacing = True
+        self._on_change()
         if first:
             # ready_worker() waits on this start, not on the draining worker.
             return self._retire_later(worker, reason, replacement=self.start_task(warm_after=worker))

@@ -10,6 +10,7 @@ import socket
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2
 
 from llm_supervisor.v1 import supervisor_pb2 as pb
 from llm_supervisor.v1 import supervisor_pb2_grpc
@@ -99,3 +100,16 @@ def test_a_sigterm_drops_nothing_and_a_kill_fails_only_what_it_was_answering(pai
     assert len(failed) <= 2, f"only the request the killed daemon was streaming may fail, not {len(failed)}"
     assert sum(c.exception() is None for c in done) >= REQUESTS - 2
     pool.shutdown()
+
+
+def test_overall_health_is_not_serving_while_every_replica_of_a_model_is_being_replaced(start_daemon):
+    # Replacements take a second to load here, long enough to see.
+    daemon = start_daemon(model_table("tiny", "tiny.gguf", n_ctx=256, engine="tests.engines:SlowEngine"),
+                          env={"TEST_LOAD_DELAY": "1"}, extra="standby_workers = 0")
+    overall = lambda: daemon.health.Check(health_pb2.HealthCheckRequest(service="")).status  # noqa: E731
+    assert overall() == health_pb2.HealthCheckResponse.SERVING
+    recycled = concurrent.futures.ThreadPoolExecutor(1).submit(
+        daemon.stub.RecycleModel, pb.RecycleModelRequest(name="tiny"))
+    wait_for(lambda: overall() == health_pb2.HealthCheckResponse.NOT_SERVING, what="NOT_SERVING during the recycle")
+    recycled.result(timeout=60)
+    wait_for(lambda: overall() == health_pb2.HealthCheckResponse.SERVING, what="SERVING once the replacement is in")

@@ -202,8 +202,8 @@ def test_sigterm_lets_queued_and_running_requests_finish_then_stops(start_daemon
     queued, queued_result = in_background(open_stream(daemon, max_tokens=20))
     wait_for(lambda: daemon.worker("tiny").queue_depth == 1, what="the second request to queue")
     daemon.proc.send_signal(signal.SIGTERM)
-    wait_for(lambda: '"stopping"' in daemon.log(), what="the daemon to begin stopping")
-    with pytest.raises(grpc.RpcError) as refused:  # nothing new is taken once it stops
+    wait_for(lambda: '"draining"' in daemon.log(), what="the daemon to stop taking calls")
+    with pytest.raises(grpc.RpcError) as refused:  # nothing new is taken once it drains
         list(open_stream(daemon, max_tokens=2))
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
     running.join(30)

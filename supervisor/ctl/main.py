@@ -144,6 +144,14 @@ class _Bearer(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientIntercepto
 BALANCING = [("grpc.service_config", SERVICE_CONFIG), ("grpc.enable_retries", 1)]
 
 
+def balancing(target: str) -> list[tuple[str, object]]:
+    """The balancing service config for a target that names several daemons (a list, a DNS name). One
+    daemon gets none: health checking would fail calls fast while its only model is being recycled,
+    where waiting for the replacement is right."""
+    several = target.startswith(("ipv4:", "ipv6:", "dns:")) and ("," in target or target.startswith("dns:"))
+    return BALANCING if several else []
+
+
 def open_channel(args: argparse.Namespace, address: str, env: dict[str, str]) -> grpc.Channel:
     """TLS when --tls-ca (or a client certificate) is given, the token file's token on every call."""
     def read(path: Path, what: str) -> bytes:
@@ -160,9 +168,9 @@ def open_channel(args: argparse.Namespace, address: str, env: dict[str, str]) ->
             private_key=read(args.tls_key, "--tls-key") if args.tls_key else None,
             certificate_chain=read(args.tls_cert, "--tls-cert") if args.tls_cert else None)
         name = [("grpc.ssl_target_name_override", args.tls_server_name)] if args.tls_server_name else []
-        channel = grpc.secure_channel(address, credentials, options=BALANCING + name)
+        channel = grpc.secure_channel(address, credentials, options=balancing(address) + name)
     else:
-        channel = grpc.insecure_channel(address, options=BALANCING)
+        channel = grpc.insecure_channel(address, options=balancing(address))
     token_file = args.token_file or (Path(env["LLM_SUPERVISOR_TOKEN_FILE"]) if env.get("LLM_SUPERVISOR_TOKEN_FILE") else None)
     if token_file is not None:
         tokens = token_lines(read(token_file, "--token-file").decode())
