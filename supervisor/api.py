@@ -29,6 +29,7 @@ from .registry import Registry
 from .reload import Plan
 from .reloader import Reloader
 from .metrics import RequestMetrics
+from .output import OutputLine
 from .scheduler import ModelRuntime
 from .state import LoadedModel
 from .validation import check_keep_alive, check_messages, check_model_name, check_options, check_prompt
@@ -150,12 +151,12 @@ class SupervisorService(supervisor_pb2_grpc.SupervisorServicer):
         queue = output.followers.follow() if request.follow else None
         try:
             for line in output.recent(request.lines):
-                yield pb.LogLine(time_unix=line.time, worker_pid=line.worker_pid, line=line.line)
+                yield log_line(line)
             while queue is not None:
                 line = await queue.get()
                 if line is None:  # the model was unloaded, or the supervisor is stopping
                     return
-                yield pb.LogLine(time_unix=line.time, worker_pid=line.worker_pid, line=line.line)
+                yield log_line(line)
         finally:
             if queue is not None:
                 output.followers.unfollow(queue)
@@ -229,6 +230,10 @@ class SupervisorService(supervisor_pb2_grpc.SupervisorServicer):
             gpus=[gpu_status(r) for r in (monitor.last_gpus.readings if monitor.last_gpus else [])],
             cpu_temperature_c=monitor.last_cpu_temperature,
         )
+
+
+def log_line(line: OutputLine) -> pb.LogLine:
+    return pb.LogLine(time_unix=line.time, worker_pid=line.worker_pid, line=line.line)
 
 
 def chat_history(messages, config: ModelConfig) -> tuple[list[pb.ChatMessage], int]:

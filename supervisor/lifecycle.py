@@ -22,7 +22,7 @@ from worker.heartbeat import read_beat
 
 from .config import ModelConfig
 from .errors import ApiError, unavailable
-from .estimate import estimate
+from .estimate import Estimate, estimate
 from .events import EventBus
 from .gguf_file import GGUFInfo
 from .manager import Spawn, WorkerProcess
@@ -132,6 +132,11 @@ class Lifecycle:
     def label(self) -> str:
         """The model's name, with the replica's number when it has several: "qwen", "qwen#2"."""
         return f"{self.name}#{self.replica + 1}" if self.config.replicas > 1 or self.replica else self.name
+
+    @property
+    def estimate(self) -> Estimate:
+        """What one worker with these settings comes to hold (supervisor/estimate.py)."""
+        return estimate(self.gguf.shape, self.config)
 
     @property
     def load(self) -> int:
@@ -444,7 +449,7 @@ class Lifecycle:
 
         Synchronous up to the DRAINING mark, so two decisions in one tick cannot both start a recycle.
         """
-        cost = estimate(self.gguf.shape, self.config)  # what the replacement may come to hold
+        cost = self.estimate  # what the replacement may come to hold
         first, why = self._room(Usage(cost.private_peak, cost.gpu))
         self.events.emit("worker_recycle", self.name, "info", worker.pid, reason, graceful=True,
                          replacement="first" if first else f"after the old worker exits: {why}",

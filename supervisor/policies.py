@@ -10,7 +10,7 @@ import enum
 import math
 import random
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterable, Sequence
 
 MiB = 1 << 20
 
@@ -242,6 +242,11 @@ class Usage:
     gpu: int = 0
 
 
+def total(usages: Iterable[Usage]) -> Usage:
+    usages = list(usages)
+    return Usage(sum(u.private for u in usages), sum(u.gpu for u in usages))
+
+
 def replacement_first(budget: Usage, in_use: Usage, needed: Usage) -> tuple[bool, str]:
     """Whether a recycle may start the replacement while the old worker still holds its memory: only when
     the budgets (0 = none) hold both. Otherwise the old worker goes first and requests wait a little longer
@@ -277,11 +282,11 @@ class Admission:
 
 def over_limits(budget: Usage, max_models: int, held: Sequence[Resident], needed: Usage, model: str = "") -> list[str]:
     """The limits (0 = none) that `needed` (for `model`) beside `held` would break, by config key."""
-    private, gpu = sum(r.usage.private for r in held), sum(r.usage.gpu for r in held)
+    in_use = total(r.usage for r in held)
     broken = []
-    if budget.private and private + needed.private > budget.private:
+    if budget.private and in_use.private + needed.private > budget.private:
         broken.append("memory_budget")
-    if budget.gpu and gpu + needed.gpu > budget.gpu:
+    if budget.gpu and in_use.gpu + needed.gpu > budget.gpu:
         broken.append("gpu_memory_budget")
     if max_models and len({r.model_name for r in held} | {model}) > max_models:
         broken.append("max_loaded_models")

@@ -21,7 +21,7 @@ from .lifecycle import Lifecycle
 from .monitor import Monitor
 from .output import OutputLog
 from .procfs import CAP_IPC_LOCK, has_capability
-from .policies import Resident, Usage, admission, mib, replacement_first
+from .policies import Resident, Usage, admission, mib, replacement_first, total
 from .reload import Change, Plan
 from . import state
 from .scheduler import ModelRuntime
@@ -84,7 +84,7 @@ class Registry:
         if failed:
             if not keep_on_failure:
                 del self.models[config.name]
-                await asyncio.gather(*(life.stop() for life in runtime.replicas))
+                await runtime.stop()
                 self._on_change(runtime)
             raise failed[0]
         return runtime
@@ -105,7 +105,7 @@ class Registry:
         used first, never pinned ones; RESOURCE_EXHAUSTED with the figures when that is not enough.
         One admission at a time, so two loads cannot both take the same room."""
         async with self._admission:
-            figures = estimate(starting.gguf.shape, starting.config)
+            figures = starting.estimate
             needed = Usage(figures.private_peak, figures.gpu)
             self._check_host(starting, figures)
             c = self.config
@@ -150,8 +150,8 @@ class Registry:
     def room(self, needed: Usage) -> tuple[bool, str]:
         """Whether the memory budgets hold `needed` beside every worker running now, counted as admission
         counts them."""
-        held = [resident(life).usage for life in self.lifecycles() if life.holds_memory]
-        return replacement_first(self.budget(), Usage(sum(u.private for u in held), sum(u.gpu for u in held)), needed)
+        held = total(resident(life).usage for life in self.lifecycles() if life.holds_memory)
+        return replacement_first(self.budget(), held, needed)
 
     async def load_by_api(self, request: LoadedModel, source: str = "api", keep_on_failure: bool = False) -> ModelRuntime:
         """A model loaded at run time: recorded in the state directory, so a restart loads it again."""
@@ -188,14 +188,14 @@ class Registry:
         del self.models[name]
         if self._loaded_by_api.pop(name, None) is not None:
             self._record()
-        await asyncio.gather(*(life.stop(drain=self.config.shutdown_timeout, reason=reason) for life in runtime.replicas))
+        await runtime.stop(drain=self.config.shutdown_timeout, reason=reason)
 
     async def stop_all(self, reason: str) -> None:
         """Every model, as unload does, at once."""
         runtimes = list(self.models.values())
         self.models.clear()
-        await asyncio.gather(*(life.stop(drain=self.config.shutdown_timeout, reason=reason)
-                               for rt in runtimes for life in rt.replicas), return_exceptions=True)
+        await asyncio.gather(*(rt.stop(drain=self.config.shutdown_timeout, reason=reason) for rt in runtimes),
+                             return_exceptions=True)
 
     # -- reload ----------------------------------------------------------------------------------------
     def running(self) -> dict[str, tuple[ModelConfig, str]]:
@@ -244,13 +244,14 @@ def refusal(name: str, needed: Usage, budget: Usage, max_models: int, residents:
     """RESOURCE_EXHAUSTED's message: what the model needs, the limits it breaks and what holds the room."""
     held = ", ".join(f"{r.name} {mib(r.usage.private)}" + (f" + {mib(r.usage.gpu)} GPU" if r.usage.gpu else "")
                      + (" (pinned)" if r.pinned else "" if r.idle else " (busy)") for r in residents) or "nothing"
-    limits = []
+    limits, in_use = [], total(r.usage for r in residents)
     if "memory_budget" in broken:
-        limits.append(f"memory_budget is {mib(budget.private)} with {mib(sum(r.usage.private for r in residents))} held")
+        limits.append(f"memory_budget is {mib(budget.private)} with {mib(in_use.private)} held")
     if "gpu_memory_budget" in broken:
-        limits.append(f"gpu_memory_budget is {mib(budget.gpu)} with {mib(sum(r.usage.gpu for r in residents))} held")
+        limits.append(f"gpu_memory_budget is {mib(budget.gpu)} with {mib(in_use.gpu)} held")
     if "max_loaded_models" in broken:
-        limits.append(f"max_loaded_models is {max_models} with {len(residents)} loaded")
+        # Models, not replicas: as the policy counts them.
+        limits.append(f"max_loaded_models is {max_models} with {len({r.model_name for r in residents})} loaded")
     gpu = f" and {mib(needed.gpu)} of GPU memory" if needed.gpu else ""
     return (f"model {name!r} does not fit: it needs {mib(needed.private)} of host memory at full context{gpu} "
             f"(`llmctl estimate` shows the parts); {'; '.join(limits)}; loaded: {held}. Only idle models that are "
@@ -259,6 +260,6 @@ def refusal(name: str, needed: Usage, budget: Usage, max_models: int, residents:
 
 def resident(life: Lifecycle) -> Resident:
     """A replica as admission counts it: its estimate at full context, or what it holds if more (a leak)."""
-    figures, measured = estimate(life.gguf.shape, life.config), life.usage()
+    figures, measured = life.estimate, life.usage()
     return Resident(life.label, Usage(max(figures.private_peak, measured.private), max(figures.gpu, measured.gpu)),
                     life.last_used, life.config.pinned, life.idle, model=life.name)

@@ -22,7 +22,7 @@ from llm_supervisor.v1 import worker_pb2
 
 from .config import ModelConfig
 from .errors import ApiError, exhausted, unavailable
-from .estimate import Estimate, estimate
+from .estimate import Estimate
 from .gguf_file import GGUFInfo
 from .lifecycle import KILL_GRACE_S, Lifecycle
 from .manager import WorkerProcess
@@ -80,7 +80,11 @@ class ModelRuntime:
 
     @property
     def estimate(self) -> Estimate:
-        return estimate(self.gguf.shape, self.config)
+        return self.replicas[0].estimate  # the replicas share their settings
+
+    async def stop(self, grace: float = 5.0, drain: float = 0.0, reason: str = "is being unloaded") -> None:
+        """Every replica, as Lifecycle.stop does."""
+        await asyncio.gather(*(life.stop(grace, drain, reason) for life in self.replicas))
 
     # -- requests ------------------------------------------------------------------------------------
     async def _enter_queue(self, life: Lifecycle) -> None:

@@ -32,6 +32,13 @@ class Output:
         self.stream.write(text)
         self.stream.flush()
 
+    def result(self, obj: dict, text: str) -> None:
+        """A command's one answer: `obj` as JSON with --json, else `text` for people."""
+        if self.as_json:
+            self.json(obj)
+        else:
+            self.text(text)
+
     def table(self, header: list[str], rows: list[list[str]]) -> None:
         widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
         for row in [header, *rows]:
@@ -187,19 +194,13 @@ def cmd_models(args, stub, out: Output) -> int:
 
 def cmd_load(args, stub, out: Output) -> int:
     reply = stub.LoadModel(pb.LoadModelRequest(name=args.name, path=args.path, options=parse_options(args.option)))
-    if out.as_json:
-        out.json(as_dict(reply.model))
-    else:
-        out.text(f"{reply.model.name}: loaded from {reply.model.path} ({reply.model.state})\n")
+    out.result(as_dict(reply.model), f"{reply.model.name}: loaded from {reply.model.path} ({reply.model.state})\n")
     return 0
 
 
 def cmd_unload(args, stub, out: Output) -> int:
     stub.UnloadModel(pb.UnloadModelRequest(name=args.name))
-    if out.as_json:
-        out.json({"name": args.name, "unloaded": True})
-    else:
-        out.text(f"{args.name}: unloaded\n")
+    out.result({"name": args.name, "unloaded": True}, f"{args.name}: unloaded\n")
     return 0
 
 
@@ -239,19 +240,14 @@ def cmd_chat(args, stub, out: Output) -> int:
 
 def cmd_tokenize(args, stub, out: Output) -> int:
     reply = stub.Tokenize(pb.TokenizeRequest(model=args.model, text=args.text, add_special=not args.no_special))
-    if out.as_json:
-        out.json(as_dict(reply))
-    else:
-        out.text(f"{reply.count} tokens (context {reply.n_ctx}): {' '.join(map(str, reply.tokens))}\n")
+    out.result(as_dict(reply), f"{reply.count} tokens (context {reply.n_ctx}): {' '.join(map(str, reply.tokens))}\n")
     return 0
 
 
 def _recycle(args, stub, out: Output, hard: bool) -> int:
     reply = stub.RecycleModel(pb.RecycleModelRequest(name=args.model, hard=hard))
-    if out.as_json:
-        out.json({"model": args.model, "old_pid": reply.old_pid, "new_pid": reply.new_pid})
-    else:
-        out.text(f"{args.model}: worker {reply.old_pid} replaced by {reply.new_pid}\n")
+    out.result({"model": args.model, "old_pid": reply.old_pid, "new_pid": reply.new_pid},
+               f"{args.model}: worker {reply.old_pid} replaced by {reply.new_pid}\n")
     return 0
 
 
@@ -279,19 +275,15 @@ def cmd_events(args, stub, out: Output) -> int:
 
 def cmd_start(args, stub, out: Output) -> int:
     reply = stub.StartModel(pb.StartModelRequest(name=args.model))
-    if out.as_json:
-        out.json({"model": args.model, "pid": reply.pid, "already_running": reply.already_running})
-    else:
-        out.text(f"{args.model}: {'already running' if reply.already_running else 'started'}, pid {reply.pid}\n")
+    out.result({"model": args.model, "pid": reply.pid, "already_running": reply.already_running},
+               f"{args.model}: {'already running' if reply.already_running else 'started'}, pid {reply.pid}\n")
     return 0
 
 
 def cmd_stop(args, stub, out: Output) -> int:
     reply = stub.StopModel(pb.StopModelRequest(name=args.model))
-    if out.as_json:
-        out.json({"model": args.model, "pid": reply.pid})
-    else:
-        out.text(f"{args.model}: stopped" + (f" (worker pid {reply.pid})" if reply.pid else " (no worker was running)") + "\n")
+    stopped = f" (worker pid {reply.pid})" if reply.pid else " (no worker was running)"
+    out.result({"model": args.model, "pid": reply.pid}, f"{args.model}: stopped{stopped}\n")
     return 0
 
 
