@@ -1,12 +1,18 @@
 """Engines for tests, plugged in through the `engine` config key like any other backend.
 
 They wrap the real llama.cpp engine and only add delays, so a test can catch a worker mid-stream
-(kill it, cancel it) without racing a model that generates thousands of tokens a second.
+(kill it, cancel it) without racing a model that generates thousands of tokens a second; ProbingEngine
+also tries, from inside a worker, the ways out that the worker's seccomp filter must close.
 """
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
+import platform
+import socket
+import struct
 import time
 from typing import Iterator, Sequence
 
@@ -56,12 +62,100 @@ class LeakyEngine(SlowEngine):
         super().after_request()
 
 
+def _sockaddr(target: str) -> tuple[int, bytes]:
+    """(family, struct sockaddr) for a unix socket path or host:port, for raw syscalls that take one."""
+    if target.startswith("/"):
+        return socket.AF_UNIX, struct.pack("=H", socket.AF_UNIX) + target.encode() + b"\0"
+    host, port = target.rsplit(":", 1)
+    return socket.AF_INET, struct.pack("=H", socket.AF_INET) + struct.pack("!H", int(port)) + socket.inet_aton(host) \
+        + bytes(8)
+
+
+def _syscall(number: int, *args: int | ctypes.Array | None) -> tuple[int, int]:
+    """(result, errno) of a raw syscall, bypassing whatever libc would have called instead."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    ctypes.set_errno(0)
+    result = libc.syscall(ctypes.c_long(number), *(ctypes.c_long(a) if isinstance(a, int) else a for a in args))
+    return result, ctypes.get_errno()
+
+
+def _outcome(result: int, err: int) -> str:
+    return "connected" if result == 0 else f"refused: {os.strerror(err)}"
+
+
+def probe_x32_connect(target: str) -> str:
+    """connect(2) by its x32 number (__X32_SYSCALL_BIT | 42): same audit arch as x86_64's, another number."""
+    family, address = _sockaddr(target)
+    buffer = ctypes.create_string_buffer(address, len(address))
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        return _outcome(*_syscall(0x40000000 | 42, s.fileno(), buffer, len(address)))
+
+
+IO_URING_SETUP, IO_URING_ENTER = 425, 426  # the same numbers on x86_64 and aarch64
+IORING_OP_CONNECT, IORING_ENTER_GETEVENTS = 16, 1
+IORING_OFF_SQ_RING, IORING_OFF_CQ_RING, IORING_OFF_SQES = 0, 0x8000000, 0x10000000
+
+
+def probe_io_uring_connect(target: str) -> str:
+    """A connection made by the kernel for an IORING_OP_CONNECT entry: connect(2) itself is never called.
+    Says "io_uring_setup: refused: ..." when no ring can be made at all."""
+    params = ctypes.create_string_buffer(120)  # struct io_uring_params
+    ring, err = _syscall(IO_URING_SETUP, 1, params)
+    if ring < 0:
+        return f"io_uring_setup: refused: {os.strerror(err)}"
+    family, address = _sockaddr(target)
+    buffer = ctypes.create_string_buffer(address, len(address))
+    maps: list[mmap.mmap] = []
+    try:
+        sq_entries, cq_entries = struct.unpack_from("=II", params, 0)
+        sq_head, sq_tail, sq_mask, _, _, _, sq_array = struct.unpack_from("=7I", params, 40)
+        cq_head, _, cq_mask, _, _, cqes = struct.unpack_from("=6I", params, 80)
+
+        def mapped(size: int, offset: int) -> mmap.mmap:
+            maps.append(mmap.mmap(ring, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=offset))
+            return maps[-1]
+
+        sq = mapped(sq_array + 4 * sq_entries, IORING_OFF_SQ_RING)
+        cq = mapped(cqes + 16 * cq_entries, IORING_OFF_CQ_RING)
+        sqes = mapped(64 * sq_entries, IORING_OFF_SQES)
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            # struct io_uring_sqe: opcode, flags, ioprio, fd, off (= addrlen for CONNECT), addr, ...
+            struct.pack_into("=BBHiQQ40x", sqes, 0, IORING_OP_CONNECT, 0, 0, s.fileno(), len(address),
+                             ctypes.addressof(buffer))
+            (tail,) = struct.unpack_from("=I", sq, sq_tail)
+            struct.pack_into("=I", sq, sq_array + 4 * (tail & sq_mask), 0)
+            struct.pack_into("=I", sq, sq_tail, tail + 1)
+            entered, err = _syscall(IO_URING_ENTER, ring, 1, 1, IORING_ENTER_GETEVENTS, None, 0)
+            if entered < 0:
+                return f"io_uring_enter: refused: {os.strerror(err)}"
+            (head,) = struct.unpack_from("=I", cq, cq_head)
+            _, res, _ = struct.unpack_from("=QiI", cq, cqes + 16 * (head & cq_mask))
+            return "io_uring connect: " + _outcome(res, -res)
+    finally:
+        for m in maps:
+            m.close()
+        os.close(ring)
+
+
+def probe_fastopen(target: str) -> str:
+    """sendto(2) with MSG_FASTOPEN: TCP's connect and first write in one call, connect(2) never called."""
+    host, port = target.rsplit(":", 1)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.sendto(b"probe", socket.MSG_FASTOPEN, (host, int(port)))
+            return "connected"
+        except OSError as e:
+            return f"refused: {os.strerror(e.errno)}"
+
+
 class ProbingEngine(LlamaEngine):
     """Tries, at each request, to connect where TEST_CONNECT_TO says (a unix socket path, or host:port)
-    and says on stderr how that went: what a compromised worker could reach."""
+    and says on stderr how that went: what a compromised worker could reach. The first "probe:" line is
+    connect(2)'s; then the same target by x32's connect (on x86_64 only) and by io_uring, and, where
+    TEST_FASTOPEN_TO names a host:port, TCP fast open there."""
 
     def generate(self, prompt: Sequence[int], sampling: Sampling) -> Iterator[int]:
-        import socket
         import sys
 
         target = os.environ["TEST_CONNECT_TO"]
@@ -73,4 +167,9 @@ class ProbingEngine(LlamaEngine):
                 print("probe: connected", file=sys.stderr, flush=True)
             except OSError as e:
                 print(f"probe: refused: {os.strerror(e.errno)}", file=sys.stderr, flush=True)
+        if platform.machine() == "x86_64":
+            print(f"probe: x32 connect: {probe_x32_connect(target)}", file=sys.stderr, flush=True)
+        print(f"probe: {probe_io_uring_connect(target)}", file=sys.stderr, flush=True)
+        if fastopen := os.environ.get("TEST_FASTOPEN_TO"):
+            print(f"probe: fast open: {probe_fastopen(fastopen)}", file=sys.stderr, flush=True)
         return super().generate(prompt, sampling)

@@ -3,18 +3,29 @@ way to reach the supervisor's API — which runs as the same user — or anythin
 
 from __future__ import annotations
 
+import errno
 import os
+import platform
 import socket
+import struct
 import tempfile
 from pathlib import Path
 
+import pytest
+
 from llm_supervisor.v1 import supervisor_pb2 as pb
-from tests.conftest import launch, model_table, wait_for
+from worker import limits
+from tests.conftest import Daemon, launch, model_table, wait_for
 
 
 def proc_status(pid: int) -> dict[str, str]:
     with open(f"/proc/{pid}/status") as f:
         return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+
+
+def probe_lines(daemon: Daemon) -> list[str]:
+    lines = daemon.stub.TailModel(pb.TailModelRequest(name="tiny"))
+    return [line.line for line in lines if line.line.startswith("probe:")]
 
 
 def test_a_worker_cannot_connect_anywhere_and_holds_nothing_else_open(model_dir):
@@ -25,8 +36,10 @@ def test_a_worker_cannot_connect_anywhere_and_holds_nothing_else_open(model_dir)
     listener.listen()
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as outside:
         outside.connect(str(path))  # from outside a worker: reachable
+    listener.accept()[0].close()
+    tcp = socket.create_server(("127.0.0.1", 0))  # as a TCP API address would listen
     daemon = launch(model_dir, model_table("tiny", "tiny.gguf", n_ctx=256, engine="tests.engines:ProbingEngine"),
-                    env={"TEST_CONNECT_TO": str(path)})
+                    env={"TEST_CONNECT_TO": str(path), "TEST_FASTOPEN_TO": "127.0.0.1:%d" % tcp.getsockname()[1]})
     try:
         pid = daemon.worker("tiny").pid
         status = proc_status(pid)
@@ -43,9 +56,56 @@ def test_a_worker_cannot_connect_anywhere_and_holds_nothing_else_open(model_dir)
         assert all(p.startswith(("/", "pipe:", "socket:", "anon_inode:")) for p in paths), paths
 
         list(daemon.stub.Generate(pb.GenerateRequest(model="tiny", prompt="hi", options=pb.SamplingOptions(max_tokens=1))))
-        lines = wait_for(lambda: [line.line for line in daemon.stub.TailModel(pb.TailModelRequest(name="tiny"))
-                                  if line.line.startswith("probe:")], what="the probe's line")
-        assert lines == ["probe: refused: Operation not permitted"]
+        # Every way out the worker tries is refused by the filter (EPERM), not merely unsupported by this
+        # kernel (ENOSYS, as x32 is where CONFIG_X86_X32_ABI is off): connect(2); connect(2) by its x32
+        # number, which carries x86_64's audit arch; a ring whose IORING_OP_CONNECT would connect with no
+        # connect(2) at all; and TCP fast open, whose sendto(2) connects and writes in one call.
+        refused = "refused: Operation not permitted"
+        expected = [f"probe: {refused}"] + [f"probe: x32 connect: {refused}"] * (platform.machine() == "x86_64") + [
+            f"probe: io_uring_setup: {refused}", f"probe: fast open: {refused}"]
+        lines = wait_for(lambda: len(probe_lines(daemon)) >= len(expected) and probe_lines(daemon),
+                         what="the probe's lines")
+        assert lines == expected, lines
+        for server in (listener, tcp):  # and nothing reached either listener
+            server.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                server.accept()
     finally:
         daemon.stop()
         listener.close()
+        tcp.close()
+
+
+def run_filter(program: list, nr: int, arch: int, args: tuple[int, ...] = (0,) * 6) -> int:
+    """What the kernel's classic BPF would answer for struct seccomp_data (little-endian) — enough of it
+    for the four instructions the filter uses, so the aarch64 filter is checked on any machine."""
+    data = struct.pack("<iIQ6Q", nr, arch, 0, *args)
+    pc = a = 0
+    while True:
+        code, jt, jf, k = program[pc]
+        if code == limits.RET_K:
+            return k
+        if code == limits.LD_W_ABS:
+            a, pc = struct.unpack_from("<I", data, k)[0], pc + 1
+        else:
+            pc += 1 + (jt if (a == k if code == limits.JEQ_K else a & k) else jf)
+
+
+@pytest.mark.parametrize("machine", sorted(limits.SYSCALLS))
+def test_the_filter_refuses_connect_and_every_way_around_it_and_nothing_else(machine: str):
+    calls = limits.SYSCALLS[machine]
+    program = limits.connect_filter(calls)
+    eperm = limits.RET_ERRNO | errno.EPERM
+    assert run_filter(program, calls.connect, calls.arch) == eperm
+    assert run_filter(program, calls.connect, 0x40000003) == limits.RET_KILL  # i386's calls: not ours to allow
+    assert [run_filter(program, nr, calls.arch) for nr in (424, 425, 426, 427, 428)] == [
+        limits.RET_ALLOW, eperm, eperm, eperm, limits.RET_ALLOW]
+    x32_connect = run_filter(program, limits.X32_SYSCALL_BIT | calls.connect, calls.arch)
+    assert x32_connect == (eperm if machine == "x86_64" else limits.RET_ALLOW)  # aarch64's kernel: ENOSYS
+    for nr, flags_arg in calls.sends:  # gRPC's own sends pass MSG_NOSIGNAL
+        fast_open = tuple(socket.MSG_FASTOPEN | socket.MSG_NOSIGNAL if i == flags_arg else 0 for i in range(6))
+        plain = tuple(socket.MSG_NOSIGNAL if i == flags_arg else 0 for i in range(6))
+        assert run_filter(program, nr, calls.arch, fast_open) == eperm
+        assert run_filter(program, nr, calls.arch, plain) == limits.RET_ALLOW
+    others = set(range(512)) - {calls.connect, *limits.IO_URING}
+    assert {run_filter(program, nr, calls.arch) for nr in others} == {limits.RET_ALLOW}
