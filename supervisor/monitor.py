@@ -9,14 +9,17 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import psutil
+import structlog
 
-from .gpu import GpuSnapshot, GpuSource, snapshot
+from .gpu import GpuSnapshot, GpuSource, snapshot, unseen_workers
 from .policies import Sample
 from .procfs import MemorySample, read_memory
 
 HISTORY = 120  # samples kept per worker: two minutes at the default interval
 # psutil's names for sensors that read the CPU package or cores (Intel, AMD, ARM boards).
 CPU_SENSORS = ("coretemp", "k10temp", "zenpower", "cpu_thermal", "cpu-thermal", "soc_thermal")
+
+log = structlog.get_logger("llm_supervisor.monitor")
 
 
 @dataclass
@@ -59,11 +62,21 @@ class Monitor:
         # The host's last readings, taken once a tick, for status.
         self.last_gpus: GpuSnapshot | None = None
         self.last_cpu_temperature: float | None = None
+        # Why no worker's GPU memory can be seen ("" while nothing says so), for status; logged once.
+        self.gpu_note = ""
+        self._noted = False
+        self._sampled: set[int] = set()  # the workers sampled since the last tick
 
     def host(self) -> GpuSnapshot | None:
         """Once a tick: one NVML read shared by every worker, and the CPU temperature."""
         self.last_gpus = snapshot(self.gpu)
         self.last_cpu_temperature = self._cpu_temperature()
+        workers, self._sampled = self._sampled, set()  # swapped, not cleared: sample() runs on another thread
+        if self.last_gpus is not None:
+            self.gpu_note = unseen_workers(self.last_gpus, workers, self.gpu.pids)
+            if self.gpu_note and not self._noted:
+                self._noted = True
+                log.warning("gpu_processes_unmapped", reason=self.gpu_note)
         return self.last_gpus
 
     def sample(self, pid: int, requests: int, gpus: GpuSnapshot | None = None) -> Sample | None:
@@ -72,6 +85,7 @@ class Monitor:
         memory = self._read(pid)
         if memory is None:
             return None
+        self._sampled.add(pid)
         gpus = gpus if gpus is not None else self.last_gpus
         return Sample(at=self._clock(), private=memory.private, file_rss=memory.rss_file,
                       gpu=gpus.memory_of(pid) if gpus is not None else None, requests=requests,
