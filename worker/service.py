@@ -99,6 +99,9 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
             def fits(kept: list[dict[str, str]]) -> bool:
                 nonlocal prompt
+                # The supervisor counts a busy worker silent past heartbeat_timeout as hung: a long
+                # history's renders are progress too.
+                self.beat()
                 prompt = self.engine.chat_prompt(kept)
                 return len(prompt) <= limit
 
