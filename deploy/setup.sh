@@ -26,8 +26,44 @@ fi
 python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "setup: Python 3.11 or newer is needed" >&2; exit 1; }
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-# CMAKE_BUILD_PARALLEL_LEVEL: build llama.cpp on every core rather than cmake's default. CMAKE_ARGS from
-# the environment reaches llama.cpp's build (CMAKE_ARGS=-DGGML_CUDA=on for NVIDIA GPUs, as the container
-# image's CUDA flavour does); SETUP_EXTRAS= (empty) leaves out the test tools.
-CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" .venv/bin/python -m pip install -q -e ".[${SETUP_EXTRAS-test}]"
+
+# llama.cpp is built for a CPU level, not for the build machine (GGML_NATIVE): a build for "this CPU"
+# trusts its CPUID flags, which a VM may advertise without enabling (AMX here: every quantized model died
+# of SIGILL), and the container image runs on other machines than the one that built it. LLAMA_CPU picks
+# the level (README, 'CPU support'); CMAKE_ARGS from the environment is added (CMAKE_ARGS=-DGGML_CUDA=on
+# for NVIDIA GPUs, as the container image's CUDA flavour does).
+x86_v2="-DGGML_NATIVE=OFF -DGGML_SSE42=ON"
+x86_v3="$x86_v2 -DGGML_AVX=ON -DGGML_F16C=ON -DGGML_FMA=ON -DGGML_AVX2=ON -DGGML_BMI2=ON"
+case "$(uname -m)/${LLAMA_CPU:=default}" in
+    x86_64/default|x86_64/x86-64-v3) cpu_args="$x86_v3" ;;                       # Haswell, Zen 1 and later
+    x86_64/x86-64-v2) cpu_args="$x86_v2" ;;                                      # any x86-64 since 2009
+    x86_64/x86-64-v4) cpu_args="$x86_v3 -DGGML_AVX512=ON" ;;                     # AVX-512: Skylake-SP, Zen 4
+    */default) cpu_args="-DGGML_NATIVE=OFF" ;;                                   # the architecture's baseline
+    */native) cpu_args="-DGGML_NATIVE=ON" ;;                                     # this machine only
+    *) echo "setup: LLAMA_CPU=$LLAMA_CPU is not known on $(uname -m)" >&2; exit 2 ;;
+esac
+build_args="$cpu_args ${CMAKE_ARGS:-}"
+# pip's own wheel cache keys on the package, not on CMAKE_ARGS: a changed flag would silently reinstall
+# the old build. Ours keys on everything that makes the build.
+llama=$(grep -o 'llama-cpp-python==[^"]*' pyproject.toml)
+key=$(printf '%s\n' "$llama" "$build_args" "$(uname -m)" "$(.venv/bin/python -c 'import sys; print(sys.version)')" |
+      sha256sum | cut -c1-16)
+wheels="${XDG_CACHE_HOME:-$HOME/.cache}/llm-supervisor/wheels/$key"
+if ! ls "$wheels"/llama_cpp_python-*.whl >/dev/null 2>&1; then
+    echo "setup: building $llama ($build_args; about 5 minutes on 2 cores)" >&2
+    rm -rf "$wheels.tmp"
+    # CMAKE_BUILD_PARALLEL_LEVEL: every core rather than cmake's default.
+    CMAKE_ARGS="$build_args" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
+        .venv/bin/python -m pip wheel -q --no-deps --no-cache-dir --no-binary llama-cpp-python "$llama" -w "$wheels.tmp"
+    mv "$wheels.tmp" "$wheels"
+fi
+if [ "$(cat .venv/llama-cpp-build 2>/dev/null)" != "$key" ]; then
+    .venv/bin/python -m pip install -q --force-reinstall --no-deps "$wheels"/llama_cpp_python-*.whl
+    echo "$key" > .venv/llama-cpp-build
+fi
+# SETUP_EXTRAS= (empty) leaves out the test tools.
+.venv/bin/python -m pip install -q -e ".[${SETUP_EXTRAS-test}]"
+# Proof rather than flags: a generated model, quantized as real GGUFs are, loads and generates here.
+.venv/bin/llm-supervisord --check-build >&2 || {
+    echo "setup: this llama.cpp build does not run on this machine (above); try LLAMA_CPU=x86-64-v2" >&2; exit 1; }
 echo "setup: ready — .venv/bin/llm-supervisord, .venv/bin/llmctl" >&2

@@ -18,11 +18,13 @@ from worker.history import drop_oldest, strip_thinking
 
 from . import __version__
 from .config import ConfigError, ModelConfig
-from .errors import ApiError, invalid, precondition
+from .errors import ApiError, exhausted, invalid, precondition
 from .estimate import Estimate
+from .fanout import QUEUED, FellBehind, too_many_followers
 from .gpu import GpuReading
 from .lifecycle import Lifecycle
 from .manager import WorkerProcess
+from .memory_lines import MemoryLines
 from .policies import cpu_percent
 from .procfs import read_memory
 from .registry import Registry
@@ -144,22 +146,30 @@ class SupervisorService(supervisor_pb2_grpc.SupervisorServicer):
     async def TailModel(self, request: pb.TailModelRequest, context) -> AsyncIterator[pb.LogLine]:
         try:
             output = self.registry.get(request.name).output
+            refused = request.follow and too_many_followers(
+                [self.registry.events.followers, *(rt.output.followers for rt in list(self.registry.models.values()))],
+                self.registry.config.max_followers)
+            if refused:
+                raise exhausted(refused)
         except ApiError as e:
             await _abort(context, e)
             return
         # Follow before reading what is kept: nothing comes between the two (no await), so no line is lost.
-        queue = output.followers.follow() if request.follow else None
+        follower = output.followers.follow() if request.follow else None
         try:
             for line in output.recent(request.lines):
                 yield log_line(line)
-            while queue is not None:
-                line = await queue.get()
+            while follower is not None:
+                line = await follower.get()
                 if line is None:  # the model was unloaded, or the supervisor is stopping
                     return
                 yield log_line(line)
+        except FellBehind as e:
+            await _abort(context, exhausted(f"fell behind: {e.unread} lines not read (at most {QUEUED} may wait "
+                                            f"unread); tail again"))
         finally:
-            if queue is not None:
-                output.followers.unfollow(queue)
+            if follower is not None:
+                output.followers.unfollow(follower)
 
     async def ReloadConfig(self, request: pb.ReloadConfigRequest, context) -> pb.ReloadConfigResponse:
         if self.reloader is None:
@@ -200,7 +210,13 @@ class SupervisorService(supervisor_pb2_grpc.SupervisorServicer):
 
     async def WatchEvents(self, request: pb.WatchEventsRequest, context) -> AsyncIterator[pb.Event]:
         followers = self.registry.events.followers
-        queue = followers.follow()
+        refused = too_many_followers(
+            [followers, *(rt.output.followers for rt in list(self.registry.models.values()))],
+            self.registry.config.max_followers)
+        if refused:
+            await _abort(context, exhausted(refused))
+            return
+        follower = followers.follow()
         try:
             # Where things stand first, like `kubectl get -w`; it also tells the client it is subscribed.
             for life in self.registry.lifecycles():
@@ -209,7 +225,7 @@ class SupervisorService(supervisor_pb2_grpc.SupervisorServicer):
                                    worker_pid=life.worker.pid if life.worker else 0,
                                    reason=life.fatal_reason or life.last_recycle_reason or life.last_exit)
             while True:
-                event = await queue.get()
+                event = await follower.get()
                 if event is None:  # the supervisor is shutting down
                     return
                 if request.model and event.model != request.model:
@@ -217,8 +233,12 @@ class SupervisorService(supervisor_pb2_grpc.SupervisorServicer):
                 yield pb.Event(time_unix=event.time, kind=event.kind, model=event.model, worker_pid=event.worker_pid,
                                reason=event.reason, state=event.state,
                                figures={k: str(v) for k, v in event.figures.items()})
+        except FellBehind as e:
+            # Ended rather than left with a gap: watching again starts with a fresh snapshot.
+            await _abort(context, exhausted(f"fell behind: {e.unread} events not read (at most {QUEUED} may wait "
+                                            f"unread); watch again for where things stand now"))
         finally:
-            followers.unfollow(queue)
+            followers.unfollow(follower)
 
     async def Status(self, request: pb.StatusRequest, context) -> pb.StatusResponse:
         monitor = self.registry.monitor
@@ -229,6 +249,7 @@ class SupervisorService(supervisor_pb2_grpc.SupervisorServicer):
             standby_pids=self.registry.standby.pids if self.registry.standby else [],
             gpus=[gpu_status(r) for r in (monitor.last_gpus.readings if monitor.last_gpus else [])],
             cpu_temperature_c=monitor.last_cpu_temperature,
+            gpu_note=monitor.gpu_note,
         )
 
 
@@ -267,7 +288,8 @@ def estimate_message(e: Estimate) -> pb.MemoryEstimate:
         kv_cache_gpu_bytes=e.kv_gpu, compute_cpu_at_load_bytes=e.compute_cpu_at_load,
         compute_cpu_peak_bytes=e.compute_cpu_peak, compute_gpu_bytes=e.compute_gpu, runtime_bytes=e.runtime,
         gpu_runtime_bytes=e.gpu_runtime, private_at_load_bytes=e.private_at_load, private_peak_bytes=e.private_peak,
-        gpu_bytes=e.gpu, total_private_bytes=e.total_private, total_gpu_bytes=e.total_gpu)
+        gpu_bytes=e.gpu, total_private_bytes=e.total_private, total_gpu_bytes=e.total_gpu,
+        weights_repacked_bytes=e.weights_repacked)
 
 
 async def recycle_by_hand(life: Lifecycle, hard: bool) -> tuple[WorkerProcess, WorkerProcess]:
@@ -289,7 +311,15 @@ def model_info(runtime: ModelRuntime) -> pb.ModelInfo:
         name=c.name, path=str(g.path), state=runtime.state, n_ctx=n_ctx, n_gpu_layers=c.n_gpu_layers,
         use_mmap=c.use_mmap, source=runtime.source, architecture=g.architecture, file_size_bytes=g.file_size,
         has_chat_template=g.has_chat_template, estimate=estimate_message(runtime.estimate),
+        memory_lines=memory_lines_message(runtime.replicas[0].lines),
     )
+
+
+def memory_lines_message(lines: MemoryLines) -> pb.MemoryLines:
+    return pb.MemoryLines(max_private_memory_bytes=lines.max_private_memory or 0,
+                          hard_private_memory_bytes=lines.hard_private_memory or 0,
+                          rlimit_data_bytes=lines.rlimit_data or 0, leak_threshold_bytes=lines.leak_threshold or 0,
+                          max_gpu_memory_bytes=lines.max_gpu_memory or 0, source=dict(lines.sources))
 
 
 def gpu_status(reading: GpuReading) -> pb.GpuStatus:
@@ -304,8 +334,10 @@ def worker_status(runtime: ModelRuntime, life: Lifecycle) -> pb.WorkerStatus:
                              recycles=life.recycles, last_recycle_reason=life.last_recycle_reason,
                              throttle_reason=life.throttle_reason,
                              gpu_temperature_c=life.gpu_temperature or 0,
-                             tokens_per_second=runtime.last_tokens_per_second, memory_note=life.memory_note)
+                             tokens_per_second=runtime.last_tokens_per_second, memory_note=life.memory_note,
+                             memory_lines=memory_lines_message(life.lines))
     if worker is not None and worker.alive:
+        status.memory_lines.rlimit_data_bytes = worker.spawn.rlimit_data or 0  # set at its start: a reload waits
         status.pid = worker.pid
         status.requests_served = worker.requests_served
         status.uptime_s = worker.uptime()

@@ -38,6 +38,7 @@ class ModelConfig:
     replicas: int = 1  # worker processes serving the model; mmap'd weights are shared between them
     pinned: bool = False
     keep_alive: float = 300.0  # seconds after the last request; inf = never; 0 = right after each
+    # Memory lines: None (unset) = derived from the worker's estimate, 0 ("none") = off (memory_lines.py).
     max_private_memory: int | None = None  # soft line: graceful recycle (watchdog)
     max_gpu_memory: int | None = None
     leak_threshold: int | None = None
@@ -52,7 +53,7 @@ class ModelConfig:
     max_prompt_tokens: int = 0  # cap on a request's prompt (a chat's history is fitted to it); 0 = the context
     max_history_messages: int = 0  # Chat: the newest this many non-system messages are kept; 0 = all that fit
     strip_thinking: bool = True  # Chat: earlier assistant turns lose their <think>…</think> reasoning
-    rlimit_data: int | None = None  # kernel's last line on private memory (RLIMIT_DATA)
+    rlimit_data: int | None = None  # kernel's last line on the data segment (RLIMIT_DATA)
     rlimit_nofile: int = 1024
     load_timeout: float = 120.0
     # °C of a GPU the model's worker runs on; 0 turns a line off. Entered at the line, left `hysteresis` below.
@@ -92,6 +93,7 @@ class SupervisorConfig:
     socket_group: str = ""  # the unix socket's group (mode 0660): its members may connect
     max_message_size: int = 4 << 20  # largest request a client may send
     max_concurrent_streams: int = 100  # per connection
+    max_followers: int = 64  # WatchEvents and TailModel --follow streams at once, all clients together
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None  # set: clients must present a certificate it signed (mTLS)
@@ -130,7 +132,10 @@ def default_address(host: Host) -> str:
 def _coerce(key: str, kind: Any, value: Any, host: Host) -> Any:
     """One key's value, from TOML (typed) or from a LoadModel option (always a string)."""
     if key in ("max_private_memory", "max_gpu_memory", "leak_threshold", "rlimit_data"):
-        return None if value in ("", "none", None) else parse_size(value, host.memory_bytes)
+        # Unset: derived from the worker's estimate (memory_lines.py); "none": off on purpose (0).
+        if value in ("", None):
+            return None
+        return 0 if str(value).strip().lower() == "none" else parse_size(value, host.memory_bytes)
     if key == "keep_alive":
         return parse_duration(value, allow_forever=True)
     if key in ("request_timeout", "load_timeout", "stream_interval", "heartbeat_timeout"):
@@ -220,13 +225,14 @@ def _check_model(cfg: ModelConfig) -> None:
          f"temperature_critical ({cfg.temperature_critical:g}) must be above temperature_throttle ({cfg.temperature_throttle:g})")
     need(0 < cfg.temperature_hysteresis <= 30, f"temperature_hysteresis must be above 0 and at most 30 °C, got {cfg.temperature_hysteresis:g}")
     need(cfg.rlimit_nofile >= 64, f"rlimit_nofile must be at least 64, got {cfg.rlimit_nofile}")
-    need(cfg.rlimit_data is None or cfg.rlimit_data >= 64 << 20, "rlimit_data below 64MiB cannot even load the runtime")
+    need(not cfg.rlimit_data or cfg.rlimit_data >= 64 << 20, "rlimit_data below 64MiB cannot even load the runtime")
     need(":" in cfg.engine, f"engine must be 'module:Class', got {cfg.engine!r}")
 
 
 _SUPERVISOR_KEYS = {"address", "state_dir", "runtime_dir", "model_dirs", "poll_interval", "memory_budget",
                     "gpu_memory_budget", "max_loaded_models", "shutdown_timeout", "standby_workers", "insecure",
-                    "socket_group", "max_message_size", "max_concurrent_streams", "shutdown_delay", "health_address"}
+                    "socket_group", "max_message_size", "max_concurrent_streams", "shutdown_delay", "health_address",
+                    "max_followers"}
 _SECTION_KEYS = {"logging": {"level", "journald"}, "metrics": {"address"}, "tls": {"cert", "key", "client_ca"},
                  "auth": {"inference_tokens_file", "admin_tokens_file"}}
 
@@ -284,6 +290,7 @@ def parse_config(text: str, host: Host, base_dir: Path | None = None) -> Supervi
             socket_group=str(sup.get("socket_group", "")),
             max_message_size=parse_size(sup.get("max_message_size", "4MiB")),
             max_concurrent_streams=int(sup.get("max_concurrent_streams", 100)),
+            max_followers=int(sup.get("max_followers", 64)),
             tls_cert=directory(tls["cert"]) if "cert" in tls else None,
             tls_key=directory(tls["key"]) if "key" in tls else None,
             tls_client_ca=directory(tls["client_ca"]) if "client_ca" in tls else None,
@@ -313,6 +320,8 @@ def parse_config(text: str, host: Host, base_dir: Path | None = None) -> Supervi
         raise ConfigError(f"[supervisor] max_message_size must be between 1KiB and 1GiB, got {cfg.max_message_size}")
     if not 1 <= cfg.max_concurrent_streams <= 10_000:
         raise ConfigError(f"[supervisor] max_concurrent_streams must be between 1 and 10000, got {cfg.max_concurrent_streams}")
+    if not 1 <= cfg.max_followers <= 10_000:
+        raise ConfigError(f"[supervisor] max_followers must be between 1 and 10000, got {cfg.max_followers}")
     if not isinstance(cfg.journald, bool):
         raise ConfigError(f"[logging] journald must be true or false, got {cfg.journald!r}")
     if cfg.log_level not in ("debug", "info", "warning", "error"):

@@ -1,6 +1,7 @@
 """llm-supervisord: the daemon's entry point and main loop.
 
     llm-supervisord [--config FILE] [--address ADDR] [--log-level LEVEL]
+    llm-supervisord --check-build
 
 With no --config it runs the embedded default, which generates (once) and serves a tiny `demo` model.
 """
@@ -29,12 +30,15 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from llm_supervisor.v1 import supervisor_pb2, supervisor_pb2_grpc
+from worker.limits import forbid_ptrace
 
 from .api import SupervisorService
 from .config import ConfigError, Host, SupervisorConfig, load_config, split_host_port
 from .demo_model import write_model
 from .errors import ApiError
 from .events import EventBus
+from .liveness import LIVENESS_SERVICE, WatchPasses, report_liveness
+from .tasks import Background
 from .gpu import GpuSource, Nvml
 from .metrics import serve_metrics
 from .monitor import Monitor
@@ -126,13 +130,14 @@ def status_line(registry: Registry, now: float) -> str:
                    (last.name, last.last_recycle_reason, now - last.last_recycle_at) if last else None)
 
 
-async def watch(registry: Registry, monitor: Monitor, notifier: Notifier) -> None:
+async def watch(registry: Registry, monitor: Monitor, notifier: Notifier, passes: WatchPasses) -> None:
     """The watchdog loop: measure every worker each interval and act on what the policies decide.
 
-    It is also what proves the daemon alive to systemd: WATCHDOG=1 goes out only from here, after a
-    completed pass, so a pass that never ends (an NVML call hung on a GPU that fell off the bus) gets the
-    service restarted. NVML is read on its own thread so that such a hang stalls this loop, not the API.
-    poll_interval is read each pass: a reload may change it.
+    It is also what proves the daemon alive: WATCHDOG=1 goes out only from here, while the last pass
+    completed, and `passes` feeds the liveness service. A pass that never ends (an NVML call hung on a
+    GPU that fell off the bus) or fails every time (logged and counted, never the end of the loop) gets
+    the service restarted. NVML is read on its own thread so that such a hang stalls this loop, not the
+    API. poll_interval is read each pass: a reload may change it.
     """
     nvml = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nvml")
     loop = asyncio.get_running_loop()
@@ -144,16 +149,27 @@ async def watch(registry: Registry, monitor: Monitor, notifier: Notifier) -> Non
             await asyncio.sleep(step)
             if loop.time() >= due:
                 due = loop.time() + interval - step / 2  # half a step early: sleeps overshoot, ticks must not slip
-                gpus = await loop.run_in_executor(nvml, monitor.host)  # one NVML read a tick, for every worker
-                for life in registry.lifecycles():
-                    try:
-                        life.tick(gpus)
-                    except Exception:  # one model's trouble must not stop the watch over the others
-                        log.exception("watch_failed", model=life.label)
-                notifier.status(status_line(registry, time.monotonic()))
-            notifier.watchdog()
+                try:
+                    await watch_pass(registry, monitor, notifier, nvml)
+                    passes.completed(time.monotonic())
+                except Exception:
+                    passes.failed()
+                    log.exception("watch_pass_failed", failing=passes.failing, failures=passes.failures)
+            if not passes.failing:
+                notifier.watchdog()
     finally:
         nvml.shutdown(wait=False, cancel_futures=True)  # a hung NVML call must not hold up the exit
+
+
+async def watch_pass(registry: Registry, monitor: Monitor, notifier: Notifier, nvml: ThreadPoolExecutor) -> None:
+    """One pass over every worker, on one NVML read."""
+    gpus = await asyncio.get_running_loop().run_in_executor(nvml, monitor.host)
+    for life in registry.lifecycles():
+        try:
+            life.tick(gpus)
+        except Exception:  # one model's trouble must not stop the watch over the others
+            log.exception("watch_failed", model=life.label)
+    notifier.status(status_line(registry, time.monotonic()))
 
 
 async def serve(config: SupervisorConfig, host: Host, stop: asyncio.Event | None = None,
@@ -174,20 +190,29 @@ async def serve(config: SupervisorConfig, host: Host, stop: asyncio.Event | None
         ("grpc.max_concurrent_streams", config.max_concurrent_streams),
     ])
     health_servicer = health.aio.HealthServicer()
-    loop = asyncio.get_running_loop()
+    health_tasks = Background()  # health updates from synchronous code: each a task, held until it ends
+    passes = WatchPasses(last_completed=time.monotonic())
 
     serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
-    ready = False
 
     def on_change(runtime: ModelRuntime) -> None:
-        live = runtime.serving and runtime.name in registry.models
-        loop.create_task(health_servicer.set(model_health_name(runtime.name), serving if live else not_serving))
-        if ready:  # before READY the daemon as a whole is NOT_SERVING anyway
-            # A model with every replica being replaced at once cannot take a request now: balancers should
-            # send its traffic elsewhere until one is back, as they do for a draining daemon.
-            replaced = any(all(life.replacing for life in rt.replicas) for rt in list(registry.models.values()))
-            for service in ("", SERVICE_NAME):
-                loop.create_task(health_servicer.set(service, not_serving if replaced else serving))
+        # A model takes requests while a worker serves or one is on its way (a recycle, a start on demand):
+        # its requests wait in the queue then. Not when it is FATAL, STOPPED, too hot, or gone.
+        live = runtime.accepting and runtime.name in registry.models
+        health_tasks.keep(health_servicer.set(model_health_name(runtime.name), serving if live else not_serving))
+
+    def on_liveness(alive: bool) -> None:
+        if not alive:
+            log.critical("watch_loop_stalled", last_pass_s=round(time.monotonic() - passes.last_completed, 1),
+                         failing=passes.failing,
+                         reason="no recycle, unload, hang or temperature check runs until it completes a pass")
+        health_tasks.keep(health_servicer.set(LIVENESS_SERVICE, serving if alive else not_serving))
+
+    def loop_ended(task: asyncio.Task) -> None:
+        """None of the daemon's loops may end while it runs: one that does is a bug, said loudly (liveness
+        then turns NOT_SERVING once the watch passes stop)."""
+        error = None if task.cancelled() else task.exception()
+        log.critical("loop_ended", loop=task.get_name(), error=repr(error))
 
     monitor = Monitor(gpu or Nvml.open())
     notifier = Notifier(host.env)
@@ -216,7 +241,8 @@ async def serve(config: SupervisorConfig, host: Host, stop: asyncio.Event | None
         if probes.add_insecure_port(f"{host_}:{port}") == 0:
             raise ConfigError(f"cannot listen on health_address {config.health_address}")
         await probes.start()
-    await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    await health_servicer.set("", not_serving)
+    await health_servicer.set(LIVENESS_SERVICE, serving)  # loading models is life too: startupProbe waits for ""
     await server.start()
     if path is not None:
         os.chmod(path, 0o660)
@@ -240,20 +266,24 @@ async def serve(config: SupervisorConfig, host: Host, stop: asyncio.Event | None
     loading = asyncio.ensure_future(load_all())
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
-    watcher = None
+    loops: list[asyncio.Task] = []
     if not stop.is_set():
-        ready = True
-        await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-        await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        await health_servicer.set("", serving)
+        await health_servicer.set(SERVICE_NAME, serving)
         log.info("ready", models=len(registry.models))
         notifier.ready(status_line(registry, time.monotonic()))
         standby.refill()  # after the start-up loads, which it would only have slowed
-        watcher = asyncio.create_task(watch(registry, monitor, notifier), name="watch")
-        reloads = asyncio.create_task(reload_on(hangup, reloader), name="sighup")
+        passes.completed(time.monotonic())
+        loops = [asyncio.create_task(watch(registry, monitor, notifier, passes), name="watch"),
+                 asyncio.create_task(report_liveness(passes, lambda: registry.config.poll_interval, on_liveness,
+                                                     time.monotonic), name="liveness"),
+                 asyncio.create_task(reload_on(hangup, reloader), name="sighup")]
+        for task in loops:
+            task.add_done_callback(loop_ended)
     await stop.wait()
-    if watcher is not None:
-        watcher.cancel()
-        reloads.cancel()
+    for task in loops:
+        task.remove_done_callback(loop_ended)
+        task.cancel()
     drain = registry.config.shutdown_timeout
     log.info("stopping", drain_s=drain, delay_s=registry.config.shutdown_delay)
     notifier.stopping()
@@ -300,11 +330,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", type=Path, help="TOML config file (default: the embedded demo config)")
     parser.add_argument("--address", help="listen here instead of the config's address: unix:///path or host:port")
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    parser.add_argument("--check-build", action="store_true",
+                        help="check that this machine runs this llama.cpp build (quantized models included), then exit")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
+    forbid_ptrace()  # first: no worker (same user) may read our memory or environment, or copy our API socket
     args = parse_args(argv)
+    if args.check_build:
+        from .buildcheck import main as check_build
+
+        return check_build([])
     host = Host(memory_bytes=psutil.virtual_memory().total, is_root=os.geteuid() == 0, env=os.environ)
     configure("info")
 

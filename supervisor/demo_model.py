@@ -43,6 +43,8 @@ class ModelShape:
 
 
 TINY = ModelShape()
+# The smallest shape every quantization fits: K-quants pack rows in blocks of 256 values.
+QUANTIZABLE = ModelShape(n_embd=256, n_layer=2, n_head=4, n_head_kv=4, n_ff=512)
 # About 100 MB of f32 weights: big enough that the engine, not the plumbing, dominates a benchmark.
 BENCH = ModelShape(n_embd=1024, n_layer=2, n_head=16, n_head_kv=16, n_ff=3072)
 
@@ -63,7 +65,8 @@ def _vocab() -> tuple[list[str], list[float], list[int]]:
     return tokens, scores, [int(t) for t in types]
 
 
-def write_model(path: str | os.PathLike[str], shape: ModelShape = TINY, seed: int = 0, name: str = "demo") -> Path:
+def write_model(path: str | os.PathLike[str], shape: ModelShape = TINY, seed: int = 0, name: str = "demo",
+                chat_template: str = CHAT_TEMPLATE) -> Path:
     """Write the GGUF atomically (a reader never sees half a file) and return its path."""
     from gguf import GGUFWriter
 
@@ -98,7 +101,7 @@ def write_model(path: str | os.PathLike[str], shape: ModelShape = TINY, seed: in
     writer.add_eos_token_id(2)
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)
-    writer.add_chat_template(CHAT_TEMPLATE)
+    writer.add_chat_template(chat_template)
 
     writer.add_tensor("token_embd.weight", weights(n_vocab, shape.n_embd))
     writer.add_tensor("output_norm.weight", np.ones(shape.n_embd, dtype=np.float32))
@@ -128,3 +131,23 @@ def write_model(path: str | os.PathLike[str], shape: ModelShape = TINY, seed: in
     writer.close()
     os.replace(tmp, path)
     return path
+
+
+# llama.cpp's file types (enum llama_ftype) for the quantizations real GGUFs ship in.
+FTYPES = {"Q4_0": 2, "Q8_0": 7, "Q4_K_M": 15, "Q5_K_M": 17, "Q6_K": 18, "IQ4_NL": 25}
+
+
+def quantize(source: str | os.PathLike[str], target: str | os.PathLike[str], kind: str) -> Path:
+    """Quantize a GGUF with llama.cpp's own quantizer (as `llama-quantize` does), atomically.
+    Imports llama_cpp: call it from a worker, a check or a test, never from the daemon's process."""
+    import llama_cpp
+
+    target = Path(target)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = FTYPES[kind]
+    if llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), params) != 0:
+        tmp.unlink(missing_ok=True)
+        raise RuntimeError(f"llama.cpp could not quantize {source} to {kind}")
+    os.replace(tmp, target)
+    return target

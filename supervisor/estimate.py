@@ -31,7 +31,6 @@ KV_TYPE_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 1
 RUNTIME_BYTES = 34 * MiB
 # GPU memory a process takes before any model: the CUDA context and cuBLAS workspace.
 GPU_RUNTIME_BYTES = 400 * MiB
-N_UBATCH = 512   # llama-cpp-python's physical batch; n_batch above it is split
 CTX_PAD = 256    # llama.cpp rounds the context up to a multiple of this
 
 
@@ -40,7 +39,7 @@ class Estimate:
     n_ctx: int                 # as llama.cpp will allocate it
     replicas: int
     weights_mapped: int        # host, in the page cache: shared, counted once however many replicas
-    weights_private: int       # host, read into the worker (use_mmap off)
+    weights_private: int       # host, read into the worker (use_mmap off; repacked weights included)
     weights_gpu: int
     kv_cpu: int
     kv_gpu: int
@@ -49,6 +48,9 @@ class Estimate:
     compute_gpu: int
     runtime: int
     gpu_runtime: int
+    # Of weights_private: quantized matrices the CPU backend repacked into buffers of its own (Q4_0,
+    # Q4_K, IQ4_NL), private to each worker even with use_mmap on: what repacking costs a replica.
+    weights_repacked: int = 0
 
     @property
     def private_at_load(self) -> int:
@@ -107,16 +109,20 @@ def estimate(shape: Shape, config: ModelConfig) -> Estimate:
     gpu_layers = range(first_gpu_layer, n_layer)
     weights_host = shape.input_bytes + sum(shape.layer_bytes[i] for i in host_layers) + (0 if output_on_gpu else shape.output_bytes)
     weights_gpu = sum(shape.layer_bytes[i] for i in gpu_layers) + (shape.output_bytes if output_on_gpu else 0)
-    n_ubatch = min(config.n_batch, N_UBATCH)
+    n_ubatch = config.n_batch  # the worker sets n_ubatch = n_batch: one physical batch of that size
     warm = min(n_ctx, padded_ctx(config.n_batch))  # the warm-up pass fills one n_batch of context
     full = compute_bytes(shape, n_ubatch, n_ctx, config.flash_attn)
     logits = 4 * n_ubatch * (shape.n_embd + shape.n_vocab)
     all_on_gpu = on_gpu > 0 and first_gpu_layer == 0
+    # Repacked matrices leave the mapping for a private buffer; with use_mmap off everything is private anyway.
+    repacked = sum(shape.layer_repacked[i] for i in host_layers if i < len(shape.layer_repacked))
+    repacked += 0 if output_on_gpu else shape.output_repacked
     return Estimate(
         n_ctx=n_ctx,
         replicas=config.replicas,
-        weights_mapped=weights_host if config.use_mmap else 0,
-        weights_private=0 if config.use_mmap else weights_host,
+        weights_mapped=weights_host - repacked if config.use_mmap else 0,
+        weights_private=repacked if config.use_mmap else weights_host,
+        weights_repacked=repacked,
         weights_gpu=weights_gpu,
         kv_cpu=sum(kv(i) for i in host_layers),
         kv_gpu=sum(kv(i) for i in gpu_layers),
@@ -152,7 +158,11 @@ def host_memory_note(figures: Estimate, available: int) -> str:
 def unmapped_refusal(figures: Estimate, available: int) -> str:
     """A load that would read more weights into memory than is free fails inside llama.cpp ("unable to
     allocate CPU buffer"): refuse it first, and say what works."""
-    if figures.weights_private > available:
-        return (f"use_mmap = false reads the weights ({figures.weights_private / MiB:.0f} MiB) into memory but only "
-                f"{available / MiB:.0f} MiB is free: leave use_mmap on, and the weights are paged in from the file")
-    return ""
+    if figures.weights_private <= available:
+        return ""
+    if figures.weights_mapped:  # mmap'd, but the repacked matrices are copied into memory all the same
+        return (f"llama.cpp repacks {figures.weights_repacked / MiB:.0f} MiB of its quantized weights (Q4_0, Q4_K, "
+                f"IQ4_NL) into memory but only {available / MiB:.0f} MiB is free: free memory, or use a model "
+                f"quantized to a type used as mapped (Q8_0, Q5_K, Q6_K)")
+    return (f"use_mmap = false reads the weights ({figures.weights_private / MiB:.0f} MiB) into memory but only "
+            f"{available / MiB:.0f} MiB is free: leave use_mmap on, and the weights are paged in from the file")

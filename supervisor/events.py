@@ -1,7 +1,7 @@
 """Decisions and state changes as events: one call writes the log line and feeds WatchEvents.
 
 Followers (WatchEvents streams) get a bounded queue each through a Fanout: one that does not keep up
-loses its oldest events and never slows the supervisor down.
+is ended with the count of events it did not read, and never slows the supervisor down.
 """
 
 from __future__ import annotations

@@ -12,6 +12,13 @@ from .errors import not_found, precondition
 GGUF_MAGIC = b"GGUF"
 
 
+# ggml types whose weight matrices llama.cpp's CPU backend (x86-64 with AVX2, this project's default build
+# level, and ARM with dot-product instructions) repacks at load into interleaved blocks for faster matrix
+# products: Q4_0 → q4_0_8x8, Q4_K → q4_K_8x8, IQ4_NL → iq4_nl_8x8 (its log's "CPU_REPACK model buffer").
+# Measured with llama-cpp-python 0.3.36: Q8_0, Q5_K and Q6_K are used as mapped.
+REPACKED_TYPES = frozenset({"Q4_0", "Q4_K", "IQ4_NL"})
+
+
 @dataclass(frozen=True)
 class Shape:
     """What memory estimates need from the header: the model's dimensions and where its bytes are."""
@@ -26,6 +33,10 @@ class Shape:
     layer_bytes: tuple[int, ...] = ()  # the tensors of blk.N, by N
     input_bytes: int = 0   # token embeddings: llama.cpp keeps them on the CPU
     output_bytes: int = 0  # the output head and norm: on the GPU only when every layer is
+    # Of those, the bytes of matrices llama.cpp's CPU backend repacks into buffers of its own (see
+    # estimate.REPACKED_TYPES): private to each worker, not mmap'd, not shared by replicas.
+    layer_repacked: tuple[int, ...] = ()
+    output_repacked: int = 0
 
 
 @dataclass(frozen=True)
@@ -124,21 +135,26 @@ def _shape(reader, value, n_layer: int) -> Shape:
     kv = value("attention.head_count_kv", n_head)
     n_head_kv = tuple(int(k) for k in kv) if isinstance(kv, list) else (int(kv),) * n_layer
     head_dim = n_embd // n_head if n_head else 0
-    layers = [0] * n_layer
-    input_bytes = output_bytes = 0
+    layers, repacked = [0] * n_layer, [0] * n_layer
+    input_bytes = output_bytes = output_repacked = 0
     for tensor in reader.tensors:
         name, size = tensor.name, int(tensor.n_bytes)
+        # A weight matrix of a repacked type; token embeddings are looked up row by row, never repacked.
+        repacks = tensor.tensor_type.name in REPACKED_TYPES and len(tensor.shape) == 2
         if name.startswith("blk."):
             index = int(name.split(".")[1])
             if index < n_layer:
                 layers[index] += size
+                repacked[index] += size if repacks else 0
         elif name.startswith("token_embd"):
             input_bytes += size
         else:
             output_bytes += size
+            output_repacked += size if repacks else 0
     tokens = reader.fields.get("tokenizer.ggml.tokens")
     return Shape(n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv,
                  head_dim_k=int(value("attention.key_length", head_dim)),
                  head_dim_v=int(value("attention.value_length", head_dim)),
                  n_ff=_largest(value("feed_forward_length")), n_vocab=len(tokens.data) if tokens else 0,
-                 layer_bytes=tuple(layers), input_bytes=input_bytes, output_bytes=output_bytes)
+                 layer_bytes=tuple(layers), input_bytes=input_bytes, output_bytes=output_bytes,
+                 layer_repacked=tuple(repacked), output_repacked=output_repacked)

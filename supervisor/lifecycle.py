@@ -26,13 +26,16 @@ from .estimate import Estimate, estimate
 from .events import EventBus
 from .gguf_file import GGUFInfo
 from .manager import Spawn, WorkerProcess
+from .memory_lines import MemoryLines, memory_lines
 from .monitor import Monitor, WorkerHistory
 from .output import OutputLog
 from .gpu import GpuSnapshot
-from .policies import (Action, Decision, Heat, Limits, Thermal, Usage, decide, draw_max_requests, heat_level,
+from .policies import (Action, Decision, Heat, Limits, Thermal, Usage, decide, draw_max_requests,
                        hung_for, keep_alive_expired, restart_delay, unload_in)
 from .standby import StandbyPool
-from .states import SERVING_STATES, WorkerState
+from .thermal import ThermalGate
+from .tasks import Background
+from .states import SERVING_STATES, WorkerState, hopeless
 
 log = structlog.get_logger("llm_supervisor.lifecycle")
 
@@ -62,14 +65,16 @@ def memory_figures(worker: WorkerProcess) -> dict[str, int]:
     return figures
 
 
-def limits_for(config: ModelConfig, rng: random.Random) -> Limits:
+def limits_for(config: ModelConfig, lines: MemoryLines, rng: random.Random) -> Limits:
     return Limits(
-        max_private_memory=config.max_private_memory,
-        max_gpu_memory=config.max_gpu_memory,
-        leak_threshold=config.leak_threshold,
+        max_private_memory=lines.max_private_memory,
+        max_gpu_memory=lines.max_gpu_memory,
+        leak_threshold=lines.leak_threshold,
         hard_factor=config.hard_memory_factor,
-        rlimit_data=config.rlimit_data,
+        rlimit_data=lines.rlimit_data,
         max_requests=draw_max_requests(config.max_requests, config.max_requests_jitter, rng),
+        context_growth=lines.context_growth,
+        warm_context=lines.warm_context,
     )
 
 
@@ -99,7 +104,6 @@ class Lifecycle:
         self.replica = replica  # which of the model's `replicas` this is, from 0
         self.output = output or OutputLog()  # its workers' output lines, for llmctl tail (shared by the replicas)
         self.memory_note = ""  # set at admission: e.g. weights larger than the free RAM, read from the file
-        self.replacing = False  # a recycle's replacement is on its way: not serving until it is in
         self._retiring: set[WorkerProcess] = set()  # draining after a recycle, no longer self.worker
         self.waiting = 0  # requests queued for the slot
         self.keep_alive = config.keep_alive  # a request may change it for the model, as in Ollama
@@ -115,14 +119,8 @@ class Lifecycle:
         self._standby = standby
         self._room = room  # whether the memory budgets hold a replacement beside the workers running now
         self._admit = admit  # before any worker starts: make room, or refuse with RESOURCE_EXHAUSTED
-        # Thermal state per GPU the model's workers have run on (NVML says which); kept while unloaded,
-        # so a model drained by a critical GPU is not loaded onto it again before it cools.
-        self.gpus: set[int] = set()
-        self.heat: dict[int, Heat] = {}
-        self.temperatures: dict[int, int] = {}
-        self.cool = asyncio.Event()  # set while requests are admitted
-        self.cool.set()
-        self.throttle_reason = ""
+        self._background = Background()
+        self.thermal = ThermalGate(config.name)
 
     @property
     def name(self) -> str:
@@ -139,6 +137,14 @@ class Lifecycle:
         return estimate(self.gguf.shape, self.config)
 
     @property
+    def lines(self) -> MemoryLines:
+        """The memory lines its workers run under: configured, or derived from the estimate."""
+        return memory_lines(self.config, self.estimate)
+
+    def _sample(self, worker: WorkerProcess, gpus: GpuSnapshot | None = None):
+        return self.monitor.sample(worker.pid, worker.requests_served, gpus, context=worker.context_high)
+
+    @property
     def load(self) -> int:
         """Requests on it: the one running, and those queued for it."""
         return int(self.slot.locked()) + self.waiting
@@ -153,12 +159,21 @@ class Lifecycle:
 
     @property
     def gpu_temperature(self) -> int | None:
-        """The hottest of the GPUs the model runs on, at the last poll; None without one."""
-        return max((t for i, t in list(self.temperatures.items()) if i in self.gpus), default=None)
+        return self.thermal.hottest
+
+    @property
+    def throttle_reason(self) -> str:
+        return self.thermal.reason
 
     @property
     def serving(self) -> bool:
         return self.worker is not None and self.worker.state in SERVING_STATES
+
+    @property
+    def accepting(self) -> bool:
+        """Takes requests: a worker serves, or one will start for them (a recycle's replacement, a start on
+        demand after keep_alive); not FATAL, STOPPED, too hot or unloaded."""
+        return not (self.closed or self.stopped_reason or self.fatal_reason) and self.thermal.cool.is_set()
 
     @property
     def holds_memory(self) -> bool:
@@ -186,7 +201,8 @@ class Lifecycle:
 
     async def _launch(self, warm_after: WorkerProcess | None) -> WorkerProcess:
         socket_path = self._socket_dir / f"{self.name}.{self.replica}.{next(self._serial)}.sock"
-        worker = WorkerProcess(Spawn(self.config, self.gguf.path, socket_path), self.events, self.output)
+        worker = WorkerProcess(Spawn(self.config, self.gguf.path, socket_path, self.lines.rlimit_data),
+                               self.events, self.output)
         self._launching = worker
         try:
             await worker.start(self._standby.take() if self._standby else None)
@@ -207,20 +223,21 @@ class Lifecycle:
             await asyncio.sleep(after)
         if self.closed:
             raise unavailable(f"model {self.name!r} {self.closed_reason}")
-        if self._admit is not None:
-            try:
+        try:
+            # Every start comes this way — a request's, a restart's, a recycle's, Tokenize's, llmctl start's:
+            # none loads a worker onto a GPU that is still past its temperature line.
+            await self.thermal.wait("not starting a worker", self.config.request_timeout)
+            if self._admit is not None:
                 await self._admit(self)
-            except ApiError as e:  # no room now: the next request tries again, the model is not FATAL
-                self.last_exit = e.message
-                self.replacing = False
-                self._on_change()
-                raise
+        except ApiError as e:  # too hot or no room now: the next request tries again, the model is not FATAL
+            self.last_exit = e.message
+            self._on_change()
+            raise
         self.fatal_reason = ""
         try:
             worker = await self._launch(warm_after)
         except ApiError as e:
             self.fatal_reason = e.message
-            self.replacing = False
             self._on_change()
             raise
         self._install(worker)
@@ -231,12 +248,14 @@ class Lifecycle:
         # The previous worker's channel is left to the garbage collector: closing it while a request
         # may still be reading its last call would cancel that call under the request's feet.
         self.worker = worker
-        self.replacing = False
         self.last_used = self._clock()
-        worker.watch = WorkerHistory(baseline=self.monitor.sample(worker.pid, 0))
-        worker.limits = limits_for(self.config, self._rng)
-        asyncio.create_task(self._supervise(worker), name=f"supervise-{worker.pid}")
+        worker.context_high = self.lines.warm_context  # its warm-up filled one n_batch
+        worker.watch = WorkerHistory(baseline=self._sample(worker))
+        worker.limits = limits_for(self.config, self.lines, self._rng)
+        worker.on_exit = self._exited
         self._on_change()
+        if worker.exited.is_set():  # it died between its warm-up and now
+            self._exited(worker)
 
     async def ready_worker(self) -> WorkerProcess:
         """The serving worker, started if there is none. BUSY counts as serving: callers that do not hold
@@ -256,17 +275,26 @@ class Lifecycle:
         return await self.start()
 
     # -- exits -----------------------------------------------------------------------------------------
-    async def _supervise(self, worker: WorkerProcess) -> None:
-        """Edge-triggered on a worker's exit: one nobody asked for is a crash, restarted with back-off."""
-        await worker.exited.wait()
+    def _exited(self, worker: WorkerProcess) -> None:
+        """Edge-triggered on a worker's exit, before anything waiting for that exit wakes (supervisord's
+        finish()): a request about to retry then finds the restart, or the FATAL verdict, already decided
+        — never a dead worker it would start a second replacement for. One nobody asked for is a crash,
+        restarted with back-off."""
         self.last_exit = worker.exit_reason
         self._on_change()
         if self.closed or worker.stop_requested or worker is not self.worker:
             return
         if worker.kill_reason:  # the watchdog's hard line: a recycle, not a crash
-            await self._restart_now()
+            self._restart()
             return
         self.restarts += 1
+        advice = hopeless(worker.returncode, self.name)
+        if advice:  # the same death on every restart: FATAL at once, saying what to do
+            self.fatal_reason = f"its worker was {worker.exit_reason}: {advice}"
+            self.events.emit("worker_crashed", self.name, "error", worker.pid, worker.exit_reason, restarts=self.restarts)
+            self.events.emit("model_fatal", self.name, "error", worker.pid, self.fatal_reason, state="FATAL")
+            self._on_change()
+            return
         fast = worker.uptime() < FAST_FAILURE_S
         self._fast_failures = self._fast_failures + 1 if fast else 1
         self.events.emit("worker_crashed", self.name, "warning", worker.pid, worker.exit_reason,
@@ -280,14 +308,18 @@ class Lifecycle:
         delay = restart_delay(self._fast_failures - 1)
         if delay:
             worker.change_state(WorkerState.BACKOFF, f"restart in {delay:g} s")
-        # Requests arriving during the back-off wait for this start instead of starting their own.
-        self._starting = asyncio.create_task(self._spawn(after=delay))
-        await self._restart_now()
+        self._restart(delay)
 
-    async def _restart_now(self) -> None:
-        """Start a worker, or join the start in progress; a failure is logged (the model is FATAL then)."""
+    def _restart(self, delay: float = 0.0) -> None:
+        """Start a worker after `delay` (requests arriving meanwhile wait for this start instead of starting
+        their own), or join the start in progress; a failure is logged (the model is FATAL then)."""
+        if self._starting is None or self._starting.done():
+            self._starting = asyncio.create_task(self._spawn(after=delay))
+        self._background.keep(self._report_restart(self._starting), f"restart-{self.label}")
+
+    async def _report_restart(self, start: asyncio.Task[WorkerProcess]) -> None:
         try:
-            await self.start()
+            await asyncio.shield(start)
         except ApiError as e:
             log.error("worker_restart_failed", model=self.name, reason=e.message)
 
@@ -301,7 +333,7 @@ class Lifecycle:
         for worker in [self.worker, *self._retiring]:
             if worker is None or worker.state not in watched:
                 continue
-            sample = self.monitor.sample(worker.pid, worker.requests_served, gpus)
+            sample = self._sample(worker, gpus)
             if sample is not None:
                 worker.watch.periodic.append(sample)
                 baseline = worker.watch.baseline
@@ -313,59 +345,34 @@ class Lifecycle:
         self._unload_if_idle()
 
     def _check_heat(self, gpus: GpuSnapshot) -> None:
-        """temperature_throttle closes the door to new requests; temperature_critical also drains and
-        unloads the worker. Both hold until the GPU is `temperature_hysteresis` below the line."""
+        """temperature_throttle closes the door to new requests and worker starts; temperature_critical
+        also drains and unloads the worker. Both hold until the GPU is `temperature_hysteresis` below."""
         worker = self.worker
-        devices = gpus.devices_of(worker.pid) if worker is not None and worker.alive else set()
-        if devices:
-            self.gpus = devices
+        pid = worker.pid if worker is not None else 0
         c = self.config
-        thermal = Thermal(c.temperature_throttle, c.temperature_critical, c.temperature_hysteresis)
-        for index in sorted(self.gpus):
-            temperature = gpus.temperature(index)
-            if temperature is None:
-                continue
-            self.temperatures[index] = temperature
-            before = self.heat.get(index, Heat.NORMAL)
-            now = self.heat[index] = heat_level(before, temperature, thermal)
-            if now > before:
-                line = c.temperature_critical if now == Heat.CRITICAL else c.temperature_throttle
-                key = "temperature_critical" if now == Heat.CRITICAL else "temperature_throttle"
-                what = "draining and unloading" if now == Heat.CRITICAL else "no new requests"
-                reason = (f"GPU {index} at {temperature} °C, at or above {key} ({line:g} °C): {what} until it is "
-                          f"below {line - c.temperature_hysteresis:g} °C")
-                self._overheated(now, reason, index, temperature)
-        if max(self.heat.values(), default=Heat.NORMAL) == Heat.NORMAL and not self.cool.is_set():
-            temps = ", ".join(f"GPU {i} {t} °C" for i, t in sorted(self.temperatures.items()) if i in self.gpus)
-            self.events.emit("gpu_cool", self.name, "info", worker.pid if worker else 0,
-                             f"cooled ({temps}): admitting requests again")
-            self.throttle_reason = ""
-            self.cool.set()
+        rose, cooled = self.thermal.update(
+            gpus, gpus.devices_of(worker.pid) if worker is not None and worker.alive else set(),
+            Thermal(c.temperature_throttle, c.temperature_critical, c.temperature_hysteresis))
+        for hot in rose:
+            critical = hot.level == Heat.CRITICAL
+            self.events.emit("gpu_critical" if critical else "gpu_throttle", self.name,
+                             "error" if critical else "warning", pid, hot.reason, gpu=hot.gpu,
+                             temperature_c=hot.temperature)
+            if critical and worker is not None and worker.state in SERVING_STATES:
+                self._retire_later(worker, hot.reason, replacement=None)
+        if cooled:
+            self.events.emit("gpu_cool", self.name, "info", pid, cooled)
+        if rose or cooled:
             self._on_change()
-
-    def _overheated(self, level: Heat, reason: str, index: int, temperature: int) -> None:
-        worker = self.worker
-        pid = worker.pid if worker else 0
-        self.throttle_reason = reason
-        self.cool.clear()
-        kind = "gpu_critical" if level == Heat.CRITICAL else "gpu_throttle"
-        self.events.emit(kind, self.name, "error" if level == Heat.CRITICAL else "warning", pid, reason,
-                         gpu=index, temperature_c=temperature)
-        if level == Heat.CRITICAL and worker is not None and worker.state in SERVING_STATES:
-            self._retire_later(worker, reason, replacement=None)
-        self._on_change()
 
     async def admitted(self) -> None:
         """Returns once the model's GPUs are cool enough to take a request; UNAVAILABLE after
         request_timeout of waiting, with the temperature that keeps the door shut."""
-        if self.cool.is_set():
+        if self.thermal.cool.is_set():
             return
         self.waiting += 1  # queued, as far as anyone looking at the queue can tell
         try:
-            await asyncio.wait_for(self.cool.wait(), self.config.request_timeout)
-        except asyncio.TimeoutError:
-            raise unavailable(f"model {self.name!r}: not admitting requests: {self.throttle_reason}; "
-                              f"waited request_timeout ({self.config.request_timeout:g} s)") from None
+            await self.thermal.wait("not admitting requests", self.config.request_timeout)
         finally:
             self.waiting -= 1
 
@@ -381,8 +388,8 @@ class Lifecycle:
 
     def after_request(self, worker: WorkerProcess) -> Decision:
         """After each request: a per-request sample, so a leak shows as a trend per request."""
-        self.last_used = self._clock()
-        sample = self.monitor.sample(worker.pid, worker.requests_served)
+        self.used()
+        sample = self._sample(worker)
         if sample is None:
             return Decision(Action.NONE)
         worker.watch.per_request.append(sample)
@@ -391,6 +398,10 @@ class Lifecycle:
         self._unload_if_idle()  # keep_alive 0: right after the request
         return decision
 
+    def used(self) -> None:
+        """A request ended (well or not): keep_alive counts from now."""
+        self.last_used = self._clock()
+
     def unload_in(self) -> float:
         return unload_in(self.last_used, self._clock(), self.keep_alive)
 
@@ -398,7 +409,7 @@ class Lifecycle:
         worker = self.worker
         if worker is None or worker.state not in SERVING_STATES:
             return
-        if keep_alive_expired(self.last_used, self._clock(), self.keep_alive, self.waiting):
+        if keep_alive_expired(self.last_used, self._clock(), self.keep_alive, self.load):
             reason = f"idle for keep_alive ({self.keep_alive:g} s)"
             self.events.emit("worker_idle_unload", self.name, "info", worker.pid, reason)
             self._retire_later(worker, reason, replacement=None)
@@ -426,7 +437,6 @@ class Lifecycle:
             self.last_recycle_reason = reason
             self.last_recycle_at = self._clock()
         self.events.emit("worker_recycle", self.name, "warning", worker.pid, reason, graceful=False, **memory_figures(worker))
-        self.replacing = True
         self._on_change()
         worker.kill_reason = reason
         worker.change_state(WorkerState.STOPPING, reason)  # no request goes to it any more
@@ -458,7 +468,6 @@ class Lifecycle:
         self.recycles_by_kind[kind] += 1
         self.last_recycle_reason = reason
         self.last_recycle_at = self._clock()
-        self.replacing = True
         self._on_change()
         if first:
             # ready_worker() waits on this start, not on the draining worker.
@@ -501,13 +510,15 @@ class Lifecycle:
         self.begin_recycle(worker, reason, kind="by_hand")
         return await self.start()
 
-    async def evict(self, reason: str) -> None:
-        """Unload the worker to make room for another model (it starts again on its next request)."""
+    def evict(self, reason: str) -> asyncio.Task | None:
+        """Unload the worker to make room for another model (it starts again on its next request).
+        DRAINING at once, before this returns: nothing can send it a request after admission chose it.
+        Returns the retirement to await (None when no worker serves)."""
         worker = self.worker
         if worker is None or worker.state not in SERVING_STATES:
-            return
+            return None
         self.events.emit("model_evicted", self.name, "info", worker.pid, reason, **memory_figures(worker))
-        await self._retire_later(worker, reason, replacement=None)
+        return self._retire_later(worker, reason, replacement=None)
 
     # -- by hand and by reload -------------------------------------------------------------------------
     async def stop_by_hand(self, reason: str) -> WorkerProcess | None:
@@ -538,7 +549,7 @@ class Lifecycle:
         self.keep_alive = config.keep_alive
         worker = self.worker
         if worker is not None and worker.alive:
-            worker.limits = limits_for(config, self._rng)
+            worker.limits = limits_for(config, self.lines, self._rng)
         if self.fatal_reason and not self.stopped_reason:  # perhaps what the change fixed
             self._fast_failures = 0
             await self.start()

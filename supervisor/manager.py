@@ -13,6 +13,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import grpc
 import structlog
@@ -24,11 +25,12 @@ from worker.main import LISTENING
 from .config import ModelConfig
 from .errors import precondition
 from .events import EventBus
+from .readlines import read_lines
 from .monitor import WorkerHistory
 from .output import OutputLog
 from .policies import Limits
 from .standby import spawn_worker_process
-from .states import ALLOWED, ALIVE_STATES, WorkerState, describe_exit
+from .states import ALLOWED, ALIVE_STATES, WorkerState, describe_exit, hopeless
 
 log = structlog.get_logger("llm_supervisor.manager")
 
@@ -51,6 +53,7 @@ class Spawn:
     model: ModelConfig
     model_path: Path
     socket_path: Path
+    rlimit_data: int | None = None  # the worker's RLIMIT_DATA: configured or derived (memory_lines.py)
 
 
 class WorkerProcess:
@@ -64,6 +67,7 @@ class WorkerProcess:
         self.started_at = clock()
         self.requests_served = 0
         self.exit_reason = ""
+        self.returncode: int | None = None  # once it has exited: negative for a signal
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
         self.info: worker_pb2.WorkerInfo | None = None
         self._clock = clock
@@ -75,12 +79,14 @@ class WorkerProcess:
         self.stop_requested = False
         self.heartbeat_path = spawn.socket_path.with_suffix(".beat")
         self.busy_since = 0.0  # monotonic time its request in flight started
+        self.context_high = 0  # the most tokens a request has had in its context (prompt + reply)
         self.idle = asyncio.Event()  # set while no request is in flight on it
         self.idle.set()
         self.kill_reason = ""  # set when the supervisor kills it on purpose (a hard line, a hang)
         self.watch = WorkerHistory()  # the watchdog's samples of this worker; baseline set once it serves
         self.limits = Limits()  # its own limits: max_requests carries the jitter drawn for it
         self._tasks: list[asyncio.Task] = []
+        self.on_exit: Callable[[WorkerProcess], None] | None = None  # the model's, once it serves
 
     # -- state ---------------------------------------------------------------------------------------
     def change_state(self, new: WorkerState, reason: str = "") -> None:
@@ -93,6 +99,19 @@ class WorkerProcess:
         self.events.emit("worker_state", self.name, "debug" if routine else "info", self.pid, reason,
                          state=new.value, old=self.state.value, new=new.value)
         self.state = new
+
+    def begin_request(self) -> None:
+        """A request goes to it: BUSY, and its progress is measured from now. A worker that died meanwhile
+        is left as it is: the call to it then says how it ended."""
+        if self.state == WorkerState.READY:
+            self.change_state(WorkerState.BUSY, "request")
+        self.idle.clear()
+        self.busy_since = self._clock()
+
+    def end_request(self) -> None:
+        self.idle.set()
+        if self.state == WorkerState.BUSY:
+            self.change_state(WorkerState.READY, "request done")
 
     @property
     def alive(self) -> bool:
@@ -112,7 +131,7 @@ class WorkerProcess:
             "--engine", m.engine,
             "--options", json.dumps(m.worker_options()),
             "--parent-pid", str(os.getpid()),
-            "--rlimit-data", str(m.rlimit_data or 0),
+            "--rlimit-data", str(self.spawn.rlimit_data or 0),
             "--rlimit-nofile", str(m.rlimit_nofile),
             "--stream-interval", str(m.stream_interval),
             "--heartbeat", str(self.heartbeat_path),
@@ -188,12 +207,14 @@ class WorkerProcess:
                   if not line.startswith("error:") and mentions(line, FAILURE_WORDS)]
         if causes:
             detail = f"{detail} — llama.cpp: {causes[-1]}" if detail else causes[-1]
-        return f"{detail} ({self.exit_reason})" if detail else self.exit_reason
+        ended = f"{detail} ({self.exit_reason})" if detail else self.exit_reason
+        advice = hopeless(self.returncode, self.name)
+        return f"{ended}: {advice}" if advice else ended
 
     async def _read_output(self) -> None:
         assert self._proc and self._proc.stdout
-        async for raw in self._proc.stdout:
-            line = raw.decode("utf-8", "replace").rstrip()
+        async for line in read_lines(self._proc.stdout):
+            line = line.rstrip()
             if line == LISTENING:
                 self.listening.set()
             elif line:
@@ -204,13 +225,21 @@ class WorkerProcess:
 
     async def _watch_exit(self) -> None:
         assert self._proc
-        code = await self._proc.wait()
+        code = self.returncode = await self._proc.wait()
         self.exit_reason = describe_exit(code)
         if self.kill_reason:
             self.exit_reason = f"killed by the supervisor: {self.kill_reason}"
         self.events.emit("worker_exited", self.name, "info" if self.state == WorkerState.STOPPING else "warning",
                          self.pid, self.exit_reason, state=WorkerState.EXITED.value, was=self.state.value)
         self.state = WorkerState.EXITED  # any state may end here: the process is gone whatever we thought
+        # Its socket and heartbeat file go with it, however it ended: a crash leaves no one else to remove them.
+        self.spawn.socket_path.unlink(missing_ok=True)
+        self.heartbeat_path.unlink(missing_ok=True)
+        if self.on_exit is not None:
+            try:
+                self.on_exit(self)  # before those waiting for the exit wake: they find it handled
+            except Exception:
+                log.exception("exit_handler_failed", model=self.name, worker_pid=self.pid)
         self.exited.set()
         # The channel stays open: closing it would turn the calls still reading from it into
         # asyncio.CancelledError, indistinguishable from a client's cancel. They fail UNAVAILABLE on their own.

@@ -3,14 +3,15 @@
 What the supervisor already knows — each worker's memory, CPU and GPU figures, queues, recycles,
 restarts, the GPUs' temperatures — is read when Prometheus scrapes, never kept twice; what happens per
 request (outcome, tokens, time to first token, tokens/s) is counted as requests finish. Everything lives
-in one CollectorRegistry owned by the daemon, not prometheus-client's global one.
+in one CollectorRegistry owned by the daemon, not prometheus-client's global one. A model's series go
+with the model: an unloaded one is no longer in the scrape, and its counters are freed.
 """
 
 from __future__ import annotations
 
 import collections
-
-from typing import Callable
+import threading
+from typing import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -25,26 +26,73 @@ PREFIX = "llm_supervisor"
 
 
 class RequestMetrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
+    """Counted as requests finish (on the event loop), read at scrape time (on the HTTP server's thread).
+
+    It is its own collector: before each scrape it removes the series of models no longer loaded, so
+    loading and unloading models under ever new names does not grow the scrape or the memory. A request
+    that finishes after its model was unloaded (one that drained) is counted, then removed at the next
+    scrape."""
+
+    def __init__(self, registry: CollectorRegistry, loaded: Callable[[], Iterable[str]]) -> None:
+        self._loaded = loaded
+        self._lock = threading.Lock()  # the label sets change on the loop while a scrape forgets on its thread
+        self._codes: dict[str, set[str]] = {}  # model → the status codes it has series for
         self.requests = Counter(f"{PREFIX}_requests", "Generate and Chat requests finished, by gRPC status code",
-                                ["model", "code"], registry=registry)
-        self.tokens = Counter(f"{PREFIX}_generated_tokens", "Tokens generated", ["model"], registry=registry)
+                                ["model", "code"], registry=None)
+        self.tokens = Counter(f"{PREFIX}_generated_tokens", "Tokens generated", ["model"], registry=None)
         self.time_to_first_token = Histogram(
             f"{PREFIX}_time_to_first_token_seconds", "From the worker taking the request to its first token",
-            ["model"], registry=registry, buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+            ["model"], registry=None, buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
         self.tokens_per_second = Histogram(
-            f"{PREFIX}_tokens_per_second", "Generation speed of each request", ["model"], registry=registry,
+            f"{PREFIX}_tokens_per_second", "Generation speed of each request", ["model"], registry=None,
             buckets=(1, 5, 10, 20, 50, 100, 200, 500, 1000, 2000))
+        registry.register(self)
+
+    def _metrics(self) -> tuple:
+        return self.requests, self.tokens, self.time_to_first_token, self.tokens_per_second
+
+    def describe(self):
+        for metric in self._metrics():
+            yield from metric.describe()
+
+    def collect(self):
+        # Labelled first, loaded second: a model loaded (and counted) in between is in both, never forgotten.
+        with self._lock:
+            labelled = list(self._codes)
+        self.forget(unloaded(labelled, set(self._loaded())))
+        for metric in self._metrics():
+            yield from metric.collect()
 
     def finished(self, model: str, last: pb.GenerateChunk) -> None:
-        self.requests.labels(model, "OK").inc()
-        self.tokens.labels(model).inc(last.usage.completion_tokens)
-        if last.usage.completion_tokens:
-            self.time_to_first_token.labels(model).observe(last.timings.time_to_first_token_s)
-            self.tokens_per_second.labels(model).observe(last.timings.tokens_per_second)
+        with self._lock:
+            self._codes.setdefault(model, set()).add("OK")
+            self.requests.labels(model, "OK").inc()
+            self.tokens.labels(model).inc(last.usage.completion_tokens)
+            if last.usage.completion_tokens:
+                self.time_to_first_token.labels(model).observe(last.timings.time_to_first_token_s)
+                self.tokens_per_second.labels(model).observe(last.timings.tokens_per_second)
 
     def failed(self, model: str, code: str) -> None:
-        self.requests.labels(model, code).inc()
+        with self._lock:
+            self._codes.setdefault(model, set()).add(code)
+            self.requests.labels(model, code).inc()
+
+    def forget(self, models: Iterable[str]) -> None:
+        """Remove every series of these models."""
+        with self._lock:
+            for model in models:
+                for code in self._codes.pop(model, ()):
+                    self.requests.remove(model, code)
+                for metric in self._metrics()[1:]:
+                    try:
+                        metric.remove(model)
+                    except KeyError:  # no series yet: only failures were counted
+                        pass
+
+
+def unloaded(labelled: Iterable[str], loaded: set[str]) -> list[str]:
+    """The models with series that are no longer loaded."""
+    return [model for model in labelled if model not in loaded]
 
 
 class StateCollector:
@@ -115,7 +163,7 @@ def serve_metrics(address: str, models: Callable[[], list], monitor: Monitor) ->
     """Start the /metrics HTTP server on its own thread; returns the request metrics and the server."""
     registry = CollectorRegistry()
     registry.register(StateCollector(models, monitor))
-    requests = RequestMetrics(registry)
+    requests = RequestMetrics(registry, lambda: [runtime.name for runtime in models()])
     host, port = split_host_port(address)
     server, _thread = start_http_server(port, addr=host, registry=registry)
     return requests, server

@@ -79,7 +79,7 @@ class Monitor:
                 log.warning("gpu_processes_unmapped", reason=self.gpu_note)
         return self.last_gpus
 
-    def sample(self, pid: int, requests: int, gpus: GpuSnapshot | None = None) -> Sample | None:
+    def sample(self, pid: int, requests: int, gpus: GpuSnapshot | None = None, context: int = 0) -> Sample | None:
         """None when the process is gone. GPU figures come from `gpus` or else the last tick's read:
         NVML is never called from here, so a hung driver cannot stall a request's path."""
         memory = self._read(pid)
@@ -87,6 +87,6 @@ class Monitor:
             return None
         self._sampled.add(pid)
         gpus = gpus if gpus is not None else self.last_gpus
-        return Sample(at=self._clock(), private=memory.private, file_rss=memory.rss_file,
-                      gpu=gpus.memory_of(pid) if gpus is not None else None, requests=requests,
+        return Sample(at=self._clock(), private=memory.private, file_rss=memory.rss_file, data=memory.data,
+                      gpu=gpus.memory_of(pid) if gpus is not None else None, requests=requests, context=context,
                       cpu_s=self._cpu(pid))

@@ -32,6 +32,8 @@ class Sample:
     gpu: int | None = None   # NVML per-process GPU memory; None when there is no GPU
     requests: int = 0        # requests the worker had served when sampled
     cpu_s: float | None = None  # user + system CPU seconds so far
+    data: int | None = None  # VmData, bytes: what RLIMIT_DATA counts (virtual: reserved, touched or not)
+    context: int = 0  # the most tokens the worker has held in its context so far (its high-water mark)
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,10 @@ class Limits:
     soft_samples: int = 2             # consecutive samples above a soft line before a recycle
     leak_min_requests: int = 8        # per-request samples before a trend is believed
     leak_min_fit: float = 0.8         # r² of the trend: steady growth, not noise or one step
+    # Private memory a fuller context explains (compute buffers touched further), per token of context
+    # beyond the warm-up's: not a leak (supervisor/memory_lines.py).
+    context_growth: float = 0.0
+    warm_context: int = 0
 
 
 @dataclass(frozen=True)
@@ -65,13 +71,26 @@ def mib(n: float) -> str:
     return f"{n / MiB:.1f} MiB"
 
 
+RLIMIT_MARGIN = 0.95  # of rlimit_data: where the supervisor acts before the worker's allocations fail
+
+
 def hard_line(soft: int | None, limits: Limits) -> int | None:
-    """Where the supervisor stops waiting for a request boundary: well above the soft line, and below
-    RLIMIT_DATA, past which the worker's own allocations would fail in the middle of a request."""
-    lines = [int(soft * limits.hard_factor)] if soft else []
-    if limits.rlimit_data:
-        lines.append(int(limits.rlimit_data * 0.95))
-    return min(lines) if lines else None
+    """Where the supervisor stops waiting for a request boundary: well above the soft line."""
+    return int(soft * limits.hard_factor) if soft else None
+
+
+def rlimit_decision(latest: Sample, limits: Limits) -> Decision:
+    """RLIMIT_DATA limits the virtual size of the data segment (VmData), not resident memory: glibc's
+    arenas reserve address space they never touch, so allocations fail while RSS is far below the limit.
+    Compared like with like, a worker this close to it is about to fail mid-request: replace it now."""
+    if not limits.rlimit_data or latest.data is None:
+        return NOTHING
+    line = int(limits.rlimit_data * RLIMIT_MARGIN)
+    if latest.data < line:
+        return NOTHING
+    return Decision(Action.KILL, f"data segment (VmData) {mib(latest.data)} is past {RLIMIT_MARGIN:.0%} of "
+                                 f"rlimit_data ({mib(limits.rlimit_data)}): its allocations are about to fail",
+                    {"bytes": latest.data, "limit_bytes": limits.rlimit_data, "key": "rlimit_data"}, rule="memory")
 
 
 def memory_decision(history: Sequence[Sample], limits: Limits) -> Decision:
@@ -79,12 +98,14 @@ def memory_decision(history: Sequence[Sample], limits: Limits) -> Decision:
     if not history:
         return NOTHING
     latest = history[-1]
+    if killed := rlimit_decision(latest, limits):
+        return killed
     checks = [("private memory", "max_private_memory", limits.max_private_memory, lambda s: s.private)]
     if latest.gpu is not None:
         checks.append(("GPU memory", "max_gpu_memory", limits.max_gpu_memory, lambda s: s.gpu or 0))
     decision = NOTHING
     for what, key, soft, value in checks:
-        hard = hard_line(soft, limits) if key == "max_private_memory" else (int(soft * limits.hard_factor) if soft else None)
+        hard = hard_line(soft, limits)
         now = value(latest)
         if hard and now >= hard:
             return Decision(Action.KILL, f"{what} {mib(now)} is above the hard line {mib(hard)}",
@@ -124,8 +145,12 @@ def leak_decision(per_request: Sequence[Sample], baseline: int, limits: Limits, 
     if not threshold or not per_request:
         return NOTHING
 
-    def value(s: Sample) -> int:
-        return getattr(s, metric) or 0
+    def value(s: Sample) -> float:
+        if metric == "gpu":  # allocated whole at load: GPU memory does not grow with the context
+            return s.gpu or 0
+        # Growth the context explains is taken out: a chat filling n_ctx turn by turn, or a run of long
+        # prompts, touches more of the compute buffers each time, and that is no leak.
+        return s.private - limits.context_growth * max(0, s.context - limits.warm_context)
 
     what = "private memory" if metric == "private" else "GPU memory"
     recent = sorted(value(s) for s in per_request[-3:])
@@ -179,10 +204,11 @@ def restart_delay(failures: int, base: float = 1.0, cap: float = 60.0) -> float:
     return 0.0 if failures <= 0 else min(cap, base * 2 ** (failures - 1))
 
 
-def keep_alive_expired(last_used: float, now: float, keep_alive: float, waiting: int) -> bool:
+def keep_alive_expired(last_used: float, now: float, keep_alive: float, load: int) -> bool:
     """Ollama's keep_alive: unload `keep_alive` seconds after the last request ended; 0 = right after it;
-    inf (-1 in the config) = never. A model with requests waiting is never idle."""
-    return waiting == 0 and math.isfinite(keep_alive) and now - last_used >= keep_alive
+    inf (-1 in the config) = never. A model with a request running or waiting (`load`) is never idle,
+    however long that request has run: the clock starts again when it ends."""
+    return load == 0 and math.isfinite(keep_alive) and now - last_used >= keep_alive
 
 
 def unload_in(last_used: float, now: float, keep_alive: float) -> float:

@@ -11,6 +11,7 @@ class MemorySample:
     rss_anon: int
     rss_file: int
     swap: int
+    data: int = 0  # VmData: the virtual size RLIMIT_DATA limits (heap, anonymous mappings; touched or not)
 
     @property
     def private(self) -> int:
@@ -25,11 +26,12 @@ def read_memory(pid: int, proc: str = "/proc") -> MemorySample | None:
         with open(f"{proc}/{pid}/status") as f:
             for line in f:
                 key, _, rest = line.partition(":")
-                if key in ("RssAnon", "RssFile", "VmSwap"):
+                if key in ("RssAnon", "RssFile", "VmSwap", "VmData"):
                     values[key] = int(rest.split()[0]) * 1024
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         return None
-    return MemorySample(values.get("RssAnon", 0), values.get("RssFile", 0), values.get("VmSwap", 0))
+    return MemorySample(values.get("RssAnon", 0), values.get("RssFile", 0), values.get("VmSwap", 0),
+                        values.get("VmData", 0))
 
 
 CAP_IPC_LOCK = 14

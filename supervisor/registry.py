@@ -26,6 +26,7 @@ from .reload import Change, Plan
 from . import state
 from .scheduler import ModelRuntime
 from .standby import StandbyPool
+from .tasks import Background
 from .state import LoadedModel
 
 log = structlog.get_logger("llm_supervisor.registry")
@@ -46,6 +47,8 @@ class Registry:
         self.state_path = config.state_dir / "models.json"
         self._loaded_by_api: dict[str, LoadedModel] = {}
         self._admission = asyncio.Lock()
+        self._reserved: set[Lifecycle] = set()  # admitted, waiting for their victims to exit
+        self._background = Background()
 
     def get(self, name: str) -> ModelRuntime:
         runtime = self.models.get(name)
@@ -103,7 +106,10 @@ class Registry:
         """Before any worker starts: within memory_budget, gpu_memory_budget and max_loaded_models, by the
         estimate at full context (or what a worker holds, if more). Idle models are evicted least recently
         used first, never pinned ones; RESOURCE_EXHAUSTED with the figures when that is not enough.
-        One admission at a time, so two loads cannot both take the same room."""
+        One decision at a time, so two loads cannot both take the same room; the start counts as holding
+        its room from the decision until its worker is launching. The victims' exits are awaited outside
+        the lock: a slow exit holds up this start only, not every start on the daemon (crash restarts
+        included)."""
         async with self._admission:
             figures = starting.estimate
             needed = Usage(figures.private_peak, figures.gpu)
@@ -112,14 +118,27 @@ class Registry:
             if c.gpu_memory_budget_percent and self.monitor.last_gpus is None:
                 await asyncio.to_thread(self.monitor.host)  # before the watch loop's first read
             budget = self.budget()
-            holders = {life.label: life for life in self.lifecycles() if life is not starting and life.holds_memory}
+            holders = {life.label: life for life in self._holding() if life is not starting}
             residents = [resident(life) for life in holders.values()]
             decision = admission(needed, budget, c.max_loaded_models, residents, model=starting.name)
             if decision.refused:
                 raise exhausted(refusal(starting.label, needed, budget, c.max_loaded_models, residents, decision.refused))
+            # No await from the decision to here: the victims are DRAINING before any request can reach them.
+            retiring = []
             for label in decision.evict:
                 log.info("evicting", model=label, for_model=starting.label)
-                await holders[label].evict(f"evicted to make room for {starting.label!r}")
+                retiring.append(holders[label].evict(f"evicted to make room for {starting.label!r}"))
+            self._reserved.add(starting)
+        try:
+            await asyncio.gather(*(task for task in retiring if task is not None))
+        finally:
+            # The caller launches at once, without yielding: from there on its worker counts as held.
+            self._reserved.discard(starting)
+
+    def _holding(self) -> list[Lifecycle]:
+        """The replicas whose memory counts against the budgets: a worker running, draining or loading,
+        or a start admitted and waiting for its victims to exit."""
+        return [life for life in self.lifecycles() if life.holds_memory or life in self._reserved]
 
     @staticmethod
     def _check_host(starting: Lifecycle, figures: Estimate) -> None:
@@ -150,14 +169,14 @@ class Registry:
     def room(self, needed: Usage) -> tuple[bool, str]:
         """Whether the memory budgets hold `needed` beside every worker running now, counted as admission
         counts them."""
-        held = total(resident(life).usage for life in self.lifecycles() if life.holds_memory)
+        held = total(resident(life).usage for life in self._holding())
         return replacement_first(self.budget(), held, needed)
 
     async def load_by_api(self, request: LoadedModel, source: str = "api", keep_on_failure: bool = False) -> ModelRuntime:
         """A model loaded at run time: recorded in the state directory, so a restart loads it again."""
         runtime = await self.load(self.model_config(request.name, request.path, request.options), source, keep_on_failure)
         self._loaded_by_api[request.name] = request
-        self._record()
+        await self._record()
         return runtime
 
     async def restore(self) -> None:
@@ -173,11 +192,11 @@ class Registry:
             except ApiError as e:
                 self._loaded_by_api[request.name] = request
                 log.error("model_load_failed", model=request.name, source="state", reason=e.message)
-        self._record()
+        await self._record()
 
-    def _record(self) -> None:
+    async def _record(self) -> None:
         try:
-            state.save(self.state_path, list(self._loaded_by_api.values()))
+            await state.record(self.state_path, list(self._loaded_by_api.values()))
         except OSError as e:  # a read-only state directory costs the record, not the running models
             log.error("state_not_saved", path=str(self.state_path), error=str(e))
 
@@ -186,9 +205,16 @@ class Registry:
         for shutdown_timeout at most."""
         runtime = self.get(name)
         del self.models[name]
-        if self._loaded_by_api.pop(name, None) is not None:
-            self._record()
-        await runtime.stop(drain=self.config.shutdown_timeout, reason=reason)
+        recorded = self._loaded_by_api.pop(name, None) is not None
+
+        async def finish() -> None:
+            if recorded:
+                await self._record()
+            await runtime.stop(drain=self.config.shutdown_timeout, reason=reason)
+
+        # Shielded: a client that cancels its UnloadModel must not leave a model out of the list whose
+        # workers nobody stops.
+        await asyncio.shield(self._background.keep(finish(), f"unload-{name}"))
 
     async def stop_all(self, reason: str) -> None:
         """Every model, as unload does, at once."""
@@ -228,7 +254,7 @@ class Registry:
         if runtime.source != "config":  # the file takes it over: no longer the API's to restore
             runtime.source = "config"
             self._loaded_by_api.pop(runtime.name, None)
-            self._record()
+            await self._record()
         # One replica after another: while one is recycled, the others serve.
         lives = runtime.replicas
         for life in lives[:change.config.replicas]:

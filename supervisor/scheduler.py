@@ -11,7 +11,6 @@ reason — never a silently short answer.
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import AsyncIterator
 
 import grpc
@@ -27,7 +26,6 @@ from .gguf_file import GGUFInfo
 from .lifecycle import KILL_GRACE_S, Lifecycle
 from .manager import WorkerProcess
 from .output import OutputLog
-from .states import WorkerState
 
 log = structlog.get_logger("llm_supervisor.scheduler")
 
@@ -57,6 +55,10 @@ class ModelRuntime:
     @property
     def serving(self) -> bool:
         return any(life.serving for life in self.replicas)
+
+    @property
+    def accepting(self) -> bool:
+        return any(life.accepting for life in self.replicas)
 
     @property
     def waiting(self) -> int:
@@ -105,14 +107,14 @@ class ModelRuntime:
             for attempt in (1, 2):
                 worker = await life.ready_worker()
                 sent = False
-                if worker.state == WorkerState.READY:  # it may have died since: the call below then says how
-                    worker.change_state(WorkerState.BUSY, "request")
-                worker.idle.clear()
-                worker.busy_since = time.monotonic()
+                worker.begin_request()
                 call = worker.stub.Generate(request, timeout=self.config.request_timeout)
                 try:
                     async for chunk in call:
                         sent = True
+                        if chunk.HasField("usage"):  # the last chunk: how far this request filled the context
+                            worker.context_high = max(worker.context_high,
+                                                      chunk.usage.prompt_tokens + chunk.usage.completion_tokens)
                         yield chunk
                     worker.requests_served += 1
                     try:
@@ -131,10 +133,9 @@ class ModelRuntime:
                     raise error from None
                 finally:
                     call.cancel()  # a no-op when it completed; stops the worker's loop when we were cancelled
-                    worker.idle.set()
-                    if worker.state == WorkerState.BUSY:
-                        worker.change_state(WorkerState.READY, "request done")
+                    worker.end_request()
         finally:
+            life.used()  # before the slot is free: keep_alive never sees it idle with an old clock
             life.slot.release()
 
     async def tokenize(self, request: pb.TokenizeRequest) -> pb.TokenizeResponse:

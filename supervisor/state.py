@@ -1,12 +1,16 @@
 """What survives a restart: the models loaded at run time through the API (config models need no
 record — the config has them). One JSON file in the state directory, replaced atomically, so a crash
-mid-write leaves the old record or the new one, never half of either."""
+mid-write leaves the old record or the new one, never half of either. The daemon writes it on one
+thread of its own (`record`): an fsync may take long on a busy disk, and the event loop must not wait
+for it."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -47,6 +51,20 @@ def write_atomically(path: Path, text: str) -> None:
 
 def save(path: Path, models: list[LoadedModel]) -> None:
     write_atomically(path, json.dumps({"version": VERSION, "models": [asdict(m) for m in models]}, indent=2) + "\n")
+
+
+# One thread, so records are written in the order they were made: with more (asyncio.to_thread's pool),
+# a slow fsync of an older record could finish after a newer one's and replace it.
+_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="state-writer")
+
+
+async def record(path: Path, models: list[LoadedModel]) -> None:
+    """save() on the writer thread, after every record asked for before this one; the event loop goes on
+    meanwhile. Done once it is durable."""
+    written = asyncio.get_running_loop().run_in_executor(_writer, save, path, list(models))
+    # Shielded: a caller cancelled (a client gone) must not take its record out of the writer's queue,
+    # or the file would keep an older one.
+    await asyncio.shield(written)
 
 
 def load(path: Path) -> list[LoadedModel]:

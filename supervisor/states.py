@@ -35,6 +35,32 @@ ALLOWED = {
 }
 
 
+# Deaths a restart cannot cure, and what to do instead: three blind restarts would only hide the cause.
+HOPELESS_SIGNALS = {
+    "SIGILL": "the llama.cpp build executes an instruction this CPU cannot run; restarting cannot help. "
+              "Run `llm-supervisord --check-build`, rebuild llama.cpp for this CPU (`LLAMA_CPU=x86-64-v2 bash "
+              "deploy/setup.sh`, README: 'CPU support'), then `llmctl start {model}`",
+    "SIGBUS": "the model file changed or shrank under the worker (a read of its mmap'd weights failed: the file "
+              "was truncated, overwritten in place, or its disk failed). Check it with `llmctl estimate`; replace "
+              "a model file by copying it under a new name and renaming it over the old one; then "
+              "`llmctl start {model}`",
+}
+
+
+def hopeless(returncode: int | None, model: str) -> str:
+    """Why a worker's death by this signal will repeat on every restart, and what to do; '' otherwise."""
+    import signal
+
+    if returncode is None or returncode >= 0:
+        return ""
+    try:
+        name = signal.Signals(-returncode).name
+    except ValueError:
+        return ""
+    advice = HOPELESS_SIGNALS.get(name, "")
+    return advice.format(model=model)
+
+
 def describe_exit(returncode: int) -> str:
     """'exited with status 3' / 'killed by signal SIGKILL (9)' — what an operator wants to read."""
     import signal

@@ -2,12 +2,14 @@
 
 They wrap the real llama.cpp engine and only add delays, so a test can catch a worker mid-stream
 (kill it, cancel it) without racing a model that generates thousands of tokens a second; ProbingEngine
-also tries, from inside a worker, the ways out that the worker's seccomp filter must close.
+also tries, from inside a worker, the ways out that the worker's seccomp filter must close, and the
+ptrace-class ways into the supervisor and the other workers that being undumpable must close.
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import mmap
 import os
 import platform
@@ -149,11 +151,84 @@ def probe_fastopen(target: str) -> str:
             return f"refused: {os.strerror(e.errno)}"
 
 
+PIDFD_GETFD = 438  # the same number on x86_64 and aarch64
+PR_GET_DUMPABLE = 3
+
+
+def probe_mem(pid: int) -> str:
+    """Open /proc/PID/mem for reading and writing: the process's whole memory, prompts and all."""
+    try:
+        os.close(os.open(f"/proc/{pid}/mem", os.O_RDWR))
+        return "opened"
+    except OSError as e:
+        return f"refused: {os.strerror(e.errno)}"
+
+
+def probe_environ(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return f"read {len(f.read())} bytes"
+    except OSError as e:
+        return f"refused: {os.strerror(e.errno)}"
+
+
+def probe_pidfd_getfd(pid: int) -> str:
+    """Copies of the process's open descriptors, taken by pidfd_getfd(2) — a listening socket among them
+    is a way to serve (or answer) its clients."""
+    pidfd = os.pidfd_open(pid)
+    taken: list[str] = []
+    try:
+        for target in range(256):
+            fd, err = _syscall(PIDFD_GETFD, pidfd, target, 0)
+            if fd < 0 and err != errno.EBADF:  # EBADF: nothing open there
+                return f"refused: {os.strerror(err)}"
+            if fd >= 0:
+                taken.append(os.readlink(f"/proc/self/fd/{fd}"))
+                os.close(fd)
+    finally:
+        os.close(pidfd)
+    sockets = sum(p.startswith("socket:") for p in taken)
+    return f"took {len(taken)} descriptors, {sockets} of them sockets"
+
+
+def probe_process(pid: int) -> list[str]:
+    return [f"mem: {probe_mem(pid)}", f"environ: {probe_environ(pid)}", f"pidfd_getfd: {probe_pidfd_getfd(pid)}"]
+
+
+def siblings() -> list[tuple[str, int]]:
+    """The parent's other children, named for what they are and in that order: "standby" for a spare
+    (one that became a worker keeps that command line), "worker NAME" for a model's worker."""
+    me, parent = os.getpid(), os.getppid()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:  # stat and cmdline stay readable on an undumpable process: ps reads them
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rpartition(")")[2].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                args = f.read().decode().split("\0")
+        except (OSError, ValueError):  # gone meanwhile
+            continue
+        if ppid == parent:
+            found.append((child_name(args), int(entry)))
+    return sorted(found)
+
+
+def child_name(args: list[str]) -> str:
+    if "--standby" in args:
+        return "standby"
+    return f"worker {args[args.index('--name') + 1]}" if "--name" in args[:-1] else "other " + " ".join(args)
+
+
 class ProbingEngine(LlamaEngine):
     """Tries, at each request, to connect where TEST_CONNECT_TO says (a unix socket path, or host:port)
     and says on stderr how that went: what a compromised worker could reach. The first "probe:" line is
     connect(2)'s; then the same target by x32's connect (on x86_64 only) and by io_uring, and, where
-    TEST_FASTOPEN_TO names a host:port, TCP fast open there."""
+    TEST_FASTOPEN_TO names a host:port, TCP fast open there. Where TEST_PROBE_PROCESSES is set, the
+    lines after those say whether the worker is dumpable, and what it could read or take from the
+    supervisor ("probe: parent mem: ...", then environ and pidfd_getfd) and from each of the supervisor's
+    other children ("probe: standby mem: ...", "probe: worker NAME mem: ...")."""
 
     def generate(self, prompt: Sequence[int], sampling: Sampling) -> Iterator[int]:
         import sys
@@ -172,4 +247,10 @@ class ProbingEngine(LlamaEngine):
         print(f"probe: {probe_io_uring_connect(target)}", file=sys.stderr, flush=True)
         if fastopen := os.environ.get("TEST_FASTOPEN_TO"):
             print(f"probe: fast open: {probe_fastopen(fastopen)}", file=sys.stderr, flush=True)
+        if os.environ.get("TEST_PROBE_PROCESSES"):
+            dumpable = ctypes.CDLL(None).prctl(PR_GET_DUMPABLE, 0, 0, 0, 0)
+            print(f"probe: dumpable: {dumpable}", file=sys.stderr, flush=True)
+            for name, pid in [("parent", os.getppid()), *siblings()]:
+                for line in probe_process(pid):
+                    print(f"probe: {name} {line}", file=sys.stderr, flush=True)
         return super().generate(prompt, sampling)

@@ -122,3 +122,79 @@ def test_a_gpu_budget_in_percent_is_of_the_gpus_memory_as_nvml_reports_it(model_
         assert "gpu_memory_budget is 500.0 MiB" in refused.value.details()
     finally:
         daemon.stop()
+
+
+class Replica:
+    """What admission reads of a replica, and an eviction whose exit the test decides."""
+
+    def __init__(self, model: str, idle: bool, last_used: float) -> None:
+        import asyncio
+        from types import SimpleNamespace
+
+        self.name = model
+        self.label = model
+        self.idle = idle
+        self.last_used = last_used
+        self.holds_memory = True
+        self.config = SimpleNamespace(pinned=False, use_mlock=False)
+        self.estimate = SimpleNamespace(private_peak=10 * MiB, gpu=0)
+        self.exited = asyncio.Event()
+        self.evicted = False
+
+    def usage(self) -> Usage:
+        return Usage(10 * MiB)
+
+    def evict(self, reason: str):
+        import asyncio
+
+        self.evicted, self.idle = True, False  # DRAINING: no longer idle, still holding its memory
+
+        async def retire() -> None:
+            await self.exited.wait()
+            self.holds_memory = False
+        return asyncio.ensure_future(retire())
+
+
+def test_a_slow_eviction_holds_up_only_the_start_it_makes_room_for(tmp_path):
+    """Admission decides one start at a time, but the victims' exits are awaited outside that lock: a
+    victim slow to exit must not hold up every other start on the daemon (crash restarts included)."""
+    import asyncio
+    import os
+    from types import SimpleNamespace
+
+    import psutil
+
+    from supervisor.config import Host, parse_config
+    from supervisor.errors import ApiError
+    from supervisor.events import EventBus
+    from supervisor.monitor import Monitor
+    from supervisor.registry import Registry
+
+    host = Host(memory_bytes=psutil.virtual_memory().total, is_root=os.geteuid() == 0, env={})
+    config = parse_config(f'[supervisor]\nstate_dir = "{tmp_path}"\nmax_loaded_models = 2\n', host)
+
+    async def scenario() -> None:
+        registry = Registry(config, host, tmp_path, Monitor(FedGpu()), EventBus())
+        registry._check_host = lambda *_: None  # the host's RAM and memlock are not what this is about
+        idle, busy = Replica("idle", idle=True, last_used=1.0), Replica("busy", idle=False, last_used=2.0)
+        newcomer = Replica("newcomer", False, 3.0)  # starting: not idle, and not holding memory yet
+        newcomer.holds_memory = False
+        registry.models = {r.name: SimpleNamespace(replicas=[r]) for r in (idle, busy, newcomer)}
+        restart = Replica("busy", False, 3.0)  # the busy model's crashed replica, starting again
+        making_room = asyncio.ensure_future(registry.admit(newcomer))
+        await asyncio.sleep(0.1)
+        assert idle.evicted and not making_room.done()  # waiting for its victim to exit
+        # Meanwhile another start asks: it gets its answer now, not once the victim has gone. (No room:
+        # the victim's memory still counts until it exits, and the newcomer's is reserved.)
+        try:
+            await asyncio.wait_for(registry.admit(restart), timeout=5)
+            answer = "admitted"
+        except ApiError as e:
+            answer = e.code.name
+        except asyncio.TimeoutError:
+            answer = "still waiting behind the eviction"
+        assert answer == "RESOURCE_EXHAUSTED"
+        idle.exited.set()
+        await asyncio.wait_for(making_room, timeout=5)
+
+    asyncio.run(scenario())

@@ -139,3 +139,47 @@ def test_use_mlock_past_rlimit_memlock_is_refused_with_what_to_do(model_dir):
         daemon.stub.LoadModel(pb.LoadModelRequest(name="unlocked", path="tiny.gguf"))
     finally:
         daemon.stop()
+
+
+# Quantized as real GGUFs are: Q8_0 is used as mapped; Q4_0 and Q4_K matrices are repacked by the CPU
+# backend into private buffers. Wide enough that the repacked bytes are a real share of the worker.
+QUANT_SHAPE = ModelShape(n_embd=1024, n_layer=4, n_head=16, n_head_kv=16, n_ff=2816)
+QUANT_CASES = {
+    "q8_0": ("Q8_0.gguf", {"n_ctx": "2048"}),
+    "q4_0": ("Q4_0.gguf", {"n_ctx": "2048"}),
+    "q4_k_m": ("Q4_K_M.gguf", {"n_ctx": "2048"}),
+    "q4_0_batch_2048": ("Q4_0.gguf", {"n_ctx": "4096", "n_batch": "2048"}),
+}
+
+
+@pytest.fixture(scope="module")
+def quantized_daemon():
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    directory = Path(tempfile.mkdtemp(prefix="llms-quant-"))
+    source = write_model(directory / "F32.gguf", QUANT_SHAPE)
+    script = ("import sys; from supervisor.demo_model import quantize\n"
+              "for kind in sys.argv[2:]: quantize(sys.argv[1], sys.argv[1].replace('F32', kind), kind)")
+    subprocess.run([sys.executable, "-c", script, str(source), "Q8_0", "Q4_0", "Q4_K_M"], check=True, cwd=ROOT,
+                   capture_output=True)
+    daemon = launch(directory, "")
+    yield daemon
+    daemon.stop()
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.mark.parametrize("case", QUANT_CASES)
+def test_estimate_of_quantized_models_is_within_15_percent_repacked_weights_included(quantized_daemon, case):
+    file, options = QUANT_CASES[case]
+    figures = quantized_daemon.stub.EstimateModel(pb.EstimateModelRequest(path=file, options=options)).estimate
+    assert (figures.weights_repacked_bytes > 10 * MiB) == case.startswith("q4")  # Q8_0 stays mapped
+    quantized_daemon.stub.LoadModel(pb.LoadModelRequest(name=case, path=file, options=options))
+    try:
+        measured = quantized_daemon.worker(case).private_memory_bytes
+        assert 0.85 < figures.private_at_load_bytes / measured < 1.15, (case, figures.private_at_load_bytes / MiB,
+                                                                         measured / MiB)
+    finally:
+        quantized_daemon.stub.UnloadModel(pb.UnloadModelRequest(name=case))

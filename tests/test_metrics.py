@@ -63,3 +63,35 @@ def test_metrics_show_requests_tokens_latency_memory_and_recycles(start_daemon):
 def test_a_bad_metrics_address_is_a_config_error():
     with pytest.raises(ConfigError, match="must be host:port"):
         parse_config('[metrics]\naddress = "localhost"', HOST)
+
+
+def models_in(samples) -> set[str]:
+    return {dict(labels)["model"] for _, labels in samples if "model" in dict(labels)}
+
+
+def test_an_unloaded_model_leaves_the_scrape_and_the_others_stay(start_daemon):
+    port = free_port()
+    daemon = start_daemon(model_table("tiny", "tiny.gguf", n_ctx=512), extra=f'[metrics]\naddress = "127.0.0.1:{port}"')
+    daemon.stub.LoadModel(pb.LoadModelRequest(name="extra", path="tiny.gguf", options={"n_ctx": "256"}))
+    for model in ("tiny", "extra"):
+        list(daemon.stub.Generate(pb.GenerateRequest(model=model, prompt="hello",
+                                                     options=pb.SamplingOptions(max_tokens=2, temperature=0))))
+    with pytest.raises(grpc.RpcError):
+        list(daemon.stub.Generate(pb.GenerateRequest(model="extra", prompt="hello",
+                                                     options=pb.SamplingOptions(max_tokens=100_000))))
+    pid = daemon.worker("extra").pid
+
+    def polled():
+        samples = scrape(port)
+        return samples if value(samples, "llm_supervisor_worker_private_memory_bytes", model="extra", pid=str(pid)) else None
+
+    before = wait_for(polled, what="a poll of extra's worker")
+    assert models_in(before) == {"tiny", "extra"}
+    assert value(before, "llm_supervisor_requests_total", model="extra", code="INVALID_ARGUMENT") == 1
+
+    daemon.stub.UnloadModel(pb.UnloadModelRequest(name="extra"))
+    after = scrape(port)
+    assert models_in(after) == {"tiny"}, sorted(name for name, labels in after if ("model", "extra") in labels)
+    assert value(after, "llm_supervisor_requests_total", model="tiny", code="OK") == 1
+    assert value(after, "llm_supervisor_generated_tokens_total", model="tiny") == 2
+    assert value(after, "llm_supervisor_model_serving", model="tiny") == 1

@@ -133,3 +133,51 @@ def test_no_watchdog_ping_while_the_monitor_loop_is_stuck_but_the_api_still_answ
     finally:
         gpu.release.set()
         daemon.stop()
+
+
+class FailingGpu(FedGpu):
+    """A GPU source whose reads raise what no one expected (not an NVMLError)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failing = threading.Event()
+
+    def processes(self):
+        if self.failing.is_set():
+            raise RuntimeError("driver returned garbage")
+        return super().processes()
+
+
+def test_a_watch_loop_that_cannot_complete_a_pass_stops_the_watchdog_and_liveness_but_not_the_api(model_dir, monkeypatch):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from tests.conftest import wait_for
+
+    notify = NotifySocket()
+    env = notify.env(watchdog_s=0.4)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    gpu = FailingGpu()
+    daemon = InProcessDaemon(model_dir, model_table("tiny", "tiny.gguf", n_ctx=512), gpu=gpu, env=env)
+    health = health_pb2_grpc.HealthStub(daemon.channel)
+    status = lambda service: health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status  # noqa: E731
+    try:
+        notify.until("WATCHDOG=1")
+        assert status("liveness") == health_pb2.HealthCheckResponse.SERVING
+        gpu.failing.set()
+        # Every pass now fails: logged and counted, the loop goes on, but systemd hears no WATCHDOG=1 and
+        # kubelet's liveness probe reads NOT_SERVING — both would restart the daemon.
+        wait_for(lambda: status("liveness") == health_pb2.HealthCheckResponse.NOT_SERVING, timeout=15,
+                 what="liveness NOT_SERVING")
+        notify.drain()
+        silence = [m for m in iter(lambda: notify.next(1.0), None) if "WATCHDOG=1" in m]
+        assert silence == []
+        assert status("") == health_pb2.HealthCheckResponse.SERVING  # it still takes requests
+        assert daemon.stub.Status(pb.StatusRequest(), timeout=5).workers[0].state == "READY"
+        gpu.failing.clear()  # the loop was never dead: passes complete again
+        notify.until("WATCHDOG=1", timeout=10)
+        wait_for(lambda: status("liveness") == health_pb2.HealthCheckResponse.SERVING, timeout=15,
+                 what="liveness SERVING again")
+    finally:
+        gpu.failing.clear()
+        daemon.stop()

@@ -46,7 +46,8 @@ def test_leak_decision_names_rate_and_span_in_figures():
     ([500, 1100], Limits(max_private_memory=1024 * MiB), Action.NONE, ""),  # one sample above: not yet
     ([1100, 1100], Limits(max_private_memory=1024 * MiB), Action.RECYCLE, "above max_private_memory (1024.0 MiB)"),
     ([500, 1600], Limits(max_private_memory=1024 * MiB), Action.KILL, "above the hard line 1536.0 MiB"),
-    ([500, 1300], Limits(max_private_memory=1024 * MiB, rlimit_data=1280 * MiB), Action.KILL, "hard line 1216.0 MiB"),
+    # rlimit_data bounds VmData, not resident memory: private memory near it is no reason to act.
+    ([500, 1300], Limits(max_private_memory=1024 * MiB, rlimit_data=1280 * MiB), Action.NONE, ""),
     ([5000, 5000], Limits(), Action.NONE, ""),
 ])
 def test_memory_lines(values, limits, action, words):
@@ -62,11 +63,23 @@ def test_gpu_memory_lines_only_when_there_is_a_gpu():
     assert memory_decision(series([100, 100], gpu_mib=[100, 3100]), limits).action == Action.KILL
 
 
-def test_hard_line_is_the_lower_of_factor_and_rlimit():
+def test_hard_line_is_the_soft_line_times_the_factor():
     assert hard_line(1000, Limits(hard_factor=1.5)) == 1500
-    assert hard_line(1000, Limits(hard_factor=1.5, rlimit_data=1200)) == 1140
-    assert hard_line(None, Limits(rlimit_data=1000)) == 950
+    assert hard_line(1000, Limits(hard_factor=1.5, rlimit_data=1200)) == 1500
     assert hard_line(None, Limits()) is None
+
+
+@pytest.mark.parametrize("private_mib, data_mib, action", [
+    (100, 900, Action.NONE),     # well below the limit's 95%
+    (100, 980, Action.KILL),     # little resident, but the reserved data segment is at the limit
+    (1000, 200, Action.NONE),    # resident memory is not what RLIMIT_DATA counts
+])
+def test_rlimit_data_is_compared_with_the_data_segment_not_resident_memory(private_mib, data_mib, action):
+    samples = [Sample(at=float(i), private=private_mib * MiB, file_rss=0, data=data_mib * MiB) for i in range(2)]
+    decision = memory_decision(samples, Limits(rlimit_data=1024 * MiB))
+    assert decision.action == action
+    if action:
+        assert "VmData" in decision.reason and "rlimit_data (1024.0 MiB)" in decision.reason
 
 
 def test_one_decision_per_tick_the_most_severe():
@@ -92,12 +105,12 @@ def test_restart_back_off(failures, delay):
     assert restart_delay(failures) == delay
 
 
-@pytest.mark.parametrize("idle_s, keep_alive, waiting, expired", [
+@pytest.mark.parametrize("idle_s, keep_alive, load, expired", [
     (10, 300, 0, False), (301, 300, 0, True), (0, 0, 0, True), (0, 0, 2, False),
     (10**9, float("inf"), 0, False), (400, 300, 1, False),
 ])
-def test_keep_alive(idle_s, keep_alive, waiting, expired):
-    assert keep_alive_expired(last_used=1000.0, now=1000.0 + idle_s, keep_alive=keep_alive, waiting=waiting) == expired
+def test_keep_alive(idle_s, keep_alive, load, expired):
+    assert keep_alive_expired(last_used=1000.0, now=1000.0 + idle_s, keep_alive=keep_alive, load=load) == expired
 
 
 def test_unload_in_counts_down_or_says_never():

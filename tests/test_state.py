@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import threading
 
 from llm_supervisor.v1 import supervisor_pb2 as pb
 from supervisor import state
-from tests.conftest import model_table
+from tests.conftest import model_table, wait_for
+from tests.inprocess import InProcessDaemon
 
 
 def models_of(daemon) -> dict[str, pb.ModelInfo]:
@@ -61,3 +63,43 @@ def test_a_write_is_all_or_nothing(tmp_path):
     state.save(path, [state.LoadedModel("b", "b.gguf", {"n_ctx": "512"})])
     assert state.load(path) == [state.LoadedModel("b", "b.gguf", {"n_ctx": "512"})]
     assert [p.name for p in tmp_path.iterdir()] == ["models.json"]  # no temporary file left behind
+
+
+def test_the_daemon_answers_while_a_record_is_written_and_records_keep_their_order(model_dir, monkeypatch):
+    daemon = InProcessDaemon(model_dir, model_table("tiny", "tiny.gguf", n_ctx=512))
+    record = daemon.base / "state" / "models.json"
+    wait_for(record.exists, what="the record made at start-up")  # before the writes below are noted
+    writing, release = threading.Event(), threading.Event()
+    written: list[list[str]] = []
+    asked: list[list[str]] = []
+    real_write, real_record = state.write_atomically, state.record
+
+    def slow_first_write(path, text) -> None:
+        written.append([m["name"] for m in json.loads(text)["models"]])
+        if len(written) == 1:  # a slow fsync, held until the test has seen the daemon go on meanwhile
+            writing.set()
+            assert release.wait(20), "the first record's write was never released"
+        real_write(path, text)
+
+    async def noted_record(path, models) -> None:
+        asked.append([m.name for m in models])
+        await real_record(path, models)
+
+    monkeypatch.setattr(state, "write_atomically", slow_first_write)
+    monkeypatch.setattr(state, "record", noted_record)
+    try:
+        first = daemon.stub.LoadModel.future(pb.LoadModelRequest(name="a", path="tiny.gguf", options={"n_ctx": "256"}))
+        wait_for(writing.is_set, timeout=60, what="the record of model a to be written")
+        listed = daemon.stub.ListModels(pb.ListModelsRequest(), timeout=5)  # the event loop is not held by the write
+        assert {m.name for m in listed.models} == {"tiny", "a"}
+
+        second = daemon.stub.LoadModel.future(pb.LoadModelRequest(name="b", path="tiny.gguf", options={"n_ctx": "256"}))
+        wait_for(lambda: ["a", "b"] in asked, timeout=60, what="the record of model b to be asked for")
+        release.set()
+        first.result(timeout=30), second.result(timeout=30)
+        # The newer record is written after the older one, however long the older one took.
+        assert written == [["a"], ["a", "b"]]
+        assert [m.name for m in state.load(record)] == ["a", "b"]
+    finally:
+        release.set()
+        daemon.stop()

@@ -87,3 +87,26 @@ def test_critical_drains_and_unloads_and_the_model_comes_back_once_cool(gpu_daem
     gpu_daemon.heat(0, 60)
     chunks = held.result(timeout=60)
     assert chunks[-1].usage.completion_tokens == 4 and chunks[-1].worker_pid not in (0, pid)
+
+
+def test_no_start_of_any_kind_loads_a_worker_onto_a_gpu_past_its_line(model_dir):
+    daemon = InProcessDaemon(model_dir, model_table(
+        "tiny", "tiny.gguf", n_ctx=512, temperature_throttle=80, temperature_critical=90, request_timeout="1s"))
+    try:
+        pid = daemon.worker().pid
+        daemon.heat(pid, 95)
+        wait_for(lambda: not pid_alive(pid) and daemon.worker().pid == 0, what="the unload on a critical GPU")
+        # Tokenize and `llmctl start` start a worker without going through the request queue's door.
+        with pytest.raises(grpc.RpcError) as tokenize:
+            daemon.stub.Tokenize(pb.TokenizeRequest(model="tiny", text="hello"), timeout=30)
+        assert tokenize.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "not starting a worker: GPU 0 at 95 °C" in tokenize.value.details()
+        with pytest.raises(grpc.RpcError) as start:
+            daemon.stub.StartModel(pb.StartModelRequest(name="tiny"), timeout=30)
+        assert "GPU 0 at 95 °C" in start.value.details()
+        assert daemon.worker().pid == 0 and daemon.worker().state != "FATAL"  # too hot is not broken
+        daemon.heat(0, 60)
+        assert daemon.stub.Tokenize(pb.TokenizeRequest(model="tiny", text="hello"), timeout=30).count > 0
+        assert daemon.worker().pid not in (0, pid)
+    finally:
+        daemon.stop()

@@ -1,5 +1,6 @@
-"""Workers keep least privilege: no new privileges, no core dumps, nothing open but their own, and no
-way to reach the supervisor's API — which runs as the same user — or anything else."""
+"""Workers keep least privilege: no new privileges, no core dumps, nothing open but their own, no
+way to reach the supervisor's API — which runs as the same user — or anything else, and no way into the
+memory, environment or descriptors of the supervisor or of another worker."""
 
 from __future__ import annotations
 
@@ -17,6 +18,11 @@ from llm_supervisor.v1 import supervisor_pb2 as pb
 from worker import limits
 from tests.conftest import Daemon, launch, model_table, wait_for
 
+# Capabilities override dumpability: CAP_SYS_PTRACE for everything, and (seen on Linux 6.18)
+# CAP_PERFMON or CAP_SYS_ADMIN for reading another process's environ and maps. Tests run as root, so a
+# daemon runs here with none at all: as a user of its own would, which is what it is meant to run as.
+WITHOUT_CAPABILITIES = ("setpriv", "--bounding-set=-all", "--inh-caps=-all")
+
 
 def proc_status(pid: int) -> dict[str, str]:
     with open(f"/proc/{pid}/status") as f:
@@ -26,6 +32,12 @@ def proc_status(pid: int) -> dict[str, str]:
 def probe_lines(daemon: Daemon) -> list[str]:
     lines = daemon.stub.TailModel(pb.TailModelRequest(name="tiny"))
     return [line.line for line in lines if line.line.startswith("probe:")]
+
+
+def process_probe_lines(daemon: Daemon) -> list[str]:
+    """The probe's lines after its connect(2) ones: see tests.engines.ProbingEngine."""
+    return [line for line in probe_lines(daemon) if line.startswith(("probe: dumpable:", "probe: parent ",
+                                                                     "probe: standby ", "probe: worker "))]
 
 
 def test_a_worker_cannot_connect_anywhere_and_holds_nothing_else_open(model_dir):
@@ -74,6 +86,46 @@ def test_a_worker_cannot_connect_anywhere_and_holds_nothing_else_open(model_dir)
         daemon.stop()
         listener.close()
         tcp.close()
+
+
+@pytest.fixture(scope="module")
+def probed(model_dir) -> dict[str, str]:
+    """What a worker found it could do to the supervisor and to the supervisor's other children — a spare
+    and another model's worker — and whether it is dumpable: {"parent mem": "refused: ...", ...}."""
+    models = "\n".join([model_table("tiny", "tiny.gguf", n_ctx=256, engine="tests.engines:ProbingEngine"),
+                        model_table("other", "tiny.gguf", n_ctx=256)])
+    daemon = launch(model_dir, models, env={"TEST_CONNECT_TO": "/nonexistent", "TEST_PROBE_PROCESSES": "1"},
+                    prefix=WITHOUT_CAPABILITIES)
+    try:
+        assert int(proc_status(daemon.proc.pid)["CapEff"], 16) == 0
+        spare = wait_for(lambda: daemon.stub.Status(pb.StatusRequest()).standby_pids, what="a spare")[0]
+        # With the runtime imported the spare is long past its first line: it can be probed as it waits.
+        wait_for(lambda: "libllama" in Path(f"/proc/{spare}/maps").read_text(), what="the spare's imports")
+        list(daemon.stub.Generate(pb.GenerateRequest(model="tiny", prompt="hi", options=pb.SamplingOptions(max_tokens=1))))
+        # Whether it is dumpable; then mem, environ and pidfd_getfd of the parent, the spare, the other worker.
+        expected = 1 + 3 * 3
+        lines = wait_for(lambda: len(found := process_probe_lines(daemon)) >= expected and found,
+                         what="the probe's lines about processes")
+        return dict(line.removeprefix("probe: ").split(": ", 1) for line in lines)
+    finally:
+        daemon.stop()
+
+
+def test_a_worker_cannot_read_or_take_anything_from_another_worker(probed):
+    # pidfd_getfd would hand over a copy of any descriptor (another worker's gRPC socket); mem is the
+    # worker's memory, prompts and generated text included.
+    refused = {"mem": "refused: Permission denied", "environ": "refused: Permission denied",
+               "pidfd_getfd": "refused: Operation not permitted"}
+    assert {key: outcome for key, outcome in probed.items() if key.startswith(("standby ", "worker "))} == {
+        f"{sibling} {what}": outcome for sibling in ("standby", "worker other") for what, outcome in refused.items()}
+    assert probed["dumpable"] == "0"  # the prober itself, a fresh worker as "other" is
+
+
+def test_a_worker_cannot_read_or_take_anything_from_the_supervisor(probed):
+    # The supervisor's listening API socket is among what pidfd_getfd would take.
+    assert {key: outcome for key, outcome in probed.items() if key.startswith("parent ")} == {
+        "parent mem": "refused: Permission denied", "parent environ": "refused: Permission denied",
+        "parent pidfd_getfd": "refused: Operation not permitted"}
 
 
 def run_filter(program: list, nr: int, arch: int, args: tuple[int, ...] = (0,) * 6) -> int:

@@ -107,6 +107,20 @@ def test_request_not_started_is_retried_on_a_fresh_worker(start_daemon):
     assert '"request_retried"' in daemon.log()
 
 
+def test_a_crashed_worker_leaves_no_socket_or_heartbeat_file_behind(start_daemon):
+    daemon = start_daemon(model_table("tiny", "tiny.gguf", n_ctx=256))
+    (workers,) = daemon.run_dir.glob("workers-*")  # the daemon's private directory of worker sockets
+    files = lambda: sorted(p.name for p in workers.iterdir())  # noqa: E731
+    before = files()
+    assert len(before) == 2  # one worker: its socket and its heartbeat file
+    for _ in range(2):
+        pid = daemon.worker("tiny").pid
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: (w := daemon.worker("tiny")).state == "READY" and w.pid != pid, what="the restart")
+    after = files()
+    assert len(after) == 2 and not set(after) & set(before), (before, after)
+
+
 def test_no_worker_outlives_a_killed_supervisor(start_daemon):
     daemon = start_daemon(model_table("tiny", "tiny.gguf") + "\n" + model_table("other", "tiny.gguf"))
     pids = [w.pid for w in daemon.stub.Status(pb.StatusRequest()).workers]

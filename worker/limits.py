@@ -16,6 +16,7 @@ import struct
 from dataclasses import dataclass
 
 PR_SET_PDEATHSIG = 1
+PR_SET_DUMPABLE = 4
 PR_SET_NO_NEW_PRIVS = 38
 SECCOMP_SET_MODE_FILTER = 1
 SECCOMP_FILTER_FLAG_TSYNC = 1
@@ -52,6 +53,17 @@ def _prctl(option: int, arg: int) -> None:
     if libc.prctl(option, arg, 0, 0, 0) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"prctl({option}) failed: {os.strerror(err)}")
+
+
+def forbid_ptrace() -> None:
+    """No other process of our user may read or write our memory (/proc/PID/mem, process_vm_readv,
+    ptrace), read our environment or list our descriptors (/proc/PID/environ, fd/), or take a copy of
+    one (pidfd_getfd): on a process that is not dumpable all of these need CAP_SYS_PTRACE. Workers run
+    as the supervisor's user, so without this any of them could read another's prompts or take the
+    supervisor's listening API socket. /proc/PID/status and stat stay readable, and they are all the
+    supervisor measures a worker by. execve makes a process dumpable again: each program (supervisor,
+    worker, spare) calls this itself, first thing."""
+    _prctl(PR_SET_DUMPABLE, 0)
 
 
 def tie_to_parent(parent_pid: int) -> None:

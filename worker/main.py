@@ -1,6 +1,7 @@
 """Entry point of a worker process: `python -m worker.main …`, started only by the supervisor.
 
-Order matters: the parent-death signal is set first, and no_new_privs and rlimits before the model is
+Order matters: ptrace-class access is forbidden first (a spare becomes any model's worker, and holds
+its prompts then), the parent-death signal next, and no_new_privs and rlimits before the model is
 loaded, so nothing the model loads runs unlimited or can outlive the supervisor.
 
 `python -m worker.main --standby --parent-pid PID` is a spare: it imports the runtime (grpc,
@@ -18,7 +19,7 @@ import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from .limits import Limits, apply_limits, forbid_connect, tie_to_parent
+from .limits import Limits, apply_limits, forbid_connect, forbid_ptrace, tie_to_parent
 
 EXIT_LOAD_FAILED = 3
 # Printed on stdout once the socket listens, so the supervisor connects once, at the right moment,
@@ -42,6 +43,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    forbid_ptrace()  # here, for fresh workers and spares alike: no other worker may read our memory or fds
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--standby"]:
         return standby(argv[1:])

@@ -177,7 +177,25 @@ def cmd_status(args, stub, out: Output) -> int:
         host.append("standby: pid " + ", ".join(str(p) for p in status.standby_pids))
     for line in host:
         out.text(line + "\n")
+    if status.gpu_note:
+        out.text(f"GPU: {status.gpu_note}\n")
+    for w in workers:
+        out.text(f"{label(w, workers)} lines: {describe_lines(w.memory_lines)}\n")
     return 0
+
+
+def describe_lines(lines: pb.MemoryLines) -> str:
+    """'max_private_memory 420.0 MiB (derived), hard 630.0 MiB, …': each line, and where it came from."""
+    def one(key: str, value: int) -> str:
+        source = lines.source.get(key, "off")
+        return f"{key} off" if source == "off" else f"{key} {human_bytes(value)} ({source})"
+
+    soft = one("max_private_memory", lines.max_private_memory_bytes)
+    if lines.hard_private_memory_bytes:
+        soft += f", hard {human_bytes(lines.hard_private_memory_bytes)}"
+    return ", ".join([soft, one("rlimit_data", lines.rlimit_data_bytes),
+                      one("leak_threshold", lines.leak_threshold_bytes),
+                      one("max_gpu_memory", lines.max_gpu_memory_bytes)])
 
 
 def cmd_models(args, stub, out: Output) -> int:
@@ -189,6 +207,8 @@ def cmd_models(args, stub, out: Output) -> int:
     rows = [[m.name, m.state, m.architecture, human_bytes(m.file_size_bytes), str(m.n_ctx), str(m.n_gpu_layers),
              "yes" if m.use_mmap else "no", m.source, m.path] for m in models]
     out.table(["NAME", "STATE", "ARCH", "SIZE", "N_CTX", "GPU LAYERS", "MMAP", "SOURCE", "PATH"], rows)
+    for m in models:
+        out.text(f"{m.name} lines: {describe_lines(m.memory_lines)}\n")
     return 0
 
 
@@ -412,6 +432,8 @@ def cmd_estimate(args, stub, out: Output) -> int:
     out.text(f"{reply.path}: {reply.architecture}, {human_bytes(reply.file_size_bytes)} file, n_ctx {e.n_ctx}, "
              f"{e.replicas} replica{'s' if e.replicas != 1 else ''}\n")
     mapped = f"+ {human_bytes(e.weights_mapped_bytes)} mapped from the file (page cache, shared)" if e.weights_mapped_bytes else ""
+    if e.weights_repacked_bytes and e.weights_mapped_bytes:
+        mapped += f"; {human_bytes(e.weights_repacked_bytes)} repacked by the CPU backend (private, per replica)"
     rows = [
         ["weights", size(e.weights_private_bytes), size(e.weights_gpu_bytes), mapped],
         ["KV cache", size(e.kv_cache_cpu_bytes), size(e.kv_cache_gpu_bytes), ""],

@@ -170,7 +170,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "path", "state", "n_ctx", "n_gpu_layers", "use_mmap", "source", "architecture", "file_size_bytes", "has_chat_template", "estimate")
+    __slots__ = ("name", "path", "state", "n_ctx", "n_gpu_layers", "use_mmap", "source", "architecture", "file_size_bytes", "has_chat_template", "estimate", "memory_lines")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -182,6 +182,7 @@ class ModelInfo(_message.Message):
     FILE_SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     HAS_CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     ESTIMATE_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_LINES_FIELD_NUMBER: _ClassVar[int]
     name: str
     path: str
     state: str
@@ -193,10 +194,11 @@ class ModelInfo(_message.Message):
     file_size_bytes: int
     has_chat_template: bool
     estimate: MemoryEstimate
-    def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., state: _Optional[str] = ..., n_ctx: _Optional[int] = ..., n_gpu_layers: _Optional[int] = ..., use_mmap: _Optional[bool] = ..., source: _Optional[str] = ..., architecture: _Optional[str] = ..., file_size_bytes: _Optional[int] = ..., has_chat_template: _Optional[bool] = ..., estimate: _Optional[_Union[MemoryEstimate, _Mapping]] = ...) -> None: ...
+    memory_lines: MemoryLines
+    def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., state: _Optional[str] = ..., n_ctx: _Optional[int] = ..., n_gpu_layers: _Optional[int] = ..., use_mmap: _Optional[bool] = ..., source: _Optional[str] = ..., architecture: _Optional[str] = ..., file_size_bytes: _Optional[int] = ..., has_chat_template: _Optional[bool] = ..., estimate: _Optional[_Union[MemoryEstimate, _Mapping]] = ..., memory_lines: _Optional[_Union[MemoryLines, _Mapping]] = ...) -> None: ...
 
 class MemoryEstimate(_message.Message):
-    __slots__ = ("n_ctx", "replicas", "weights_mapped_bytes", "weights_private_bytes", "weights_gpu_bytes", "kv_cache_cpu_bytes", "kv_cache_gpu_bytes", "compute_cpu_at_load_bytes", "compute_cpu_peak_bytes", "compute_gpu_bytes", "runtime_bytes", "gpu_runtime_bytes", "private_at_load_bytes", "private_peak_bytes", "gpu_bytes", "total_private_bytes", "total_gpu_bytes")
+    __slots__ = ("n_ctx", "replicas", "weights_mapped_bytes", "weights_private_bytes", "weights_gpu_bytes", "kv_cache_cpu_bytes", "kv_cache_gpu_bytes", "compute_cpu_at_load_bytes", "compute_cpu_peak_bytes", "compute_gpu_bytes", "runtime_bytes", "gpu_runtime_bytes", "private_at_load_bytes", "private_peak_bytes", "gpu_bytes", "total_private_bytes", "total_gpu_bytes", "weights_repacked_bytes")
     N_CTX_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_MAPPED_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -214,6 +216,7 @@ class MemoryEstimate(_message.Message):
     GPU_BYTES_FIELD_NUMBER: _ClassVar[int]
     TOTAL_PRIVATE_BYTES_FIELD_NUMBER: _ClassVar[int]
     TOTAL_GPU_BYTES_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_REPACKED_BYTES_FIELD_NUMBER: _ClassVar[int]
     n_ctx: int
     replicas: int
     weights_mapped_bytes: int
@@ -231,7 +234,8 @@ class MemoryEstimate(_message.Message):
     gpu_bytes: int
     total_private_bytes: int
     total_gpu_bytes: int
-    def __init__(self, n_ctx: _Optional[int] = ..., replicas: _Optional[int] = ..., weights_mapped_bytes: _Optional[int] = ..., weights_private_bytes: _Optional[int] = ..., weights_gpu_bytes: _Optional[int] = ..., kv_cache_cpu_bytes: _Optional[int] = ..., kv_cache_gpu_bytes: _Optional[int] = ..., compute_cpu_at_load_bytes: _Optional[int] = ..., compute_cpu_peak_bytes: _Optional[int] = ..., compute_gpu_bytes: _Optional[int] = ..., runtime_bytes: _Optional[int] = ..., gpu_runtime_bytes: _Optional[int] = ..., private_at_load_bytes: _Optional[int] = ..., private_peak_bytes: _Optional[int] = ..., gpu_bytes: _Optional[int] = ..., total_private_bytes: _Optional[int] = ..., total_gpu_bytes: _Optional[int] = ...) -> None: ...
+    weights_repacked_bytes: int
+    def __init__(self, n_ctx: _Optional[int] = ..., replicas: _Optional[int] = ..., weights_mapped_bytes: _Optional[int] = ..., weights_private_bytes: _Optional[int] = ..., weights_gpu_bytes: _Optional[int] = ..., kv_cache_cpu_bytes: _Optional[int] = ..., kv_cache_gpu_bytes: _Optional[int] = ..., compute_cpu_at_load_bytes: _Optional[int] = ..., compute_cpu_peak_bytes: _Optional[int] = ..., compute_gpu_bytes: _Optional[int] = ..., runtime_bytes: _Optional[int] = ..., gpu_runtime_bytes: _Optional[int] = ..., private_at_load_bytes: _Optional[int] = ..., private_peak_bytes: _Optional[int] = ..., gpu_bytes: _Optional[int] = ..., total_private_bytes: _Optional[int] = ..., total_gpu_bytes: _Optional[int] = ..., weights_repacked_bytes: _Optional[int] = ...) -> None: ...
 
 class EstimateModelRequest(_message.Message):
     __slots__ = ("path", "options")
@@ -271,7 +275,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("model", "pid", "state", "private_memory_bytes", "file_rss_bytes", "requests_served", "uptime_s", "queue_depth", "restarts", "last_exit", "gpu_memory_bytes", "recycles", "last_recycle_reason", "unload_in_s", "cpu_percent", "gpu_temperature_c", "throttle_reason", "tokens_per_second", "memory_note", "replica")
+    __slots__ = ("model", "pid", "state", "private_memory_bytes", "file_rss_bytes", "requests_served", "uptime_s", "queue_depth", "restarts", "last_exit", "gpu_memory_bytes", "recycles", "last_recycle_reason", "unload_in_s", "cpu_percent", "gpu_temperature_c", "throttle_reason", "tokens_per_second", "memory_note", "replica", "memory_lines")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -292,6 +296,7 @@ class WorkerStatus(_message.Message):
     TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     MEMORY_NOTE_FIELD_NUMBER: _ClassVar[int]
     REPLICA_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_LINES_FIELD_NUMBER: _ClassVar[int]
     model: str
     pid: int
     state: str
@@ -312,7 +317,31 @@ class WorkerStatus(_message.Message):
     tokens_per_second: float
     memory_note: str
     replica: int
-    def __init__(self, model: _Optional[str] = ..., pid: _Optional[int] = ..., state: _Optional[str] = ..., private_memory_bytes: _Optional[int] = ..., file_rss_bytes: _Optional[int] = ..., requests_served: _Optional[int] = ..., uptime_s: _Optional[float] = ..., queue_depth: _Optional[int] = ..., restarts: _Optional[int] = ..., last_exit: _Optional[str] = ..., gpu_memory_bytes: _Optional[int] = ..., recycles: _Optional[int] = ..., last_recycle_reason: _Optional[str] = ..., unload_in_s: _Optional[float] = ..., cpu_percent: _Optional[float] = ..., gpu_temperature_c: _Optional[float] = ..., throttle_reason: _Optional[str] = ..., tokens_per_second: _Optional[float] = ..., memory_note: _Optional[str] = ..., replica: _Optional[int] = ...) -> None: ...
+    memory_lines: MemoryLines
+    def __init__(self, model: _Optional[str] = ..., pid: _Optional[int] = ..., state: _Optional[str] = ..., private_memory_bytes: _Optional[int] = ..., file_rss_bytes: _Optional[int] = ..., requests_served: _Optional[int] = ..., uptime_s: _Optional[float] = ..., queue_depth: _Optional[int] = ..., restarts: _Optional[int] = ..., last_exit: _Optional[str] = ..., gpu_memory_bytes: _Optional[int] = ..., recycles: _Optional[int] = ..., last_recycle_reason: _Optional[str] = ..., unload_in_s: _Optional[float] = ..., cpu_percent: _Optional[float] = ..., gpu_temperature_c: _Optional[float] = ..., throttle_reason: _Optional[str] = ..., tokens_per_second: _Optional[float] = ..., memory_note: _Optional[str] = ..., replica: _Optional[int] = ..., memory_lines: _Optional[_Union[MemoryLines, _Mapping]] = ...) -> None: ...
+
+class MemoryLines(_message.Message):
+    __slots__ = ("max_private_memory_bytes", "hard_private_memory_bytes", "rlimit_data_bytes", "leak_threshold_bytes", "max_gpu_memory_bytes", "source")
+    class SourceEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    MAX_PRIVATE_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    HARD_PRIVATE_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RLIMIT_DATA_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LEAK_THRESHOLD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_GPU_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    max_private_memory_bytes: int
+    hard_private_memory_bytes: int
+    rlimit_data_bytes: int
+    leak_threshold_bytes: int
+    max_gpu_memory_bytes: int
+    source: _containers.ScalarMap[str, str]
+    def __init__(self, max_private_memory_bytes: _Optional[int] = ..., hard_private_memory_bytes: _Optional[int] = ..., rlimit_data_bytes: _Optional[int] = ..., leak_threshold_bytes: _Optional[int] = ..., max_gpu_memory_bytes: _Optional[int] = ..., source: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class GpuStatus(_message.Message):
     __slots__ = ("index", "temperature_c", "memory_used_bytes", "memory_total_bytes", "throttle_reasons")
@@ -345,20 +374,22 @@ class RecycleModelResponse(_message.Message):
     def __init__(self, old_pid: _Optional[int] = ..., new_pid: _Optional[int] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("version", "uptime_s", "workers", "standby_pids", "gpus", "cpu_temperature_c")
+    __slots__ = ("version", "uptime_s", "workers", "standby_pids", "gpus", "cpu_temperature_c", "gpu_note")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     STANDBY_PIDS_FIELD_NUMBER: _ClassVar[int]
     GPUS_FIELD_NUMBER: _ClassVar[int]
     CPU_TEMPERATURE_C_FIELD_NUMBER: _ClassVar[int]
+    GPU_NOTE_FIELD_NUMBER: _ClassVar[int]
     version: str
     uptime_s: float
     workers: _containers.RepeatedCompositeFieldContainer[WorkerStatus]
     standby_pids: _containers.RepeatedScalarFieldContainer[int]
     gpus: _containers.RepeatedCompositeFieldContainer[GpuStatus]
     cpu_temperature_c: float
-    def __init__(self, version: _Optional[str] = ..., uptime_s: _Optional[float] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., standby_pids: _Optional[_Iterable[int]] = ..., gpus: _Optional[_Iterable[_Union[GpuStatus, _Mapping]]] = ..., cpu_temperature_c: _Optional[float] = ...) -> None: ...
+    gpu_note: str
+    def __init__(self, version: _Optional[str] = ..., uptime_s: _Optional[float] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., standby_pids: _Optional[_Iterable[int]] = ..., gpus: _Optional[_Iterable[_Union[GpuStatus, _Mapping]]] = ..., cpu_temperature_c: _Optional[float] = ..., gpu_note: _Optional[str] = ...) -> None: ...
 
 class WatchEventsRequest(_message.Message):
     __slots__ = ("model",)

@@ -1,0 +1,35 @@
+"""Tasks that nobody awaits, held until they end.
+
+asyncio keeps only weak references to tasks: one created and dropped may be collected mid-flight, and
+its exception is then never seen. Whatever starts work it does not await keeps it here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Awaitable
+
+import structlog
+
+log = structlog.get_logger("llm_supervisor.tasks")
+
+
+class Background:
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task] = set()
+
+    def keep(self, work: Awaitable, name: str = "") -> asyncio.Task:
+        task = asyncio.ensure_future(work)
+        if name:
+            task.set_name(name)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+        return task
+
+    def _done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background_task_failed", task=task.get_name(), error=repr(task.exception()))
+
+    def __len__(self) -> int:
+        return len(self._tasks)
