@@ -46,8 +46,8 @@ build_args="$cpu_args ${CMAKE_ARGS:-}"
 # pip's own wheel cache keys on the package, not on CMAKE_ARGS: a changed flag would silently reinstall
 # the old build. Ours keys on everything that makes the build.
 llama=$(grep -o 'llama-cpp-python==[^"]*' pyproject.toml)
-key=$(printf '%s\n' "$llama" "$build_args" "$(uname -m)" "$(.venv/bin/python -c 'import sys; print(sys.version)')" |
-      sha256sum | cut -c1-16)
+# The wheel is py3-none (llama-cpp-python reaches libllama through ctypes): any Python 3 shares it.
+key=$(printf '%s\n' "$llama" "$build_args" "$(uname -m)" | sha256sum | cut -c1-16)
 wheels="${XDG_CACHE_HOME:-$HOME/.cache}/llm-supervisor/wheels/$key"
 if ! ls "$wheels"/llama_cpp_python-*.whl >/dev/null 2>&1; then
     echo "setup: building $llama ($build_args; about 5 minutes on 2 cores)" >&2
@@ -62,7 +62,8 @@ if [ "$(cat .venv/llama-cpp-build 2>/dev/null)" != "$key" ]; then
     echo "$key" > .venv/llama-cpp-build
 fi
 # SETUP_EXTRAS= (empty) leaves out the test tools.
-.venv/bin/python -m pip install -q -e ".[${SETUP_EXTRAS-test}]"
+extras="${SETUP_EXTRAS-test}"
+.venv/bin/python -m pip install -q -e ".${extras:+[$extras]}"
 # Proof rather than flags: a generated model, quantized as real GGUFs are, loads and generates here.
 .venv/bin/llm-supervisord --check-build >&2 || {
     echo "setup: this llama.cpp build does not run on this machine (above); try LLAMA_CPU=x86-64-v2" >&2; exit 1; }

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.config import Host, parse_config
+from supervisor.settings.config import Host, parse_config
 from tests.conftest import ROOT
 
 UNIT = ROOT / "systemd" / "llm-supervisor.service"
@@ -24,17 +24,12 @@ def directives(text: str) -> dict[str, list[str]]:
     return found
 
 
-@needs_systemd_tools
-def test_the_unit_passes_systemd_analyze_verify(tmp_path):
-    # As deploy/install-service.sh installs it: pointing at this checkout's virtual environment.
-    unit = tmp_path / "llm-supervisor.service"
-    unit.write_text(UNIT.read_text().replace("/opt/llm-supervisor", str(ROOT)))
-    result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
-    assert result.returncode == 0 and result.stderr.strip() == "", result.stderr  # warnings count too
+# The unit as installed, pointing at a real install, passes `systemd-analyze verify`: tests/test_install_service.py.
 
 
 @needs_systemd_tools
 def test_verify_would_catch_a_broken_unit(tmp_path):
+    # Any existing ExecStart will do here (verify also checks that it exists): only the typo is under test.
     unit = tmp_path / "llm-supervisor.service"
     unit.write_text(UNIT.read_text().replace("/opt/llm-supervisor", str(ROOT)).replace("Type=notify", "Tpye=notify"))
     result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
