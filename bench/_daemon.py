@@ -22,7 +22,7 @@ def daemon(base: Path, models_toml: str, supervisor_toml: str = "", timeout: flo
     config = base / "config.toml"
     config.write_text(f'[supervisor]\naddress = "{address}"\nstate_dir = "{base}/state"\nruntime_dir = "{base}/run"\n'
                       f'model_dirs = ["{base}/models"]\n{supervisor_toml}\n{models_toml}\n')
-    proc = subprocess.Popen([sys.executable, "-m", "supervisor.daemon", "--config", str(config), "--log-level", os.environ.get("BENCH_LOG_LEVEL", "warning")],
+    proc = subprocess.Popen([sys.executable, "-m", "supervisor.server.daemon", "--config", str(config), "--log-level", os.environ.get("BENCH_LOG_LEVEL", "warning")],
                             cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     try:
         health = health_pb2_grpc.HealthStub(grpc.insecure_channel(address))

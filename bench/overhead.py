@@ -21,7 +21,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._daemon import daemon  # noqa: E402
-from supervisor.demo_model import write_model  # noqa: E402
+from supervisor.settings.demo_model import write_model  # noqa: E402
 
 
 def main() -> None:

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._daemon import daemon  # noqa: E402
 from llm_supervisor.v1 import supervisor_pb2 as pb  # noqa: E402
 from llm_supervisor.v1 import supervisor_pb2_grpc  # noqa: E402
-from supervisor.demo_model import BENCH, write_model  # noqa: E402
+from supervisor.settings.demo_model import BENCH, write_model  # noqa: E402
 from worker.engine import LlamaEngine  # noqa: E402
 
 

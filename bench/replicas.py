@@ -22,7 +22,7 @@ import psutil
 
 from llm_supervisor.v1 import supervisor_pb2 as pb
 from llm_supervisor.v1 import supervisor_pb2_grpc
-from supervisor.demo_model import BENCH, FTYPES, quantize, write_model
+from supervisor.settings.demo_model import BENCH, FTYPES, quantize, write_model
 
 from ._daemon import daemon
 

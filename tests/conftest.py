@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llm_supervisor.v1 import supervisor_pb2 as pb
 from llm_supervisor.v1 import supervisor_pb2_grpc
-from supervisor.demo_model import write_model
+from supervisor.settings.demo_model import write_model
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -136,7 +136,7 @@ def launch(model_dir: Path, models: str = "", env: dict[str, str] | None = None,
     address = address or f"unix://{base / 'flag.sock' if address_flag else run_dir / 'supervisor.sock'}"
     log_path = base / "daemon.log"
     process_env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
-    cmd = [*prefix, sys.executable, "-m", "supervisor.daemon"]
+    cmd = [*prefix, sys.executable, "-m", "supervisor.server.daemon"]
     if config:
         config_path = base / "config.toml"
         config_path.write_text(

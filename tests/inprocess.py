@@ -1,6 +1,6 @@
 """llm-supervisord's serve() on a thread of the test process, for what only a fed NVML source can show.
 
-CI has no GPU: the daemon gets supervisor/gpu.py's FedGpu; workers, gRPC and the watch loop are real.
+CI has no GPU: the daemon gets supervisor/observe/gpu.py's FedGpu; workers, gRPC and the watch loop are real.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import psutil
 
 from llm_supervisor.v1 import supervisor_pb2 as pb
 from llm_supervisor.v1 import supervisor_pb2_grpc
-from supervisor.config import Host, parse_config
-from supervisor.daemon import serve
-from supervisor.gpu import FedGpu, GpuReading
+from supervisor.settings.config import Host, parse_config
+from supervisor.server.daemon import serve
+from supervisor.observe.gpu import FedGpu, GpuReading
 from tests.conftest import wait_for
 
 MiB = 1 << 20

@@ -6,8 +6,8 @@ import grpc
 import pytest
 
 from llm_supervisor.v1 import supervisor_pb2 as pb
-from supervisor.gpu import FedGpu, GpuReading
-from supervisor.policies import Resident, Usage, admission
+from supervisor.observe.gpu import FedGpu, GpuReading
+from supervisor.decide.policies import Resident, Usage, admission
 from tests.conftest import in_background, model_table, wait_for
 from tests.inprocess import InProcessDaemon
 
@@ -164,11 +164,11 @@ def test_a_slow_eviction_holds_up_only_the_start_it_makes_room_for(tmp_path):
 
     import psutil
 
-    from supervisor.config import Host, parse_config
+    from supervisor.settings.config import Host, parse_config
     from supervisor.errors import ApiError
-    from supervisor.events import EventBus
-    from supervisor.monitor import Monitor
-    from supervisor.registry import Registry
+    from supervisor.observe.events import EventBus
+    from supervisor.observe.monitor import Monitor
+    from supervisor.catalog.registry import Registry
 
     host = Host(memory_bytes=psutil.virtual_memory().total, is_root=os.geteuid() == 0, env={})
     config = parse_config(f'[supervisor]\nstate_dir = "{tmp_path}"\nmax_loaded_models = 2\n', host)

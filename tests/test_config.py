@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.config import ConfigError, Host, load_config, model_config, parse_config
-from supervisor.units import parse_duration, parse_size
+from supervisor.settings.config import ConfigError, Host, load_config, model_config, parse_config
+from supervisor.settings.units import parse_duration, parse_size
 
 HOST = Host(memory_bytes=16 << 30, is_root=False, env={"HOME": "/home/op", "XDG_RUNTIME_DIR": "/run/user/1000"})
 

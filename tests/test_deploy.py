@@ -8,7 +8,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from supervisor.config import Host, parse_config, split_host_port
+from supervisor.settings.config import Host, parse_config, split_host_port
 from tests.conftest import ROOT
 
 MANIFESTS = sorted((ROOT / "deploy" / "kubernetes").glob("*.yaml"))

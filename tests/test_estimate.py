@@ -12,10 +12,10 @@ import grpc
 import pytest
 
 from llm_supervisor.v1 import supervisor_pb2 as pb
-from supervisor.config import Host, model_config
-from supervisor.demo_model import ModelShape, write_model
-from supervisor.estimate import KV_TYPE_BYTES, estimate, host_memory_note, mlock_refusal, unmapped_refusal
-from supervisor.gguf_file import read_gguf_info
+from supervisor.settings.config import Host, model_config
+from supervisor.settings.demo_model import ModelShape, write_model
+from supervisor.decide.estimate import KV_TYPE_BYTES, estimate, host_memory_note, mlock_refusal, unmapped_refusal
+from supervisor.settings.gguf_file import read_gguf_info
 from tests.conftest import launch
 from tests.test_llmctl import llmctl
 
@@ -161,7 +161,7 @@ def quantized_daemon():
 
     directory = Path(tempfile.mkdtemp(prefix="llms-quant-"))
     source = write_model(directory / "F32.gguf", QUANT_SHAPE)
-    script = ("import sys; from supervisor.demo_model import quantize\n"
+    script = ("import sys; from supervisor.settings.demo_model import quantize\n"
               "for kind in sys.argv[2:]: quantize(sys.argv[1], sys.argv[1].replace('F32', kind), kind)")
     subprocess.run([sys.executable, "-c", script, str(source), "Q8_0", "Q4_0", "Q4_K_M"], check=True, cwd=ROOT,
                    capture_output=True)

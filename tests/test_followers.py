@@ -11,8 +11,8 @@ import pytest
 
 from llm_supervisor.v1 import supervisor_pb2 as pb
 from supervisor import daemon as daemon_module
-from supervisor.events import Event, EventBus
-from supervisor.fanout import QUEUED
+from supervisor.observe.events import Event, EventBus
+from supervisor.observe.fanout import QUEUED
 from tests.conftest import model_table, wait_for
 from tests.inprocess import InProcessDaemon
 

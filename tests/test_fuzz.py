@@ -14,9 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from llm_supervisor.v1 import supervisor_pb2 as pb
-from supervisor.config import ConfigError, Host, parse_config
+from supervisor.settings.config import ConfigError, Host, parse_config
 from supervisor.errors import ApiError
-from supervisor.gguf_file import read_gguf_info
+from supervisor.settings.gguf_file import read_gguf_info
 from tests.conftest import model_table
 
 HOST = Host(memory_bytes=64 << 30, is_root=False, env={})

@@ -1,7 +1,7 @@
 """NVML seen from a container: the driver names processes by the host's PIDs, the daemon knows its own.
 
 In a pod with a PID namespace of its own (Kubernetes' default) a worker that is PID 57 to the daemon is,
-say, PID 812345 to NVML. These tests feed NVML (supervisor/gpu.py's FedGpu) the host's PIDs and the
+say, PID 812345 to NVML. These tests feed NVML (supervisor/observe/gpu.py's FedGpu) the host's PIDs and the
 daemon a fake host /proc whose NSpid lines map them, as the node's /proc mounted at /host/proc would;
 the workers, gRPC and the watch loop are real.
 """
@@ -15,9 +15,9 @@ import pytest
 import yaml
 from structlog.testing import capture_logs
 
-from supervisor.gpu import HOST_PROC, INIT_PID_NAMESPACE, PROC, FedGpu, GpuReading, PidMap
-from supervisor.monitor import Monitor
-from supervisor.procfs import MemorySample
+from supervisor.observe.gpu import HOST_PROC, INIT_PID_NAMESPACE, PROC, FedGpu, GpuReading, PidMap
+from supervisor.observe.monitor import Monitor
+from supervisor.observe.procfs import MemorySample
 from tests.conftest import ROOT, model_table, wait_for
 from tests.inprocess import MiB, InProcessDaemon
 
@@ -119,11 +119,11 @@ def fake_proc(root: Path, nspid: list[int]) -> Path:
 def test_detect_translates_through_the_host_proc_only_from_inside_a_namespace(tmp_path, monkeypatch):
     host = fake_proc(tmp_path / "host", [812_345, 57])  # the host lists us under two PIDs: theirs and ours
     own = fake_proc(tmp_path / "own", [57])
-    monkeypatch.setattr("supervisor.gpu.pid_namespace", lambda proc: 4026532301)  # a pod's own namespace
+    monkeypatch.setattr("supervisor.observe.gpu.pid_namespace", lambda proc: 4026532301)  # a pod's own namespace
     assert PidMap.detect(own, host) == PidMap(host, own, nested=True)
     assert PidMap.detect(own, tmp_path / "not-mounted") == PidMap(None, own, nested=True)
     assert PidMap.detect(own, own) == PidMap(None, own, nested=True)  # our own /proc is not the host's
-    monkeypatch.setattr("supervisor.gpu.pid_namespace", lambda proc: INIT_PID_NAMESPACE)  # hostPID, bare metal
+    monkeypatch.setattr("supervisor.observe.gpu.pid_namespace", lambda proc: INIT_PID_NAMESPACE)  # hostPID, bare metal
     assert PidMap.detect(own, host) == PidMap(None, own, nested=False)
 
 

@@ -11,7 +11,7 @@ import uuid
 import pytest
 
 from llm_supervisor.v1 import supervisor_pb2 as pb
-from supervisor.logs import journal_entry, journal_field
+from supervisor.server.logs import journal_entry, journal_field
 from tests.conftest import model_table, wait_for
 
 JOURNALD = "/lib/systemd/systemd-journald"

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 
-from supervisor.config import Host, model_config
-from supervisor.demo_model import ModelShape, write_model
-from supervisor.estimate import estimate
-from supervisor.gguf_file import read_gguf_info
-from supervisor.memory_lines import memory_lines
-from supervisor.policies import Action, Limits, MiB, Sample, leak_decision
+from supervisor.settings.config import Host, model_config
+from supervisor.settings.demo_model import ModelShape, write_model
+from supervisor.decide.estimate import estimate
+from supervisor.settings.gguf_file import read_gguf_info
+from supervisor.decide.memory_lines import memory_lines
+from supervisor.decide.policies import Action, Limits, MiB, Sample, leak_decision
 
 HOST = Host(memory_bytes=64 << 30, is_root=False, env={})
 

@@ -10,7 +10,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from llm_supervisor.v1 import supervisor_pb2 as pb
-from supervisor.config import ConfigError, parse_config
+from supervisor.settings.config import ConfigError, parse_config
 from tests.conftest import model_table, wait_for
 from tests.test_config import HOST
 

@@ -9,8 +9,8 @@ import grpc
 import pytest
 
 from llm_supervisor.v1 import supervisor_pb2 as pb
-from supervisor.config import Host, load_config
-from supervisor.daemon import ensure_demo_model
+from supervisor.settings.config import Host, load_config
+from supervisor.server.daemon import ensure_demo_model
 from tests.conftest import pid_alive
 
 

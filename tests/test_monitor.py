@@ -6,10 +6,10 @@ import collections
 import os
 import time
 
-from supervisor.gpu import FedGpu, Nvml
-from supervisor.monitor import Monitor, read_cpu_temperature
-from supervisor.policies import Action, Limits, MiB, cpu_percent, decide
-from supervisor.procfs import MemorySample, read_memory
+from supervisor.observe.gpu import FedGpu, Nvml
+from supervisor.observe.monitor import Monitor, read_cpu_temperature
+from supervisor.decide.policies import Action, Limits, MiB, cpu_percent, decide
+from supervisor.observe.procfs import MemorySample, read_memory
 
 
 def test_private_memory_of_a_real_process_excludes_file_pages():

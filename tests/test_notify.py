@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from llm_supervisor.v1 import supervisor_pb2 as pb
-from supervisor.gpu import FedGpu
-from supervisor.notify import Notifier, summary, watchdog_interval
+from supervisor.observe.gpu import FedGpu
+from supervisor.server.notify import Notifier, summary, watchdog_interval
 from tests.conftest import model_table
 from tests.inprocess import InProcessDaemon
 

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from supervisor.policies import (Action, Heat, Limits, MiB, Sample, Thermal, decide, draw_max_requests, hard_line,
+from supervisor.decide.policies import (Action, Heat, Limits, MiB, Sample, Thermal, decide, draw_max_requests, hard_line,
                                  heat_level, hung_for, keep_alive_expired, leak_decision, memory_decision,
                                  replacement_first, restart_delay, unload_in, Usage)
 

@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from llm_supervisor.v1 import supervisor_pb2 as pb
-from supervisor.demo_model import CHAT_TEMPLATE, QUANTIZABLE, write_model
+from supervisor.settings.demo_model import CHAT_TEMPLATE, QUANTIZABLE, write_model
 from tests.conftest import ROOT, launch, model_table, wait_for
 
 KINDS = ("Q4_0", "Q8_0", "Q4_K_M")
@@ -21,7 +21,7 @@ def real_models(tmp_path_factory):
     directory = tmp_path_factory.mktemp("real-models")
     source = write_model(directory / "f32.gguf", QUANTIZABLE, name="quantizable")
     # llama.cpp's own quantizer, in a process of its own: a build that cannot run here kills that, not pytest.
-    script = ("import sys; from supervisor.demo_model import quantize\n"
+    script = ("import sys; from supervisor.settings.demo_model import quantize\n"
               "for kind in sys.argv[2:]: quantize(sys.argv[1], sys.argv[1].replace('f32', kind), kind)")
     subprocess.run([sys.executable, "-c", script, str(source), *KINDS], check=True, cwd=ROOT, capture_output=True)
     # A jinja comment makes the template 200 KB without changing what it renders.

@@ -8,8 +8,8 @@ import signal
 import psutil
 
 from llm_supervisor.v1 import supervisor_pb2 as pb
-from supervisor.config import Host, parse_config
-from supervisor.reload import keep_bound, plan
+from supervisor.settings.config import Host, parse_config
+from supervisor.catalog.reload_plan import keep_bound, plan
 from tests.conftest import in_background, model_table, wait_for
 from tests.test_llmctl import llmctl
 from tests.test_notify import NotifySocket

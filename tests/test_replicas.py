@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from llm_supervisor.v1 import supervisor_pb2 as pb
-from supervisor.demo_model import ModelShape, write_model
+from supervisor.settings.demo_model import ModelShape, write_model
 from tests.conftest import in_background, launch, model_table, wait_for
 from tests.test_llmctl import llmctl
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from llm_supervisor.v1 import supervisor_pb2 as pb
-from supervisor.demo_model import ModelShape, write_model
+from supervisor.settings.demo_model import ModelShape, write_model
 from tests.conftest import launch, model_table, wait_for
 
 MiB = 1 << 20

@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llm_supervisor.v1 import supervisor_pb2 as pb
 from llm_supervisor.v1 import supervisor_pb2_grpc
-from supervisor.security import ADMIN, INFERENCE, Tokens, bearer, required_role, role_of
+from supervisor.server.security import ADMIN, INFERENCE, Tokens, bearer, required_role, role_of
 from tests.conftest import ROOT, launch, model_table
 from tests.pki import make_pki
 
@@ -159,7 +159,7 @@ def start_bare(model_dir: Path, base: Path, supervisor: str, address: str) -> su
     config = base / "config.toml"
     config.write_text(f'[supervisor]\naddress = "{address}"\nstate_dir = "{base}/state"\nruntime_dir = "{base}/run"\n'
                       f'model_dirs = ["{model_dir}"]\n{supervisor}\n')
-    return subprocess.run([sys.executable, "-m", "supervisor.daemon", "--config", str(config)], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "supervisor.server.daemon", "--config", str(config)], capture_output=True,
                           text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), cwd=ROOT, timeout=60)
 
 

@@ -1,6 +1,6 @@
 """GPU temperature and GPU memory through the NVML seam, with a real daemon and real workers.
 
-CI has no GPU, so the daemon runs in this process with a fed NVML source (supervisor/gpu.py's FedGpu):
+CI has no GPU, so the daemon runs in this process with a fed NVML source (supervisor/observe/gpu.py's FedGpu):
 everything else — workers, gRPC, the watch loop — is real.
 """
 

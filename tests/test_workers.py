@@ -192,7 +192,7 @@ def test_sigterm_during_a_start_up_load_stops_at_once_and_leaves_no_worker(model
                       + model_table("tiny", "tiny.gguf", engine="tests.engines:SlowEngine", load_timeout="5m"))
     log = base / "daemon.log"
     with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "supervisor.daemon", "--config", str(config)], stdout=out,
+        proc = subprocess.Popen([sys.executable, "-m", "supervisor.server.daemon", "--config", str(config)], stdout=out,
                                 stderr=subprocess.STDOUT, cwd=ROOT,
                                 env=dict(os.environ, PYTHONPATH=str(ROOT), TEST_LOAD_DELAY="300"))
     try:

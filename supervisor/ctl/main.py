@@ -17,8 +17,8 @@ from pathlib import Path
 import grpc
 import psutil
 
-from ..config import Host, default_address
-from ..security import token_lines
+from supervisor.settings.config import Host, default_address
+from supervisor.server.security import token_lines
 from . import commands
 from .shell import Shell
 

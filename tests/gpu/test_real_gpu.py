@@ -54,8 +54,8 @@ if REASON:
 import pynvml  # noqa: E402  (only where there is a GPU)
 
 from llm_supervisor.v1 import supervisor_pb2 as pb  # noqa: E402
-from supervisor.demo_model import ModelShape, write_model  # noqa: E402
-from supervisor.gpu import PidMap  # noqa: E402
+from supervisor.settings.demo_model import ModelShape, write_model  # noqa: E402
+from supervisor.observe.gpu import PidMap  # noqa: E402
 from tests.conftest import ROOT, launch, model_table, wait_for  # noqa: E402
 
 MiB = 1 << 20

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import structlog
 
-from .fanout import Fanout
+from supervisor.observe.fanout import Fanout
 
 log = structlog.get_logger("llm_supervisor.events")
 

@@ -2,7 +2,7 @@
 
 Most people set no memory key at all; a worker with no line then grows until the host swaps or the OOM
 killer picks a victim. So every line has a default derived from what the worker is expected to hold at
-full context (supervisor/estimate.py: weights on the host excluded while mmap'd), with headroom enough
+full context (supervisor/decide/estimate.py: weights on the host excluded while mmap'd), with headroom enough
 that a healthy worker at full context never reaches it:
 
     max_private_memory (soft) = 1.5 × private at full context + 256 MiB
@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import ModelConfig
-from .estimate import Estimate
+from supervisor.settings.config import ModelConfig
+from supervisor.decide.estimate import Estimate
 
 MiB = 1 << 20
 SOFT_FACTOR, SOFT_MARGIN = 1.5, 256 * MiB

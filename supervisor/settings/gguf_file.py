@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Sequence
 
-from .errors import not_found, precondition
+from supervisor.errors import not_found, precondition
 
 GGUF_MAGIC = b"GGUF"
 

@@ -22,15 +22,15 @@ from llm_supervisor.v1 import worker_pb2, worker_pb2_grpc
 
 from worker.main import LISTENING
 
-from .config import ModelConfig
-from .errors import precondition
-from .events import EventBus
-from .readlines import read_lines
-from .monitor import WorkerHistory
-from .output import OutputLog
-from .policies import Limits
-from .standby import spawn_worker_process
-from .states import ALLOWED, ALIVE_STATES, WorkerState, describe_exit, hopeless
+from supervisor.settings.config import ModelConfig
+from supervisor.errors import precondition
+from supervisor.observe.events import EventBus
+from supervisor.process.readlines import read_lines
+from supervisor.observe.monitor import WorkerHistory
+from supervisor.process.output import OutputLog
+from supervisor.decide.policies import Limits
+from supervisor.process.standby import spawn_worker_process
+from supervisor.process.states import ALLOWED, ALIVE_STATES, WorkerState, describe_exit, hopeless
 
 log = structlog.get_logger("llm_supervisor.manager")
 

@@ -11,9 +11,9 @@ from typing import Callable
 import psutil
 import structlog
 
-from .gpu import GpuSnapshot, GpuSource, snapshot, unseen_workers
-from .policies import Sample
-from .procfs import MemorySample, read_memory
+from supervisor.observe.gpu import GpuSnapshot, GpuSource, snapshot, unseen_workers
+from supervisor.decide.policies import Sample
+from supervisor.observe.procfs import MemorySample, read_memory
 
 HISTORY = 120  # samples kept per worker: two minutes at the default interval
 # psutil's names for sensors that read the CPU package or cores (Intel, AMD, ARM boards).

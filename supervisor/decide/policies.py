@@ -48,7 +48,7 @@ class Limits:
     leak_min_requests: int = 8        # per-request samples before a trend is believed
     leak_min_fit: float = 0.8         # r² of the trend: steady growth, not noise or one step
     # Private memory a fuller context explains (compute buffers touched further), per token of context
-    # beyond the warm-up's: not a leak (supervisor/memory_lines.py).
+    # beyond the warm-up's: not a leak (supervisor/decide/memory_lines.py).
     context_growth: float = 0.0
     warm_context: int = 0
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from .units import parse_duration, parse_size
+from supervisor.settings.units import parse_duration, parse_size
 
 KV_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl")
 DEFAULT_ENGINE = "worker.engine:LlamaEngine"
@@ -88,7 +88,7 @@ class SupervisorConfig:
     metrics_address: str = ""
     # A second, plaintext listener with only grpc.health.v1: kubelet's gRPC probes cannot speak TLS.
     health_address: str = ""
-    # Who may connect (see supervisor/security.py). TCP needs TLS unless insecure is written out.
+    # Who may connect (see supervisor/server/security.py). TCP needs TLS unless insecure is written out.
     insecure: bool = False
     socket_group: str = ""  # the unix socket's group (mode 0660): its members may connect
     max_message_size: int = 4 << 20  # largest request a client may send

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from .fanout import Fanout
+from supervisor.observe.fanout import Fanout
 
 KEPT_LINES = 500
 

@@ -14,7 +14,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Mapping
 
-from .config import ModelConfig, SupervisorConfig
+from supervisor.settings.config import ModelConfig, SupervisorConfig
 
 # Settings a worker process is started with: changing one takes a fresh worker.
 WORKER_KEYS = frozenset({"path", "engine", "rlimit_data", "rlimit_nofile", "stream_interval",

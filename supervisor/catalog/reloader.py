@@ -1,6 +1,6 @@
 """Reloading the config at run time: `llmctl reread` shows, `llmctl update` and SIGHUP apply.
 
-What to do is supervisor/reload.py's pure plan; the registry carries it out.
+What to do is supervisor/catalog/reload_plan.py's pure plan; the registry carries it out.
 """
 
 from __future__ import annotations
@@ -10,12 +10,12 @@ from typing import Callable
 
 import structlog
 
-from .config import SupervisorConfig
-from .logs import configure
-from .notify import Notifier
-from .registry import Registry
-from .reload import Plan, keep_bound, plan
-from .security import AuthInterceptor, read_tokens
+from supervisor.settings.config import SupervisorConfig
+from supervisor.server.logs import configure
+from supervisor.server.notify import Notifier
+from supervisor.catalog.registry import Registry
+from supervisor.catalog.reload_plan import Plan, keep_bound, plan
+from supervisor.server.security import AuthInterceptor, read_tokens
 
 log = structlog.get_logger("llm_supervisor.reloader")
 

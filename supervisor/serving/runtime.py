@@ -1,11 +1,10 @@
-"""One model at run time: its replicas (a worker each), the FIFO queues in front of them, and the path
-of a request.
+"""One model at run time: its replicas (a worker each), the request queue in front of each
+(serving/queue.py), and the path of a request.
 
-A worker serves one request at a time (its KV cache is one sequence), so each replica's queue is an
-asyncio.Lock, which wakes waiters first in, first out. A request goes to the least-loaded replica that
-serves; `max_queue` bounds the requests waiting across all of them. A request that never reached the client when its worker died
-is retried once on a fresh worker; one that had already streamed text fails with UNAVAILABLE and the
-reason — never a silently short answer.
+A request goes to the least-loaded replica that serves; `max_queue` bounds the requests waiting across
+all of them. A request that never reached the client when its worker died is retried once on a fresh
+worker; one that had already streamed text fails with UNAVAILABLE and the reason — never a silently
+short answer.
 """
 
 from __future__ import annotations
@@ -19,27 +18,29 @@ import structlog
 from llm_supervisor.v1 import supervisor_pb2 as pb
 from llm_supervisor.v1 import worker_pb2
 
-from .config import ModelConfig
-from .errors import ApiError, exhausted, unavailable
-from .estimate import Estimate
-from .gguf_file import GGUFInfo
-from .lifecycle import KILL_GRACE_S, Lifecycle
-from .manager import WorkerProcess
-from .output import OutputLog
+from supervisor.settings.config import ModelConfig
+from supervisor.errors import ApiError, exhausted, unavailable
+from supervisor.decide.estimate import Estimate
+from supervisor.settings.gguf_file import GGUFInfo
+from supervisor.process.output import OutputLog
+from supervisor.process.worker_process import WorkerProcess
+from supervisor.supervision.replica import Replica
+from supervisor.supervision.states import ReplicaState
+from supervisor.supervision.watchdog import KILL_GRACE_S
 
-log = structlog.get_logger("llm_supervisor.scheduler")
+log = structlog.get_logger("llm_supervisor.runtime")
 
 # How long to wait for a worker whose stream broke to be reaped, to tell its exit reason.
 DEATH_REAP_S = 3.0
 
 
 class ModelRuntime:
-    def __init__(self, source: str, replicas: list[Lifecycle]) -> None:
+    def __init__(self, source: str, replicas: list[Replica]) -> None:
         self.source = source  # "config", "api" or "state"
-        self.replicas = replicas
+        self.replicas = replicas  # each with its RequestQueue (replica.queue), which only this operates
         self.last_tokens_per_second = 0.0
 
-    # The lifecycles hold the settings: a reload changes them there, for the next worker each starts.
+    # The replicas hold the settings: a reload changes them there, for the next worker each starts.
     @property
     def config(self) -> ModelConfig:
         return self.replicas[0].config
@@ -54,27 +55,27 @@ class ModelRuntime:
 
     @property
     def serving(self) -> bool:
-        return any(life.serving for life in self.replicas)
+        return any(replica.serving for replica in self.replicas)
 
     @property
     def accepting(self) -> bool:
-        return any(life.accepting for life in self.replicas)
+        return any(replica.accepting for replica in self.replicas)
 
     @property
     def waiting(self) -> int:
-        return sum(life.waiting for life in self.replicas)
+        return sum(replica.queue.waiting for replica in self.replicas)
 
     @property
     def state(self) -> str:
         """READY while a replica takes requests at once, BUSY while all that serve are busy; else the first's."""
-        serving = [life.state for life in self.replicas if life.serving]
+        serving = [replica.status for replica in self.replicas if replica.serving]
         if serving:
             return "READY" if "READY" in serving else "BUSY"
-        return self.replicas[0].state
+        return self.replicas[0].status
 
-    def pick(self) -> Lifecycle:
+    def pick(self) -> Replica:
         """The replica for the next request: one that serves (else one that may start), least loaded."""
-        return min(self.replicas, key=lambda life: (not life.serving, life.load))
+        return min(self.replicas, key=lambda replica: (not replica.serving, replica.queue.load))
 
     @property
     def name(self) -> str:
@@ -84,28 +85,36 @@ class ModelRuntime:
     def estimate(self) -> Estimate:
         return self.replicas[0].estimate  # the replicas share their settings
 
-    async def stop(self, grace: float = 5.0, drain: float = 0.0, reason: str = "is being unloaded") -> None:
-        """Every replica, as Lifecycle.stop does."""
-        await asyncio.gather(*(life.stop(grace, drain, reason) for life in self.replicas))
+    async def stop(self, grace: float = 5.0, drain: float = 0.0, reason: str = "is being unloaded",
+                   replicas: list[Replica] | None = None) -> None:
+        """Stop every replica (or those given) for good, after `drain` seconds at most for the requests
+        already queued or in flight; what is still running then fails with UNAVAILABLE and `reason`."""
+        chosen = self.replicas if replicas is None else replicas
+        await asyncio.gather(*(self._stop_one(replica, grace, drain, reason) for replica in chosen))
+
+    @staticmethod
+    async def _stop_one(replica: Replica, grace: float, drain: float, reason: str) -> None:
+        queue = replica.queue
+        drained = drain > 0 and await queue.drain(drain)
+        await replica.stop(grace, reason)
+        if drained:
+            queue.leave()  # a request that queued after the drain now learns the model is gone
 
     # -- requests ------------------------------------------------------------------------------------
-    async def _enter_queue(self, life: Lifecycle) -> None:
-        if life.slot.locked() and self.waiting >= self.config.max_queue:
+    async def _enter_queue(self, replica: Replica) -> None:
+        if replica.queue.running and self.waiting >= self.config.max_queue:
             raise exhausted(f"model {self.name!r}: queue is full ({self.waiting} waiting, max_queue = "
                             f"{self.config.max_queue}); retry later or raise max_queue")
-        life.waiting += 1
-        try:
-            await life.slot.acquire()
-        finally:
-            life.waiting -= 1
+        await replica.queue.enter()
 
     async def generate(self, request: worker_pb2.WorkerGenerateRequest) -> AsyncIterator[pb.GenerateChunk]:
-        life = self.pick()
-        await self._enter_queue(life)
+        replica = self.pick()
+        await self._enter_queue(replica)
         try:
-            await life.admitted()  # a GPU past temperature_throttle: wait here, first in line
+            if not replica.thermal.cool.is_set():  # a GPU past temperature_throttle: wait here, first in line
+                await replica.queue.counted(replica.thermal.wait("not admitting requests", self.config.request_timeout))
             for attempt in (1, 2):
-                worker = await life.ready_worker()
+                worker = await replica.ready_worker()
                 sent = False
                 worker.begin_request()
                 call = worker.stub.Generate(request, timeout=self.config.request_timeout)
@@ -118,7 +127,7 @@ class ModelRuntime:
                         yield chunk
                     worker.requests_served += 1
                     try:
-                        life.after_request(worker)
+                        replica.watchdog.after_request(worker)
                     except Exception:  # the watchdog's trouble must never fail a request that succeeded
                         log.exception("after_request_failed", model=self.name)
                     return
@@ -126,7 +135,7 @@ class ModelRuntime:
                     if isinstance(e, asyncio.CancelledError) and asyncio.current_task().cancelling():
                         raise  # our own client went away
                     # A CancelledError we did not ask for means the call's channel closed: the worker is gone.
-                    error, died = await self._explain(life, worker, e if isinstance(e, grpc.aio.AioRpcError) else None)
+                    error, died = await self._explain(replica, worker, e if isinstance(e, grpc.aio.AioRpcError) else None)
                     if died and not sent and attempt == 1:
                         log.warning("request_retried", model=self.name, worker_pid=worker.pid, reason=error.message)
                         continue
@@ -135,25 +144,25 @@ class ModelRuntime:
                     call.cancel()  # a no-op when it completed; stops the worker's loop when we were cancelled
                     worker.end_request()
         finally:
-            life.used()  # before the slot is free: keep_alive never sees it idle with an old clock
-            life.slot.release()
+            replica.used()  # before the slot is free: keep_alive never sees it idle with an old clock
+            replica.queue.leave()
 
     async def tokenize(self, request: pb.TokenizeRequest) -> pb.TokenizeResponse:
-        life = self.pick()
-        worker = await life.ready_worker()
+        replica = self.pick()
+        worker = await replica.ready_worker()
         try:
             return await worker.stub.Tokenize(request, timeout=30)
         except grpc.aio.AioRpcError as e:
-            raise (await self._explain(life, worker, e))[0] from None
+            raise (await self._explain(replica, worker, e))[0] from None
 
-    async def _explain(self, life: Lifecycle, worker: WorkerProcess,
+    async def _explain(self, replica: Replica, worker: WorkerProcess,
                        e: grpc.aio.AioRpcError | None) -> tuple[ApiError, bool]:
         """Turn a failed worker call into what the client should read, and whether the worker died."""
         code = e.code() if e is not None else grpc.StatusCode.UNAVAILABLE
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             # A worker past the deadline may be hung in a C call that never sees the cancel: replace it.
             reason = f"request ran past request_timeout ({self.config.request_timeout:g} s)"
-            life.recycle_now(worker, reason, grace=KILL_GRACE_S, kind="timeout")
+            replica.recycles.hard(worker, reason, grace=KILL_GRACE_S, kind="timeout")
             return ApiError(code, f"model {self.name!r}: {reason}; its worker pid {worker.pid} is being replaced"), False
         if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN,
                         grpc.StatusCode.INTERNAL):
@@ -166,7 +175,7 @@ class ModelRuntime:
             reason = f"stopped answering and was killed ({worker.exit_reason})"
         else:
             reason = worker.exit_reason
-        if life.closed:  # unloaded or shut down with this request unfinished at the drain's end
-            return unavailable(f"model {self.name!r} {life.closed_reason}; the request did not finish "
+        if replica.state == ReplicaState.CLOSED:  # unloaded or shut down, this request unfinished at the drain's end
+            return unavailable(f"model {self.name!r} {replica.reason}; the request did not finish "
                                f"in time (worker pid {worker.pid}: {reason})"), False
         return unavailable(f"model {self.name!r}: worker pid {worker.pid} died mid-request: {reason}"), True

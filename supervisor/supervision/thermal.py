@@ -10,9 +10,9 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from .errors import unavailable
-from .gpu import GpuSnapshot
-from .policies import Heat, Thermal, heat_level
+from supervisor.errors import unavailable
+from supervisor.observe.gpu import GpuSnapshot
+from supervisor.decide.policies import Heat, Thermal, heat_level
 
 
 @dataclass(frozen=True)

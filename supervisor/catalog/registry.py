@@ -12,22 +12,23 @@ import grpc
 import psutil
 import structlog
 
-from .config import ConfigError, Host, ModelConfig, SupervisorConfig, model_config
-from .errors import ApiError, exhausted, invalid, not_found, precondition
-from .estimate import Estimate, estimate, host_memory_note, mlock_refusal, unmapped_refusal
-from .gguf_file import GGUFInfo, read_gguf_info, resolve_model_path
-from .events import EventBus
-from .lifecycle import Lifecycle
-from .monitor import Monitor
-from .output import OutputLog
-from .procfs import CAP_IPC_LOCK, has_capability
-from .policies import Resident, Usage, admission, mib, replacement_first, total
-from .reload import Change, Plan
-from . import state
-from .scheduler import ModelRuntime
-from .standby import StandbyPool
-from .tasks import Background
-from .state import LoadedModel
+from supervisor.settings.config import ConfigError, Host, ModelConfig, SupervisorConfig, model_config
+from supervisor.errors import ApiError, exhausted, invalid, not_found, precondition
+from supervisor.decide.estimate import Estimate, estimate, host_memory_note, mlock_refusal, unmapped_refusal
+from supervisor.settings.gguf_file import GGUFInfo, read_gguf_info, resolve_model_path
+from supervisor.observe.events import EventBus
+from supervisor.serving.queue import RequestQueue
+from supervisor.supervision.replica import Replica
+from supervisor.observe.monitor import Monitor
+from supervisor.process.output import OutputLog
+from supervisor.observe.procfs import CAP_IPC_LOCK, has_capability
+from supervisor.decide.policies import Resident, Usage, admission, mib, replacement_first, total
+from supervisor.catalog.reload_plan import Change, Plan
+from supervisor.catalog import persisted as state
+from supervisor.serving.runtime import ModelRuntime
+from supervisor.process.standby import StandbyPool
+from supervisor.tasks import Background
+from supervisor.catalog.persisted import LoadedModel
 
 log = structlog.get_logger("llm_supervisor.registry")
 
@@ -47,7 +48,7 @@ class Registry:
         self.state_path = config.state_dir / "models.json"
         self._loaded_by_api: dict[str, LoadedModel] = {}
         self._admission = asyncio.Lock()
-        self._reserved: set[Lifecycle] = set()  # admitted, waiting for their victims to exit
+        self._reserved: set[Replica] = set()  # admitted, waiting for their victims to exit
         self._background = Background()
 
     def get(self, name: str) -> ModelRuntime:
@@ -82,7 +83,7 @@ class Registry:
         runtime = ModelRuntime(source, [])  # its replicas tell the registry of their changes: they need it first
         runtime.replicas = [self._replica(runtime, config, gguf, i, OutputLog()) for i in range(config.replicas)]
         self.models[config.name] = runtime  # reserve the name while loading
-        started = await asyncio.gather(*(life.start() for life in runtime.replicas), return_exceptions=True)
+        started = await asyncio.gather(*(replica.start() for replica in runtime.replicas), return_exceptions=True)
         failed = [e for e in started if isinstance(e, BaseException)]
         if failed:
             if not keep_on_failure:
@@ -93,16 +94,16 @@ class Registry:
         return runtime
 
     def _replica(self, runtime: ModelRuntime, config: ModelConfig, gguf: GGUFInfo, index: int,
-                 output: OutputLog) -> Lifecycle:
-        return Lifecycle(config, gguf, self._socket_dir, self.monitor, self.events,
-                         on_change=lambda: self._on_change(runtime), standby=self.standby, room=self.room,
-                         admit=self.admit, replica=index, output=output)
+                 output: OutputLog) -> Replica:
+        return Replica(config, gguf, self._socket_dir, self.monitor, self.events,
+                       on_change=lambda: self._on_change(runtime), standby=self.standby, room=self.room,
+                       admit=self.admit, index=index, output=output, queue=RequestQueue())
 
-    def lifecycles(self) -> list[Lifecycle]:
+    def replicas(self) -> list[Replica]:
         """Every replica of every model."""
-        return [life for runtime in list(self.models.values()) for life in runtime.replicas]
+        return [replica for runtime in list(self.models.values()) for replica in runtime.replicas]
 
-    async def admit(self, starting: Lifecycle) -> None:
+    async def admit(self, starting: Replica) -> None:
         """Before any worker starts: within memory_budget, gpu_memory_budget and max_loaded_models, by the
         estimate at full context (or what a worker holds, if more). Idle models are evicted least recently
         used first, never pinned ones; RESOURCE_EXHAUSTED with the figures when that is not enough.
@@ -118,8 +119,8 @@ class Registry:
             if c.gpu_memory_budget_percent and self.monitor.last_gpus is None:
                 await asyncio.to_thread(self.monitor.host)  # before the watch loop's first read
             budget = self.budget()
-            holders = {life.label: life for life in self._holding() if life is not starting}
-            residents = [resident(life) for life in holders.values()]
+            holders = {replica.label: replica for replica in self._holding() if replica is not starting}
+            residents = [resident(replica) for replica in holders.values()]
             decision = admission(needed, budget, c.max_loaded_models, residents, model=starting.name)
             if decision.refused:
                 raise exhausted(refusal(starting.label, needed, budget, c.max_loaded_models, residents, decision.refused))
@@ -135,13 +136,13 @@ class Registry:
             # The caller launches at once, without yielding: from there on its worker counts as held.
             self._reserved.discard(starting)
 
-    def _holding(self) -> list[Lifecycle]:
+    def _holding(self) -> list[Replica]:
         """The replicas whose memory counts against the budgets: a worker running, draining or loading,
         or a start admitted and waiting for its victims to exit."""
-        return [life for life in self.lifecycles() if life.holds_memory or life in self._reserved]
+        return [replica for replica in self.replicas() if replica.holds_memory or replica in self._reserved]
 
     @staticmethod
-    def _check_host(starting: Lifecycle, figures: Estimate) -> None:
+    def _check_host(starting: Replica, figures: Estimate) -> None:
         """What the host allows whatever the budgets: locked weights within RLIMIT_MEMLOCK, weights read
         into memory within the free RAM. Notes weights that are mmap'd past the free RAM."""
         available = psutil.virtual_memory().available
@@ -169,7 +170,7 @@ class Registry:
     def room(self, needed: Usage) -> tuple[bool, str]:
         """Whether the memory budgets hold `needed` beside every worker running now, counted as admission
         counts them."""
-        held = total(resident(life).usage for life in self._holding())
+        held = total(resident(replica).usage for replica in self._holding())
         return replacement_first(self.budget(), held, needed)
 
     async def load_by_api(self, request: LoadedModel, source: str = "api", keep_on_failure: bool = False) -> ModelRuntime:
@@ -256,14 +257,15 @@ class Registry:
             self._loaded_by_api.pop(runtime.name, None)
             await self._record()
         # One replica after another: while one is recycled, the others serve.
-        lives = runtime.replicas
-        for life in lives[:change.config.replicas]:
-            await life.reconfigure(change.config, gguf, change.keys, change.new_worker)
-        extra, added = lives[change.config.replicas:], range(len(lives), change.config.replicas)
-        runtime.replicas = lives[:change.config.replicas] + [
+        replicas = runtime.replicas
+        for replica in replicas[:change.config.replicas]:
+            await replica.reconfigure(change.config, gguf, change.keys, change.new_worker)
+        extra, added = replicas[change.config.replicas:], range(len(replicas), change.config.replicas)
+        runtime.replicas = replicas[:change.config.replicas] + [
             self._replica(runtime, change.config, gguf, i, runtime.output) for i in added]
-        await asyncio.gather(*(life.stop(drain=self.config.shutdown_timeout, reason="was stopped: fewer replicas")
-                               for life in extra), *(life.start() for life in runtime.replicas[len(lives):]))
+        await asyncio.gather(
+            runtime.stop(drain=self.config.shutdown_timeout, reason="was stopped: fewer replicas", replicas=extra),
+            *(replica.start() for replica in runtime.replicas[len(replicas):]))
 
 
 def refusal(name: str, needed: Usage, budget: Usage, max_models: int, residents: list[Resident], broken: str) -> str:
@@ -284,8 +286,8 @@ def refusal(name: str, needed: Usage, budget: Usage, max_models: int, residents:
             f"not pinned are evicted to make room; unload one, or lower n_ctx, type_k/type_v or n_gpu_layers")
 
 
-def resident(life: Lifecycle) -> Resident:
+def resident(replica: Replica) -> Resident:
     """A replica as admission counts it: its estimate at full context, or what it holds if more (a leak)."""
-    figures, measured = life.estimate, life.usage()
-    return Resident(life.label, Usage(max(figures.private_peak, measured.private), max(figures.gpu, measured.gpu)),
-                    life.last_used, life.config.pinned, life.idle, model=life.name)
+    figures, measured = replica.estimate, replica.usage()
+    return Resident(replica.label, Usage(max(figures.private_peak, measured.private), max(figures.gpu, measured.gpu)),
+                    replica.last_used, replica.config.pinned, replica.idle, model=replica.name)

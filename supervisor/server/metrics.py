@@ -2,7 +2,7 @@
 
 What the supervisor already knows — each worker's memory, CPU and GPU figures, queues, recycles,
 restarts, the GPUs' temperatures — is read when Prometheus scrapes, never kept twice; what happens per
-request (outcome, tokens, time to first token, tokens/s) is counted as requests finish. Everything lives
+request (outcome, tokens, time to first token, tokens/s) is counted as requests finish. Everything replicas
 in one CollectorRegistry owned by the daemon, not prometheus-client's global one. A model's series go
 with the model: an unloaded one is no longer in the scrape, and its counters are freed.
 """
@@ -18,9 +18,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from llm_supervisor.v1 import supervisor_pb2 as pb
 
-from .config import split_host_port
-from .monitor import Monitor
-from .policies import cpu_percent
+from supervisor.settings.config import split_host_port
+from supervisor.observe.monitor import Monitor
+from supervisor.decide.policies import cpu_percent
 
 PREFIX = "llm_supervisor"
 
@@ -119,17 +119,17 @@ class StateCollector:
                                        labels=["model", "reason"])
         restarts = CounterMetricFamily(f"{PREFIX}_restarts", "Workers restarted after a crash", labels=["model"])
         for runtime in list(self._models()):
-            name, lives = runtime.name, runtime.replicas
+            name, replicas = runtime.name, runtime.replicas
             up.add_metric([name], 1.0 if runtime.serving else 0.0)
             queue.add_metric([name], runtime.waiting)
-            restarts.add_metric([name], sum(life.restarts for life in lives))
-            by_kind = sum((collections.Counter(dict(life.recycles_by_kind)) for life in lives), collections.Counter())
+            restarts.add_metric([name], sum(replica.restarts for replica in replicas))
+            by_kind = sum((collections.Counter(dict(replica.recycles.by_kind)) for replica in replicas), collections.Counter())
             for kind, count in by_kind.items():
                 recycles.add_metric([name, kind], count)
-            hottest = max((life.gpu_temperature for life in lives if life.gpu_temperature is not None), default=None)
+            hottest = max((replica.gpu_temperature for replica in replicas if replica.gpu_temperature is not None), default=None)
             if hottest is not None:
                 temperature.add_metric([name], hottest)
-            for worker in (life.worker for life in lives):
+            for worker in (replica.worker for replica in replicas):
                 if worker is None or not worker.alive or not worker.watch.periodic:
                     continue
                 latest, labels = worker.watch.periodic[-1], [name, str(worker.pid)]

@@ -16,25 +16,25 @@ from llm_supervisor.v1 import worker_pb2
 
 from worker.history import drop_oldest, strip_thinking
 
-from . import __version__
-from .config import ConfigError, ModelConfig
-from .errors import ApiError, exhausted, invalid, precondition
-from .estimate import Estimate
-from .fanout import QUEUED, FellBehind, too_many_followers
-from .gpu import GpuReading
-from .lifecycle import Lifecycle
-from .manager import WorkerProcess
-from .memory_lines import MemoryLines
-from .policies import cpu_percent
-from .procfs import read_memory
-from .registry import Registry
-from .reload import Plan
-from .reloader import Reloader
-from .metrics import RequestMetrics
-from .output import OutputLine
-from .scheduler import ModelRuntime
-from .state import LoadedModel
-from .validation import check_keep_alive, check_messages, check_model_name, check_options, check_prompt
+from supervisor import __version__
+from supervisor.settings.config import ConfigError, ModelConfig
+from supervisor.errors import ApiError, exhausted, invalid, precondition
+from supervisor.decide.estimate import Estimate
+from supervisor.observe.fanout import QUEUED, FellBehind, too_many_followers
+from supervisor.observe.gpu import GpuReading
+from supervisor.supervision.replica import Replica
+from supervisor.process.worker_process import WorkerProcess
+from supervisor.decide.memory_lines import MemoryLines
+from supervisor.decide.policies import cpu_percent
+from supervisor.observe.procfs import read_memory
+from supervisor.catalog.registry import Registry
+from supervisor.catalog.reload_plan import Plan
+from supervisor.catalog.reloader import Reloader
+from supervisor.server.metrics import RequestMetrics
+from supervisor.process.output import OutputLine
+from supervisor.serving.runtime import ModelRuntime
+from supervisor.catalog.persisted import LoadedModel
+from supervisor.server.validation import check_keep_alive, check_messages, check_model_name, check_options, check_prompt
 
 log = structlog.get_logger("llm_supervisor.api")
 
@@ -66,8 +66,8 @@ class SupervisorService(supervisor_pb2_grpc.SupervisorServicer):
             dropped = shape(runtime.config)
             if keep_alive:
                 seconds = check_keep_alive(keep_alive)
-                for life in runtime.replicas:
-                    life.keep_alive = seconds
+                for replica in runtime.replicas:
+                    replica.keep_alive = seconds
             # aclosing: a cancelled client must free the model's slot now, not when the generator is collected.
             last = None
             async with aclosing(runtime.generate(request)) as chunks:
@@ -126,7 +126,7 @@ class SupervisorService(supervisor_pb2_grpc.SupervisorServicer):
 
     async def StartModel(self, request: pb.StartModelRequest, context) -> pb.StartModelResponse:
         try:
-            started = await asyncio.gather(*(life.start_by_hand() for life in self.registry.get(request.name).replicas))
+            started = await asyncio.gather(*(replica.start_by_hand() for replica in self.registry.get(request.name).replicas))
         except ApiError as e:
             await _abort(context, e)
         (worker, _), running = started[0], all(was for _, was in started)
@@ -135,8 +135,8 @@ class SupervisorService(supervisor_pb2_grpc.SupervisorServicer):
 
     async def StopModel(self, request: pb.StopModelRequest, context) -> pb.StopModelResponse:
         try:
-            stopped = await asyncio.gather(*(life.stop_by_hand("stopped by hand (llmctl stop)")
-                                             for life in self.registry.get(request.name).replicas))
+            stopped = await asyncio.gather(*(replica.stop_by_hand("stopped by hand (llmctl stop)")
+                                             for replica in self.registry.get(request.name).replicas))
         except ApiError as e:
             await _abort(context, e)
         worker = stopped[0]
@@ -202,7 +202,7 @@ class SupervisorService(supervisor_pb2_grpc.SupervisorServicer):
     async def RecycleModel(self, request: pb.RecycleModelRequest, context) -> pb.RecycleModelResponse:
         try:
             # One replica after another, so the others serve meanwhile; the reply names the first's workers.
-            replaced = [await recycle_by_hand(life, request.hard) for life in self.registry.get(request.name).replicas]
+            replaced = [await recycle_by_hand(replica, request.hard) for replica in self.registry.get(request.name).replicas]
         except ApiError as e:
             await _abort(context, e)
         old, fresh = replaced[0]
@@ -219,11 +219,11 @@ class SupervisorService(supervisor_pb2_grpc.SupervisorServicer):
         follower = followers.follow()
         try:
             # Where things stand first, like `kubectl get -w`; it also tells the client it is subscribed.
-            for life in self.registry.lifecycles():
-                if not request.model or life.name == request.model:
-                    yield pb.Event(time_unix=time.time(), kind="snapshot", model=life.name, state=life.state,
-                                   worker_pid=life.worker.pid if life.worker else 0,
-                                   reason=life.fatal_reason or life.last_recycle_reason or life.last_exit)
+            for replica in self.registry.replicas():
+                if not request.model or replica.name == request.model:
+                    yield pb.Event(time_unix=time.time(), kind="snapshot", model=replica.name, state=replica.status,
+                                   worker_pid=replica.worker.pid if replica.worker else 0,
+                                   reason=replica.fatal_reason or replica.recycles.last_reason or replica.last_exit)
             while True:
                 event = await follower.get()
                 if event is None:  # the supervisor is shutting down
@@ -245,7 +245,7 @@ class SupervisorService(supervisor_pb2_grpc.SupervisorServicer):
         return pb.StatusResponse(
             version=__version__,
             uptime_s=self._clock() - self._started,
-            workers=[worker_status(rt, life) for rt in list(self.registry.models.values()) for life in rt.replicas],
+            workers=[worker_status(rt, replica) for rt in list(self.registry.models.values()) for replica in rt.replicas],
             standby_pids=self.registry.standby.pids if self.registry.standby else [],
             gpus=[gpu_status(r) for r in (monitor.last_gpus.readings if monitor.last_gpus else [])],
             cpu_temperature_c=monitor.last_cpu_temperature,
@@ -292,20 +292,20 @@ def estimate_message(e: Estimate) -> pb.MemoryEstimate:
         weights_repacked_bytes=e.weights_repacked)
 
 
-async def recycle_by_hand(life: Lifecycle, hard: bool) -> tuple[WorkerProcess, WorkerProcess]:
+async def recycle_by_hand(replica: Replica, hard: bool) -> tuple[WorkerProcess, WorkerProcess]:
     """(old worker, its replacement once serving)."""
-    old = await life.ready_worker()
+    old = await replica.ready_worker()
     if hard:
-        life.recycle_now(old, "restarted by hand (llmctl restart)", kind="by_hand")
+        replica.recycles.hard(old, "restarted by hand (llmctl restart)", kind="by_hand")
         await old.exited.wait()
-        return old, await life.ready_worker()
-    return old, await life.recycle("recycled by hand (llmctl recycle)")
+        return old, await replica.ready_worker()
+    return old, await replica.recycles.by_hand("recycled by hand (llmctl recycle)")
 
 
 def model_info(runtime: ModelRuntime) -> pb.ModelInfo:
     c, g = runtime.config, runtime.gguf
     # llama.cpp may round n_ctx up (to a multiple of 256): report what a worker really has.
-    infos = [life.worker.info for life in runtime.replicas if life.worker is not None and life.worker.info is not None]
+    infos = [replica.worker.info for replica in runtime.replicas if replica.worker is not None and replica.worker.info is not None]
     n_ctx = infos[0].n_ctx if infos else c.n_ctx
     return pb.ModelInfo(
         name=c.name, path=str(g.path), state=runtime.state, n_ctx=n_ctx, n_gpu_layers=c.n_gpu_layers,
@@ -327,21 +327,21 @@ def gpu_status(reading: GpuReading) -> pb.GpuStatus:
                         memory_total_bytes=reading.memory_total, throttle_reasons=reading.throttle_reasons)
 
 
-def worker_status(runtime: ModelRuntime, life: Lifecycle) -> pb.WorkerStatus:
-    worker = life.worker
-    status = pb.WorkerStatus(model=runtime.name, replica=life.replica, state=life.state, queue_depth=life.waiting,
-                             restarts=life.restarts, last_exit=life.fatal_reason or life.last_exit,
-                             recycles=life.recycles, last_recycle_reason=life.last_recycle_reason,
-                             throttle_reason=life.throttle_reason,
-                             gpu_temperature_c=life.gpu_temperature or 0,
-                             tokens_per_second=runtime.last_tokens_per_second, memory_note=life.memory_note,
-                             memory_lines=memory_lines_message(life.lines))
+def worker_status(runtime: ModelRuntime, replica: Replica) -> pb.WorkerStatus:
+    worker = replica.worker
+    status = pb.WorkerStatus(model=runtime.name, replica=replica.index, state=replica.status, queue_depth=replica.queue.waiting,
+                             restarts=replica.restarts, last_exit=replica.fatal_reason or replica.last_exit,
+                             recycles=replica.recycles.count, last_recycle_reason=replica.recycles.last_reason,
+                             throttle_reason=replica.throttle_reason,
+                             gpu_temperature_c=replica.gpu_temperature or 0,
+                             tokens_per_second=runtime.last_tokens_per_second, memory_note=replica.memory_note,
+                             memory_lines=memory_lines_message(replica.lines))
     if worker is not None and worker.alive:
         status.memory_lines.rlimit_data_bytes = worker.spawn.rlimit_data or 0  # set at its start: a reload waits
         status.pid = worker.pid
         status.requests_served = worker.requests_served
         status.uptime_s = worker.uptime()
-        status.unload_in_s = life.unload_in()
+        status.unload_in_s = replica.unload_in()
         latest = worker.watch.periodic[-1] if worker.watch.periodic else None
         memory = read_memory(worker.pid)  # fresh, not the last poll's: status is asked for rarely
         if memory is not None:

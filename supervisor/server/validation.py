@@ -7,9 +7,9 @@ import math
 
 from llm_supervisor.v1 import supervisor_pb2 as pb
 
-from .config import ModelConfig
-from .errors import invalid
-from .units import parse_duration
+from supervisor.settings.config import ModelConfig
+from supervisor.errors import invalid
+from supervisor.settings.units import parse_duration
 
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_LENGTH = 256

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import ModelConfig
-from .gguf_file import Shape
+from supervisor.settings.config import ModelConfig
+from supervisor.settings.gguf_file import Shape
 
 MiB = 1 << 20
 # Bytes per value of each KV cache type (ggml block sizes: q8_0 stores 32 values in 34 bytes, …).

@@ -16,7 +16,7 @@ from typing import Sequence
 
 import grpc
 
-from .config import ConfigError, SupervisorConfig
+from supervisor.settings.config import ConfigError, SupervisorConfig
 
 INFERENCE, ADMIN = "inference", "admin"
 SUPERVISOR_SERVICE = "/llm_supervisor.v1.Supervisor/"

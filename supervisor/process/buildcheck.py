@@ -16,8 +16,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .demo_model import QUANTIZABLE, quantize, write_model
-from .states import describe_exit
+from supervisor.settings.demo_model import QUANTIZABLE, quantize, write_model
+from supervisor.process.states import describe_exit
 
 # f32 is what the generated test models are; the rest are what real GGUFs ship as. Q4_0 also takes
 # llama.cpp's repacking path for CPU weights, Q4_K_M the K-quant kernels.
@@ -42,7 +42,7 @@ def probe(kind: str, model: Path) -> None:
 def failure(kind: str, model: Path) -> str:
     """Empty when `kind` loads and generates here; otherwise what went wrong, in words."""
     try:
-        done = subprocess.run([sys.executable, "-m", "supervisor.buildcheck", "--probe", kind, str(model)],
+        done = subprocess.run([sys.executable, "-m", "supervisor.process.buildcheck", "--probe", kind, str(model)],
                               capture_output=True, text=True, timeout=PROBE_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         return f"no answer within {PROBE_TIMEOUT_S:g} s"

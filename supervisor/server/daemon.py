@@ -32,23 +32,23 @@ from grpc_reflection.v1alpha import reflection
 from llm_supervisor.v1 import supervisor_pb2, supervisor_pb2_grpc
 from worker.limits import forbid_ptrace
 
-from .api import SupervisorService
-from .config import ConfigError, Host, SupervisorConfig, load_config, split_host_port
-from .demo_model import write_model
-from .errors import ApiError
-from .events import EventBus
-from .liveness import LIVENESS_SERVICE, WatchPasses, report_liveness
-from .tasks import Background
-from .gpu import GpuSource, Nvml
-from .metrics import serve_metrics
-from .monitor import Monitor
-from .notify import Notifier, summary
-from .logs import configure
-from .registry import Registry
-from .security import AuthInterceptor, read_tokens, server_credentials
-from .reloader import Reloader
-from .scheduler import ModelRuntime
-from .standby import StandbyPool
+from supervisor.server.api import SupervisorService
+from supervisor.settings.config import ConfigError, Host, SupervisorConfig, load_config, split_host_port
+from supervisor.settings.demo_model import write_model
+from supervisor.errors import ApiError
+from supervisor.observe.events import EventBus
+from supervisor.server.liveness import LIVENESS_SERVICE, WatchPasses, report_liveness
+from supervisor.tasks import Background
+from supervisor.observe.gpu import GpuSource, Nvml
+from supervisor.server.metrics import serve_metrics
+from supervisor.observe.monitor import Monitor
+from supervisor.server.notify import Notifier, summary
+from supervisor.server.logs import configure
+from supervisor.catalog.registry import Registry
+from supervisor.server.security import AuthInterceptor, read_tokens, server_credentials
+from supervisor.catalog.reloader import Reloader
+from supervisor.serving.runtime import ModelRuntime
+from supervisor.process.standby import StandbyPool
 
 log = structlog.get_logger("llm_supervisor.daemon")
 
@@ -123,11 +123,11 @@ def ensure_demo_model(config: SupervisorConfig) -> None:
 
 
 def status_line(registry: Registry, now: float) -> str:
-    lives = registry.lifecycles()
-    recycled = [life for life in lives if life.last_recycle_at is not None]
-    last = max(recycled, key=lambda life: life.last_recycle_at, default=None)
-    return summary([life.state for life in lives],
-                   (last.name, last.last_recycle_reason, now - last.last_recycle_at) if last else None)
+    replicas = registry.replicas()
+    recycled = [replica for replica in replicas if replica.recycles.last_at is not None]
+    last = max(recycled, key=lambda replica: replica.recycles.last_at, default=None)
+    return summary([replica.status for replica in replicas],
+                   (last.name, last.recycles.last_reason, now - last.recycles.last_at) if last else None)
 
 
 async def watch(registry: Registry, monitor: Monitor, notifier: Notifier, passes: WatchPasses) -> None:
@@ -164,11 +164,11 @@ async def watch(registry: Registry, monitor: Monitor, notifier: Notifier, passes
 async def watch_pass(registry: Registry, monitor: Monitor, notifier: Notifier, nvml: ThreadPoolExecutor) -> None:
     """One pass over every worker, on one NVML read."""
     gpus = await asyncio.get_running_loop().run_in_executor(nvml, monitor.host)
-    for life in registry.lifecycles():
+    for replica in registry.replicas():
         try:
-            life.tick(gpus)
+            replica.watchdog.tick(gpus)
         except Exception:  # one model's trouble must not stop the watch over the others
-            log.exception("watch_failed", model=life.label)
+            log.exception("watch_failed", model=replica.label)
     notifier.status(status_line(registry, time.monotonic()))
 
 
@@ -339,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     forbid_ptrace()  # first: no worker (same user) may read our memory or environment, or copy our API socket
     args = parse_args(argv)
     if args.check_build:
-        from .buildcheck import main as check_build
+        from supervisor.process.buildcheck import main as check_build
 
         return check_build([])
     host = Host(memory_bytes=psutil.virtual_memory().total, is_root=os.geteuid() == 0, env=os.environ)
