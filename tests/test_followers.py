@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from llm_supervisor.v1 import supervisor_pb2 as pb
-from supervisor import daemon as daemon_module
+from supervisor.server import daemon as daemon_module
 from supervisor.observe.events import Event, EventBus
 from supervisor.observe.fanout import QUEUED
 from tests.conftest import model_table, wait_for

@@ -6,7 +6,7 @@ import json
 import threading
 
 from llm_supervisor.v1 import supervisor_pb2 as pb
-from supervisor import state
+from supervisor.catalog import persisted as state
 from tests.conftest import model_table, wait_for
 from tests.inprocess import InProcessDaemon
 
