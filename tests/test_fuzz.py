@@ -142,7 +142,13 @@ def gguf_bytes(model_dir) -> bytes:
     return (model_dir / "tiny.gguf").read_bytes()
 
 
-def check_gguf(data: bytes) -> None:
+# What a refusal must name: the file, and which of these is wrong with it.
+WHAT_IS_WRONG = ("is not a GGUF file", "is GGUF version", "ends inside its header", "declares", "is truncated",
+                 "metadata is damaged or cut short", "holds no tensors", "general.architecture is missing")
+
+
+def check_gguf(data: bytes, complete: bool = True) -> None:
+    """Either it reads as a GGUF or the refusal says what is wrong; a file cut short is never taken whole."""
     with tempfile.TemporaryDirectory() as directory:
         path = Path(directory) / "m.gguf"
         path.write_bytes(data)
@@ -150,12 +156,15 @@ def check_gguf(data: bytes) -> None:
             read_gguf_info(path)
         except ApiError as e:
             assert e.code == grpc.StatusCode.FAILED_PRECONDITION and str(path) in e.message
+            assert any(words in e.message for words in WHAT_IS_WRONG), e.message
+        else:
+            assert complete, "a truncated GGUF was read as if whole"
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(cut=st.integers(0, 1 << 20))
 def test_truncated_gguf(gguf_bytes, cut):
-    check_gguf(gguf_bytes[:cut % len(gguf_bytes)])
+    check_gguf(gguf_bytes[:cut % len(gguf_bytes)], complete=False)
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

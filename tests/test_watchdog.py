@@ -214,6 +214,21 @@ def test_keep_alive_unloads_an_idle_model_and_the_next_request_loads_it_again(st
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "keep_alive" in caught.value.details()
 
 
+def test_keep_alive_never_unloads_a_worker_mid_request_and_counts_from_its_end(start_daemon):
+    # The request runs ~2 s, four times keep_alive: the worker must stay the model's throughout, and for
+    # keep_alive after the request, not be drained because the last request *started* long ago.
+    daemon = start_daemon(model_table("tiny", "tiny.gguf", n_ctx=512, keep_alive="500ms",
+                                      engine="tests.engines:SlowEngine"),
+                          env={"TEST_TOKEN_DELAY": "0.05"}, extra='poll_interval = "100ms"')
+    first = daemon.worker("tiny").pid
+    long = ask(daemon, max_tokens=40)
+    assert long[-1].worker_pid == first
+    # At once after it ends, the same worker takes the next request: nothing unloaded it meanwhile.
+    assert ask(daemon, max_tokens=1)[-1].worker_pid == first
+    assert '"worker_idle_unload"' not in daemon.log()
+    wait_for(lambda: not pid_alive(first), timeout=10, what="the unload, keep_alive after the last request")
+
+
 def test_a_worker_hung_mid_stream_is_killed_for_lack_of_progress(start_daemon):
     daemon = start_daemon(model_table("tiny", "tiny.gguf", engine="tests.engines:SlowEngine", heartbeat_timeout="1s"),
                           env={"TEST_TOKEN_DELAY": "0.03"}, extra='poll_interval = "100ms"')

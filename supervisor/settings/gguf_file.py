@@ -104,15 +104,21 @@ def read_gguf_info(path: Path) -> GGUFInfo:
             return default if field is None else field.contents()
 
         arch = value("general.architecture")
-        if not arch:
-            raise ValueError("general.architecture is missing")
         n_tensors = len(reader.tensors)
+        needed = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
         shape = _shape(reader, lambda key, default=0: value(f"{arch}.{key}", default),
-                       int(value(f"{arch}.block_count", 0) or 0))
-    except Exception as e:  # the reader raises many kinds on damaged files; all mean the same to a user
-        raise precondition(f"{path} is not a valid GGUF file: {e}") from None
+                       int(value(f"{arch}.block_count", 0) or 0)) if arch else None
+    except Exception as e:  # the reader raises many kinds on damaged files: say what they have in common
+        raise precondition(f"{path} is not a valid GGUF file: its metadata is damaged or cut short "
+                           f"({type(e).__name__}: {e})") from None
+    if not arch:
+        raise precondition(f"{path} is not a valid GGUF file: general.architecture is missing")
     if n_tensors == 0:
         raise precondition(f"{path} is not a valid GGUF file: it holds no tensors")
+    if needed > size:
+        # llama.cpp would refuse it at load, or a worker mapping it would die of SIGBUS mid-request.
+        raise precondition(f"{path} is truncated: its tensors need {needed} bytes and the file has {size} "
+                           f"(a download or copy that did not finish?)")
     return GGUFInfo(
         path=path,
         architecture=str(arch),
