@@ -65,6 +65,10 @@ fi
 extras="${SETUP_EXTRAS-test}"
 .venv/bin/python -m pip install -q -e ".${extras:+[$extras]}"
 # Proof rather than flags: a generated model, quantized as real GGUFs are, loads and generates here.
-.venv/bin/llm-supervisord --check-build >&2 || {
-    echo "setup: this llama.cpp build does not run on this machine (above); try LLAMA_CPU=x86-64-v2" >&2; exit 1; }
+# SETUP_CHECK_BUILD=0 skips it where the build cannot run (a CUDA image built without a driver: the
+# nodes check it instead, in the DaemonSet's init container).
+if [ "${SETUP_CHECK_BUILD:-1}" != 0 ]; then
+    .venv/bin/llm-supervisord --check-build >&2 || {
+        echo "setup: this llama.cpp build does not run on this machine (above); try LLAMA_CPU=x86-64-v2" >&2; exit 1; }
+fi
 echo "setup: ready — .venv/bin/llm-supervisord, .venv/bin/llmctl" >&2
