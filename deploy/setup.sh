@@ -32,8 +32,9 @@ python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "setup: 
 # of SIGILL), and the container image runs on other machines than the one that built it. LLAMA_CPU picks
 # the level (README, 'CPU support'); CMAKE_ARGS from the environment is added (CMAKE_ARGS=-DGGML_CUDA=on
 # for NVIDIA GPUs, as the container image's CUDA flavour does).
-x86_v2="-DGGML_NATIVE=OFF -DGGML_SSE42=ON"
-x86_v3="$x86_v2 -DGGML_AVX=ON -DGGML_F16C=ON -DGGML_FMA=ON -DGGML_AVX2=ON -DGGML_BMI2=ON"
+# Every family spelled out: with GGML_NATIVE off, ggml turns the AVX2 set on unless told otherwise.
+x86_v3="-DGGML_NATIVE=OFF -DGGML_SSE42=ON -DGGML_AVX=ON -DGGML_F16C=ON -DGGML_FMA=ON -DGGML_AVX2=ON -DGGML_BMI2=ON"
+x86_v2="-DGGML_NATIVE=OFF -DGGML_SSE42=ON -DGGML_AVX=OFF -DGGML_F16C=OFF -DGGML_FMA=OFF -DGGML_AVX2=OFF -DGGML_BMI2=OFF"
 case "$(uname -m)/${LLAMA_CPU:=default}" in
     x86_64/default|x86_64/x86-64-v3) cpu_args="$x86_v3" ;;                       # Haswell, Zen 1 and later
     x86_64/x86-64-v2) cpu_args="$x86_v2" ;;                                      # any x86-64 since 2009

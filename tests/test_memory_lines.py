@@ -51,7 +51,7 @@ def test_a_configured_soft_line_above_the_estimate_is_never_undercut_by_the_deri
 
 def test_gpu_layers_get_a_gpu_line(shape):
     _, figures, lines = lines_for(shape, n_gpu_layers="-1")
-    assert lines.max_gpu_memory == int(1.25 * figures.gpu + 256 * MiB) and lines.source("max_gpu_memory") == "derived"
+    assert lines.max_gpu_memory == int(1.5 * figures.gpu + 512 * MiB) and lines.source("max_gpu_memory") == "derived"
 
 
 def samples(private_mib: list[float], context: list[int]) -> list[Sample]:

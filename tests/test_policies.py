@@ -167,3 +167,12 @@ def test_a_temperature_line_set_to_zero_is_off():
 def test_replacement_first_only_when_the_budgets_hold_both(budget, in_use, needed, first, words):
     answer, why = replacement_first(budget, in_use, needed)
     assert answer == first and words in why
+
+
+def test_a_soft_line_below_the_workers_own_baseline_recycles_nothing_but_the_hard_line_still_kills():
+    """Every replacement would start above such a line too: recycling would loop forever."""
+    limits = Limits(max_private_memory=1024 * MiB)
+    baseline = Sample(at=0.0, private=1100 * MiB, file_rss=0)
+    assert memory_decision(series([1100, 1100]), limits, baseline).action == Action.NONE
+    assert memory_decision(series([1100, 1100]), limits).action == Action.RECYCLE  # no baseline known: as before
+    assert memory_decision(series([1100, 1600]), limits, baseline).action == Action.KILL

@@ -73,3 +73,21 @@ def test_the_reconciler_starts_a_worker_only_where_one_is_wanted_and_missing(rep
 
     asyncio.run(tick())
     assert bool(started) == starts
+
+
+def test_the_reconciler_leaves_a_worker_being_killed_to_its_exit(replica, monkeypatch):
+    """A worker still alive after a hard kill (TERM, then KILL after a grace) still holds its memory: its
+    exit starts the replacement, never the reconciler beside it."""
+    from types import SimpleNamespace
+
+    started = []
+    monkeypatch.setattr(replica, "ensure_worker", lambda **kw: started.append(kw) or asyncio.Future())
+    replica.state = S.REPLACING
+    replica.worker = SimpleNamespace(alive=True, state=None)
+
+    async def tick():
+        replica.reconcile()
+
+    asyncio.run(tick())
+    assert started == []
+

@@ -110,3 +110,26 @@ def test_no_start_of_any_kind_loads_a_worker_onto_a_gpu_past_its_line(model_dir)
         assert daemon.worker().pid not in (0, pid)
     finally:
         daemon.stop()
+
+
+def test_an_unload_does_not_wait_for_a_start_held_at_a_hot_gpu(model_dir):
+    daemon = InProcessDaemon(model_dir, model_table("tiny", "tiny.gguf", n_ctx=512, temperature_critical=90))
+    try:
+        events = events_of(daemon)
+        pid = daemon.worker().pid
+        daemon.heat(pid, 95)
+        wait_for(lambda: not pid_alive(pid) and daemon.worker().pid == 0, what="the unload on a critical GPU")
+        # A start waits at the door (for request_timeout, 10 minutes here) …
+        waiting = concurrent.futures.ThreadPoolExecutor(1).submit(
+            daemon.stub.Tokenize, pb.TokenizeRequest(model="tiny", text="hello"))
+        wait_for(lambda: any(e.kind == "replica_state" and e.reason == "starting" for e in events),
+                 what="the start to wait at the door")
+        assert not waiting.done()
+        # … and an unload does not wait with it: the start is called off.
+        daemon.stub.UnloadModel(pb.UnloadModelRequest(name="tiny"), timeout=15)
+        with pytest.raises(grpc.RpcError) as ended:
+            waiting.result(timeout=15)
+        assert ended.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND)
+    finally:
+        daemon.stop()
+

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import grpc
 import pytest
@@ -80,6 +81,26 @@ def test_the_hard_line_kills_mid_request_and_says_why(start_daemon):
     wait_for(lambda: daemon.worker("tiny").state == "READY", what="the replacement")
     worker = daemon.worker("tiny")
     assert worker.pid != old and worker.recycles == 1 and worker.restarts == 0
+
+
+def test_a_line_below_what_a_fresh_worker_holds_ends_fatal_instead_of_looping(start_daemon):
+    # Every loaded worker holds ~40 MiB: each replacement would cross the hard line (30 MiB) as it starts.
+    daemon = start_daemon(model_table("tiny", "tiny.gguf", max_private_memory="20MiB", max_restarts=2),
+                          extra='poll_interval = "100ms"')
+    worker = wait_for(lambda: (w := daemon.worker("tiny")).state == "FATAL" and w, timeout=60, what="FATAL")
+    assert "hard line 30.0 MiB" in worker.last_exit and "3 times in a row" in worker.last_exit
+    assert worker.recycles == 3 and worker.restarts == 3  # no soft-line recycles: the line is below the baseline
+
+
+def test_a_soft_line_between_a_fresh_worker_and_its_hard_line_does_not_recycle_it_forever(start_daemon):
+    # ~40 MiB at load: above the soft line (30 MiB), below the hard one (45 MiB). Recycling it would
+    # replace it with another just like it, every two polls, for ever.
+    daemon = start_daemon(model_table("tiny", "tiny.gguf", max_private_memory="30MiB"), extra='poll_interval = "100ms"')
+    pid = daemon.worker("tiny").pid
+    assert ask(daemon)[-1].worker_pid == pid
+    deadline = time.monotonic() + 1.0  # ten polls: a recycle, were there one, would have been decided
+    while time.monotonic() < deadline:
+        assert daemon.worker("tiny").recycles == 0
 
 
 def test_a_worker_killed_five_times_in_a_row_ends_fatal_with_the_reason(start_daemon):

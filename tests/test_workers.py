@@ -121,6 +121,28 @@ def test_a_crashed_worker_leaves_no_socket_or_heartbeat_file_behind(start_daemon
     assert len(after) == 2 and not set(after) & set(before), (before, after)
 
 
+def test_a_model_stopped_while_its_worker_is_being_killed_stays_stopped(start_daemon):
+    # The worker is frozen (SIGSTOP): its request runs past request_timeout, the supervisor sends TERM
+    # (which a stopped process does not act on) and KILLs it 2 s later. `llmctl stop` lands in between:
+    # the kill's exit must not start a worker for a model stopped by hand.
+    daemon = start_daemon(slow_model(request_timeout="1s"), env={"TEST_TOKEN_DELAY": "0.2"},
+                          extra='poll_interval = "100ms"')
+    pid = daemon.worker("tiny").pid
+    os.kill(pid, signal.SIGSTOP)
+    with pytest.raises(grpc.RpcError) as late:
+        list(open_stream(daemon, max_tokens=50))
+    assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    daemon.stub.StopModel(pb.StopModelRequest(name="tiny"), timeout=30)
+    wait_for(lambda: not pid_alive(pid), timeout=15, what="the kill after the grace")
+    deadline = time.monotonic() + 1.5  # a restart, were there one, spawns within a poll or two
+    while time.monotonic() < deadline:
+        worker = daemon.worker("tiny")
+        assert worker.state == "STOPPED" and worker.pid == 0, worker
+    with pytest.raises(grpc.RpcError) as refused:
+        list(open_stream(daemon, max_tokens=1))
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE and "STOPPED" in refused.value.details()
+
+
 def test_no_worker_outlives_a_killed_supervisor(start_daemon):
     daemon = start_daemon(model_table("tiny", "tiny.gguf") + "\n" + model_table("other", "tiny.gguf"))
     pids = [w.pid for w in daemon.stub.Status(pb.StatusRequest()).workers]

@@ -111,13 +111,14 @@ class Registry:
         its room from the decision until its worker is launching. The victims' exits are awaited outside
         the lock: a slow exit holds up this start only, not every start on the daemon (crash restarts
         included)."""
+        if self.config.gpu_memory_budget_percent and self.monitor.last_gpus is None:
+            # Before the watch loop's first read, and outside the lock: a hung NVML holds up this start only.
+            await asyncio.to_thread(self.monitor.host)
         async with self._admission:
             figures = starting.estimate
             needed = Usage(figures.private_peak, figures.gpu)
             self._check_host(starting, figures)
             c = self.config
-            if c.gpu_memory_budget_percent and self.monitor.last_gpus is None:
-                await asyncio.to_thread(self.monitor.host)  # before the watch loop's first read
             budget = self.budget()
             holders = {replica.label: replica for replica in self._holding() if replica is not starting}
             residents = [resident(replica) for replica in holders.values()]

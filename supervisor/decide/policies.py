@@ -93,8 +93,10 @@ def rlimit_decision(latest: Sample, limits: Limits) -> Decision:
                     {"bytes": latest.data, "limit_bytes": limits.rlimit_data, "key": "rlimit_data"}, rule="memory")
 
 
-def memory_decision(history: Sequence[Sample], limits: Limits) -> Decision:
-    """Soft lines recycle after `soft_samples` samples in a row above them; hard lines kill at once."""
+def memory_decision(history: Sequence[Sample], limits: Limits, baseline: Sample | None = None) -> Decision:
+    """Soft lines recycle after `soft_samples` samples in a row above them; hard lines kill at once. A soft
+    line the worker's own baseline (right after its warm-up) is already above is no reason to recycle:
+    every replacement would start above it too, and recycle forever."""
     if not history:
         return NOTHING
     latest = history[-1]
@@ -111,6 +113,8 @@ def memory_decision(history: Sequence[Sample], limits: Limits) -> Decision:
             return Decision(Action.KILL, f"{what} {mib(now)} is above the hard line {mib(hard)}",
                             {"bytes": now, "limit_bytes": hard, "key": key}, rule="memory")
         recent = history[-limits.soft_samples:]
+        if soft and baseline is not None and value(baseline) >= soft:
+            continue
         if soft and len(recent) == limits.soft_samples and all(value(s) > soft for s in recent):
             decision = Decision(Action.RECYCLE, f"{what} {mib(now)} is above {key} ({mib(soft)})",
                                 {"bytes": now, "limit_bytes": soft, "key": key}, rule="memory")
@@ -189,7 +193,7 @@ def draw_max_requests(max_requests: int, jitter: int, rng: random.Random) -> int
 def decide(history: Sequence[Sample], per_request: Sequence[Sample], baseline: Sample | None, limits: Limits) -> Decision:
     """One decision per worker per tick: the most severe of what the rules say."""
     history, per_request = list(history), list(per_request)  # the monitor keeps deques; rules slice
-    candidates = [memory_decision(history, limits)]
+    candidates = [memory_decision(history, limits, baseline)]
     if baseline is not None:
         candidates.append(leak_decision(per_request, baseline.private, limits, "private"))
         if baseline.gpu is not None:

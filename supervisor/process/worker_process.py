@@ -83,6 +83,7 @@ class WorkerProcess:
         self.idle = asyncio.Event()  # set while no request is in flight on it
         self.idle.set()
         self.kill_reason = ""  # set when the supervisor kills it on purpose (a hard line, a hang)
+        self.kill_kind = ""  # which rule killed it: "memory", "hung", "timeout", "by_hand"
         self.watch = WorkerHistory()  # the watchdog's samples of this worker; baseline set once it serves
         self.limits = Limits()  # its own limits: max_requests carries the jitter drawn for it
         self._tasks: list[asyncio.Task] = []

@@ -118,10 +118,12 @@ class ModelRuntime:
                 sent = False
                 worker.begin_request()
                 call = worker.stub.Generate(request, timeout=self.config.request_timeout)
+                measured = False
                 try:
                     async for chunk in call:
                         sent = True
                         if chunk.HasField("usage"):  # the last chunk: how far this request filled the context
+                            measured = True
                             worker.context_high = max(worker.context_high,
                                                       chunk.usage.prompt_tokens + chunk.usage.completion_tokens)
                         yield chunk
@@ -143,9 +145,14 @@ class ModelRuntime:
                 finally:
                     call.cancel()  # a no-op when it completed; stops the worker's loop when we were cancelled
                     worker.end_request()
+                    if not measured and worker.info is not None:
+                        # Cancelled or failed before its usage came: it may have filled the context as far as
+                        # n_ctx. Assume it did, so the leak rule does not take that growth for a leak.
+                        worker.context_high = max(worker.context_high, worker.info.n_ctx)
         finally:
             replica.used()  # before the slot is free: keep_alive never sees it idle with an old clock
             replica.queue.leave()
+            replica.watchdog.unload_if_idle()  # keep_alive 0: right after the request, now that it is done
 
     async def tokenize(self, request: pb.TokenizeRequest) -> pb.TokenizeResponse:
         replica = self.pick()

@@ -298,7 +298,7 @@ def parse_config(text: str, host: Host, base_dir: Path | None = None) -> Supervi
             admin_tokens_file=directory(auth["admin_tokens_file"]) if "admin_tokens_file" in auth else None,
             defaults=dict(data.get("defaults", {})),
         )
-    except ValueError as e:
+    except (ValueError, TypeError) as e:  # TypeError: a table or list where a number belongs
         raise ConfigError(f"[supervisor]: {e}") from None
     if cfg.poll_interval <= 0 or not math.isfinite(cfg.poll_interval):
         raise ConfigError("[supervisor] poll_interval must be more than 0")

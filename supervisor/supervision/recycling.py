@@ -80,7 +80,7 @@ class Recycles:
             self._counted(reason, kind)
         replica.events.emit("worker_recycle", replica.name, "warning", worker.pid, reason, graceful=False,
                             **memory_figures(worker))
-        worker.kill_reason = reason
+        worker.kill_reason, worker.kill_kind = reason, kind
         worker.change_state(WorkerState.STOPPING, reason)  # no request goes to it any more
         if not draining and worker is replica.worker and replica.state == ReplicaState.SERVING:
             replica.change_state(ReplicaState.REPLACING, reason)  # its exit starts the replacement

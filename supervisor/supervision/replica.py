@@ -15,7 +15,7 @@ import itertools
 import random
 import time
 from pathlib import Path
-from typing import Awaitable, Callable, Protocol
+from typing import Awaitable, Callable, Protocol, TypeVar
 
 import structlog
 
@@ -39,6 +39,7 @@ from supervisor.supervision.watchdog import Watchdog
 from supervisor.tasks import Background
 
 log = structlog.get_logger("llm_supervisor.replica")
+T = TypeVar("T")
 
 # A worker that dies sooner than this after it started counts as a fast failure (supervisord's startsecs).
 FAST_FAILURE_S = 10.0
@@ -114,6 +115,7 @@ class Replica:
         self._standby = standby
         self._admit = admit  # before any worker starts: make room, or refuse with RESOURCE_EXHAUSTED
         self._background = Background()
+        self._closed = asyncio.Event()  # set once CLOSED: a start waiting out something gives up
 
     # -- what it is ------------------------------------------------------------------------------------
     @property
@@ -178,7 +180,7 @@ class Replica:
 
     def usage(self) -> Usage:
         """What this replica's live workers hold now, by their latest samples."""
-        latest = [w.watch.periodic[-1] for w in (self.worker, *self.retiring)
+        latest = [w.watch.periodic[-1] for w in {self.worker, *self.retiring}  # a set: a draining worker is both
                   if w is not None and w.alive and w.watch.periodic]
         return Usage(sum(s.private for s in latest), sum(s.gpu or 0 for s in latest))
 
@@ -208,9 +210,11 @@ class Replica:
             return
         if new not in ALLOWED[self.state]:
             raise RuntimeError(f"replica {self.label}: {self.state.value} → {new.value} is not allowed")
-        self.events.emit("replica_state", self.name, "debug", self.worker.pid if self.worker else 0, reason,
-                         replica=self.index, old=self.state.value, new=new.value)
+        self.events.emit("replica_state", self.name, "info", self.worker.pid if self.worker else 0, reason,
+                         state=new.value, replica=self.index, old=self.state.value, new=new.value)
         self.state, self.reason = new, reason
+        if new == ReplicaState.CLOSED:
+            self._closed.set()
         self._on_change()
 
     def refusal(self) -> ApiError | None:
@@ -232,7 +236,8 @@ class Replica:
         `warm_after`, the new worker loads now but runs its warm-up only once that (draining) worker is idle:
         two processes computing on the same cores slow each other several times over."""
         if self._starting is None or self._starting.done():
-            if self.state in (ReplicaState.UNLOADED, ReplicaState.FATAL, ReplicaState.STOPPED):
+            # FATAL and STOPPED are left only by hand (start_by_hand) or a reload: the start then refuses.
+            if self.state == ReplicaState.UNLOADED:
                 self.change_state(ReplicaState.STARTING, "starting")
             self._starting = asyncio.create_task(self._start(after, after_exit, warm_after),
                                                  name=f"start-{self.label}")
@@ -255,9 +260,9 @@ class Replica:
     async def _start(self, after: float, after_exit: WorkerProcess | None,
                      warm_after: WorkerProcess | None) -> WorkerProcess:
         if after:
-            await asyncio.sleep(after)
+            await self._unless_closed(asyncio.sleep(after))
         if after_exit is not None:
-            await after_exit.exited.wait()
+            await self._unless_closed(after_exit.exited.wait())
         if self.state == ReplicaState.BACKOFF:
             self.change_state(ReplicaState.STARTING, "back-off over")
         refused = self.refusal()
@@ -266,22 +271,43 @@ class Replica:
         try:
             # Every start comes this way — a request's, a restart's, a recycle's, Tokenize's, llmctl start's:
             # none loads a worker onto a GPU that is still past its temperature line.
-            await self.thermal.wait("not starting a worker", self.config.request_timeout)
+            await self._unless_closed(self.thermal.wait("not starting a worker", self.config.request_timeout))
             if self._admit is not None:
-                await self._admit(self)
-        except ApiError as e:  # too hot or no room now: the next request tries again, the model is not FATAL
-            self.last_exit = e.message
+                await self._unless_closed(self._admit(self))
+        except Exception as e:  # too hot or no room now: the next request tries again, the model is not FATAL
+            error = e if isinstance(e, ApiError) else unavailable(f"model {self.name!r}: cannot start a worker: {e!r}")
+            self.last_exit = error.message
             if self.state in (ReplicaState.STARTING, ReplicaState.REPLACING):
-                self.change_state(ReplicaState.UNLOADED, e.message)
-            raise
+                self.change_state(ReplicaState.UNLOADED, error.message)
+            raise error from None
         try:
             worker = await self._launch(warm_after)
         except ApiError as e:
             if self.state not in REFUSING:
                 self.change_state(ReplicaState.FATAL, e.message)
             raise
+        except Exception as e:  # the OS refused (fork: EAGAIN, ENOMEM): no verdict on the model, try again later
+            error = unavailable(f"model {self.name!r}: cannot start a worker: {e!r}")
+            self.last_exit = error.message
+            if self.state not in REFUSING:
+                self.change_state(ReplicaState.UNLOADED, error.message)
+            raise error from None
         self._install(worker)
         return worker
+
+    async def _unless_closed(self, waited: Awaitable[T]) -> T:
+        """`waited`, or the refusal as soon as the replica is closed meanwhile: an unload or a shutdown does
+        not wait out a back-off, a hot GPU or admission, and whoever waits for the start learns why."""
+        work = asyncio.ensure_future(waited)
+        closed = asyncio.ensure_future(self._closed.wait())
+        try:
+            await asyncio.wait({work, closed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closed.cancel()
+        if work.done():
+            return work.result()
+        work.cancel()
+        raise self.refusal()
 
     async def _launch(self, warm_after: WorkerProcess | None) -> WorkerProcess:
         socket_path = self._socket_dir / f"{self.name}.{self.index}.{next(self._serial)}.sock"
@@ -321,8 +347,8 @@ class Replica:
         """Level-triggered, each watchdog pass (supervisord's transition(), gunicorn's manage_workers): a
         replica that should have a worker and has none, and none on its way, gets one. The edges (exits,
         recycles, requests) normally see to that; this is the net under them."""
-        if self.state not in WANTS_WORKER or self.serving:
-            return
+        if self.state not in WANTS_WORKER or (self.worker is not None and self.worker.alive):
+            return  # a worker being killed (STOPPING) is still there: its exit starts the replacement
         if self._starting is not None and not self._starting.done():
             return
         if self.state == ReplicaState.REPLACING and any(w.alive for w in self.retiring):
@@ -338,11 +364,13 @@ class Replica:
         restarted with back-off."""
         self.last_exit = worker.exit_reason
         self._on_change()
-        if self.state == ReplicaState.CLOSED or worker.stop_requested or worker is not self.worker:
+        if self.state in REFUSING or worker.stop_requested or worker is not self.worker:
             return
-        if worker.kill_reason:  # the watchdog's hard line: a recycle, not a crash
-            self._restart()
+        if worker.kill_reason and not (worker.kill_kind == "memory" and not worker.busy_since):
+            self._restart()  # the watchdog's hard line, a hang, a timeout, llmctl restart: a recycle, not a crash
             return
+        # A crash — or a hard memory line crossed before the worker ever had a request, which every fresh
+        # worker would cross again: restarting it at once would loop, so it backs off and ends FATAL.
         self.restarts += 1
         advice = hopeless(worker.returncode, self.name)
         if advice:  # the same death on every restart: FATAL at once, saying what to do
@@ -389,19 +417,21 @@ class Replica:
         worker.stop_requested = True  # its exit is not a crash
         worker.change_state(WorkerState.DRAINING, reason)
         self.retiring.add(worker)
-        return asyncio.create_task(self._retire(worker, reason, replacement), name=f"retire-{worker.pid}")
+        return self.keep(self._retire(worker, reason, replacement), f"retire-{worker.pid}")
 
     async def _retire(self, old: WorkerProcess, reason: str,
                       replacement: asyncio.Task[WorkerProcess] | None) -> WorkerProcess | None:
         fresh = None
-        if replacement is not None:
-            try:
-                fresh = await asyncio.shield(replacement)
-            except ApiError as e:
-                log.error("worker_recycle_failed", model=self.name, worker_pid=old.pid, error=e.message)
-        await old.idle.wait()  # the request it had, if any, finishes on it
-        await old.stop()
-        self.retiring.discard(old)
+        try:
+            if replacement is not None:
+                try:
+                    fresh = await asyncio.shield(replacement)
+                except Exception as e:
+                    log.error("worker_recycle_failed", model=self.name, worker_pid=old.pid, error=str(e))
+            await old.idle.wait()  # the request it had, if any, finishes on it
+        finally:  # whatever happened to the replacement, the old worker goes
+            await asyncio.shield(old.stop())
+            self.retiring.discard(old)
         if fresh is None:
             self.last_exit = reason
             self._on_change()
@@ -429,15 +459,16 @@ class Replica:
     async def stop_by_hand(self, reason: str) -> WorkerProcess | None:
         """llmctl stop: the worker finishes its request and exits; none starts until `start_by_hand`.
         Requests meanwhile get UNAVAILABLE saying so. Returns the worker stopped, if one ran."""
+        # Shielded: a client that gives up on its stop must not cancel the start or the drain half-way.
         if self._starting is not None and not self._starting.done():
-            await asyncio.gather(self._starting, return_exceptions=True)  # a start in progress finishes first
+            await asyncio.gather(asyncio.shield(self._starting), return_exceptions=True)  # it finishes first
         if self.state == ReplicaState.CLOSED:
             return None
         self.change_state(ReplicaState.STOPPED, reason)
         worker = self.worker
         if worker is None or worker.state not in SERVING_STATES:
             return None
-        await self.retire(worker, reason)
+        await asyncio.shield(self.retire(worker, reason))
         return worker
 
     async def start_by_hand(self) -> tuple[WorkerProcess, bool]:
@@ -459,6 +490,7 @@ class Replica:
             worker.limits = limits_for(config, self.lines, self.rng)
         if self.state == ReplicaState.FATAL:  # perhaps what the change fixed
             self._fast_failures = 0
+            self.change_state(ReplicaState.STARTING, "config changed")
             await self.start()
         elif new_worker and self.serving:
             self.recycles.graceful(worker, f"config changed: {', '.join(keys)}", kind="config")

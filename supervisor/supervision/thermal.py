@@ -63,7 +63,9 @@ class ThermalGate:
         for overheat in rose:
             self.reason = overheat.reason
             self.cool.clear()
-        if not rose and max(self.heat.values(), default=Heat.NORMAL) == Heat.NORMAL and not self.cool.is_set():
+        # Only the GPUs the model runs on now: one it has left must not keep the door shut for good.
+        hottest = max((level for index, level in self.heat.items() if index in self.gpus), default=Heat.NORMAL)
+        if not rose and hottest == Heat.NORMAL and not self.cool.is_set():
             self.reason = ""
             self.cool.set()
             temps = ", ".join(f"GPU {i} {t} °C" for i, t in sorted(self.temperatures.items()) if i in self.gpus)

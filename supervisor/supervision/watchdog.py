@@ -49,7 +49,7 @@ class Watchdog:
                     worker.watch.baseline = dataclasses.replace(baseline, gpu=sample.gpu)
                 self._act(worker, self._decide(worker))
             self._check_progress(worker)
-        self._unload_if_idle()
+        self.unload_if_idle()
 
     def after_request(self, worker: WorkerProcess) -> Decision:
         """After each request: a per-request sample, so a leak shows as a trend per request."""
@@ -60,9 +60,7 @@ class Watchdog:
             return Decision(Action.NONE)
         worker.watch.per_request.append(sample)
         worker.watch.periodic.append(sample)
-        decision = self._act(worker, self._decide(worker))
-        self._unload_if_idle()  # keep_alive 0: right after the request
-        return decision
+        return self._act(worker, self._decide(worker))
 
     @staticmethod
     def _decide(worker: WorkerProcess) -> Decision:
@@ -87,7 +85,7 @@ class Watchdog:
             self.replica.recycles.hard(worker, f"no progress for {silent:.1f} s (heartbeat_timeout {timeout:g} s): hung",
                                        grace=KILL_GRACE_S, kind="hung")
 
-    def _unload_if_idle(self) -> None:
+    def unload_if_idle(self) -> None:
         """keep_alive: never while a request runs or waits; counted from the end of the last one."""
         replica = self.replica
         worker = replica.worker
