@@ -241,13 +241,15 @@ def test_keep_alive_never_unloads_a_worker_mid_request_and_counts_from_its_end(s
     daemon = start_daemon(model_table("tiny", "tiny.gguf", n_ctx=512, keep_alive="500ms",
                                       engine="tests.engines:SlowEngine"),
                           env={"TEST_TOKEN_DELAY": "0.05"}, extra='poll_interval = "100ms"')
-    first = daemon.worker("tiny").pid
+    ask(daemon, max_tokens=1)  # a worker that has just served: keep_alive counts from here
+    unloads = daemon.log().count('"worker_idle_unload"')
     long = ask(daemon, max_tokens=40)
-    assert long[-1].worker_pid == first
+    served_by = long[-1].worker_pid
+    assert daemon.log().count('"worker_idle_unload"') == unloads  # none while it ran
     # At once after it ends, the same worker takes the next request: nothing unloaded it meanwhile.
-    assert ask(daemon, max_tokens=1)[-1].worker_pid == first
-    assert '"worker_idle_unload"' not in daemon.log()
-    wait_for(lambda: not pid_alive(first), timeout=10, what="the unload, keep_alive after the last request")
+    assert ask(daemon, max_tokens=1)[-1].worker_pid == served_by
+    assert daemon.log().count('"worker_idle_unload"') == unloads
+    wait_for(lambda: not pid_alive(served_by), timeout=10, what="the unload, keep_alive after the last request")
 
 
 def test_a_worker_hung_mid_stream_is_killed_for_lack_of_progress(start_daemon):

@@ -264,9 +264,11 @@ class Registry:
         extra, added = replicas[change.config.replicas:], range(len(replicas), change.config.replicas)
         runtime.replicas = replicas[:change.config.replicas] + [
             self._replica(runtime, change.config, gguf, i, runtime.output) for i in added]
-        await asyncio.gather(
-            runtime.stop(drain=self.config.shutdown_timeout, reason="was stopped: fewer replicas", replicas=extra),
-            *(replica.start() for replica in runtime.replicas[len(replicas):]))
+        # The stop shielded: a ReloadConfig whose client gives up must not leave replicas half stopped.
+        stopping = self._background.keep(runtime.stop(drain=self.config.shutdown_timeout,
+                                                      reason="was stopped: fewer replicas", replicas=extra),
+                                         f"fewer-replicas-{runtime.name}")
+        await asyncio.gather(asyncio.shield(stopping), *(replica.start() for replica in runtime.replicas[len(replicas):]))
 
 
 def refusal(name: str, needed: Usage, budget: Usage, max_models: int, residents: list[Resident], broken: str) -> str:
