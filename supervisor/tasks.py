@@ -11,6 +11,8 @@ from typing import Awaitable
 
 import structlog
 
+from supervisor.errors import ApiError
+
 log = structlog.get_logger("llm_supervisor.tasks")
 
 
@@ -28,7 +30,8 @@ class Background:
 
     def _done(self, task: asyncio.Task) -> None:
         self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
+        # An ApiError is an answer, given to whoever awaited the task; anything else is a bug to see.
+        if not task.cancelled() and task.exception() is not None and not isinstance(task.exception(), ApiError):
             log.error("background_task_failed", task=task.get_name(), error=repr(task.exception()))
 
     def __len__(self) -> int:

@@ -198,3 +198,25 @@ def test_a_slow_eviction_holds_up_only_the_start_it_makes_room_for(tmp_path):
         await asyncio.wait_for(making_room, timeout=5)
 
     asyncio.run(scenario())
+
+
+def test_two_replicas_starting_together_cannot_both_take_room_for_one(start_daemon, model_dir):
+    """Each start holds its room from admission until its worker counts as held: with room for one
+    worker, a model of two replicas loading at once is refused, not admitted twice."""
+    import os
+
+    import psutil
+
+    from supervisor.decide.estimate import estimate
+    from supervisor.settings.config import Host, model_config
+    from supervisor.settings.gguf_file import read_gguf_info
+
+    host = Host(memory_bytes=psutil.virtual_memory().total, is_root=os.geteuid() == 0, env={})
+    config = model_config("tiny", {"path": "tiny.gguf", "n_ctx": "256"}, {}, host)
+    peak = estimate(read_gguf_info(model_dir / "tiny.gguf").shape, config).private_peak
+    daemon = start_daemon("", extra=f'memory_budget = "{int(peak * 1.5)}"')
+    with pytest.raises(grpc.RpcError) as refused:
+        daemon.stub.LoadModel(pb.LoadModelRequest(name="tiny", path="tiny.gguf",
+                                                  options={"n_ctx": "256", "replicas": "2"}), timeout=60)
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "memory_budget" in refused.value.details()
+    assert not [w for w in daemon.stub.Status(pb.StatusRequest()).workers if w.pid]  # the load failed whole

@@ -50,6 +50,7 @@ class Registry:
         self._admission = asyncio.Lock()
         self._reserved: set[Replica] = set()  # admitted, waiting for their victims to exit
         self._background = Background()
+        self._leaving: set[Replica] = set()  # being stopped after an unload, a removal or fewer replicas
 
     def get(self, name: str) -> ModelRuntime:
         runtime = self.models.get(name)
@@ -100,8 +101,19 @@ class Registry:
                        admit=self.admit, index=index, output=output, queue=RequestQueue())
 
     def replicas(self) -> list[Replica]:
-        """Every replica of every model."""
-        return [replica for runtime in list(self.models.values()) for replica in runtime.replicas]
+        """Every replica of every model, and those of models on their way out: until their workers have
+        exited, the watchdog still watches them and admission still counts their memory."""
+        listed = [replica for runtime in list(self.models.values()) for replica in runtime.replicas]
+        return listed + [replica for replica in list(self._leaving) if replica not in listed]
+
+    async def _stop(self, runtime: ModelRuntime, reason: str, replicas: list[Replica] | None = None) -> None:
+        """Stop a model's replicas (all, or those given) after the drain, watched and counted until gone."""
+        leaving = list(runtime.replicas if replicas is None else replicas)
+        self._leaving.update(leaving)
+        try:
+            await runtime.stop(drain=self.config.shutdown_timeout, reason=reason, replicas=leaving)
+        finally:
+            self._leaving.difference_update(leaving)
 
     async def admit(self, starting: Replica) -> None:
         """Before any worker starts: within memory_budget, gpu_memory_budget and max_loaded_models, by the
@@ -175,11 +187,18 @@ class Registry:
         return replacement_first(self.budget(), held, needed)
 
     async def load_by_api(self, request: LoadedModel, source: str = "api", keep_on_failure: bool = False) -> ModelRuntime:
-        """A model loaded at run time: recorded in the state directory, so a restart loads it again."""
-        runtime = await self.load(self.model_config(request.name, request.path, request.options), source, keep_on_failure)
-        self._loaded_by_api[request.name] = request
-        await self._record()
-        return runtime
+        """A model loaded at run time: recorded in the state directory, so a restart loads it again.
+        Shielded: a client that gives up on its LoadModel leaves a model loaded and recorded (or, failed,
+        removed), never listed and unrecorded."""
+        config = self.model_config(request.name, request.path, request.options)
+
+        async def load_and_record() -> ModelRuntime:
+            runtime = await self.load(config, source, keep_on_failure)
+            self._loaded_by_api[request.name] = request
+            await self._record()
+            return runtime
+
+        return await asyncio.shield(self._background.keep(load_and_record(), f"load-{request.name}"))
 
     async def restore(self) -> None:
         """Load again what the API had loaded before a restart; a model the config now names is the
@@ -212,7 +231,7 @@ class Registry:
         async def finish() -> None:
             if recorded:
                 await self._record()
-            await runtime.stop(drain=self.config.shutdown_timeout, reason=reason)
+            await self._stop(runtime, reason)
 
         # Shielded: a client that cancels its UnloadModel must not leave a model out of the list whose
         # workers nobody stops.
@@ -222,8 +241,7 @@ class Registry:
         """Every model, as unload does, at once."""
         runtimes = list(self.models.values())
         self.models.clear()
-        await asyncio.gather(*(rt.stop(drain=self.config.shutdown_timeout, reason=reason) for rt in runtimes),
-                             return_exceptions=True)
+        await asyncio.gather(*(self._stop(rt, reason) for rt in runtimes), return_exceptions=True)
 
     # -- reload ----------------------------------------------------------------------------------------
     def running(self) -> dict[str, tuple[ModelConfig, str]]:
@@ -231,7 +249,11 @@ class Registry:
 
     async def update(self, config: SupervisorConfig, plan: Plan) -> dict[str, str]:
         """Apply a reload: the new settings, then removals (their memory may be what the rest needs),
-        then changes and additions together. Returns what failed, by model; the rest applies regardless."""
+        then changes and additions together. Returns what failed, by model; the rest applies regardless.
+        Shielded: a reload whose client gives up is applied whole, not half."""
+        return await asyncio.shield(self._background.keep(self._update(config, plan), "reload"))
+
+    async def _update(self, config: SupervisorConfig, plan: Plan) -> dict[str, str]:
         self.config = config
         errors: dict[str, str] = {}
 
@@ -257,18 +279,26 @@ class Registry:
             runtime.source = "config"
             self._loaded_by_api.pop(runtime.name, None)
             await self._record()
-        # One replica after another: while one is recycled, the others serve.
+        # One replica after another: while one is recycled, the others serve. Each gets the new settings
+        # whatever became of the one before: a reload half applied would look applied to the next one.
         replicas = runtime.replicas
+        failed: list[BaseException] = []
         for replica in replicas[:change.config.replicas]:
-            await replica.reconfigure(change.config, gguf, change.keys, change.new_worker)
+            try:
+                await replica.reconfigure(change.config, gguf, change.keys, change.new_worker)
+            except ApiError as e:
+                failed.append(e)
         extra, added = replicas[change.config.replicas:], range(len(replicas), change.config.replicas)
         runtime.replicas = replicas[:change.config.replicas] + [
             self._replica(runtime, change.config, gguf, i, runtime.output) for i in added]
         # The stop shielded: a ReloadConfig whose client gives up must not leave replicas half stopped.
-        stopping = self._background.keep(runtime.stop(drain=self.config.shutdown_timeout,
-                                                      reason="was stopped: fewer replicas", replicas=extra),
+        stopping = self._background.keep(self._stop(runtime, "was stopped: fewer replicas", extra),
                                          f"fewer-replicas-{runtime.name}")
-        await asyncio.gather(asyncio.shield(stopping), *(replica.start() for replica in runtime.replicas[len(replicas):]))
+        results = await asyncio.gather(asyncio.shield(stopping), *(replica.start() for replica in runtime.replicas[len(replicas):]),
+                                       return_exceptions=True)
+        failed += [r for r in results if isinstance(r, BaseException)]
+        if failed:
+            raise failed[0]
 
 
 def refusal(name: str, needed: Usage, budget: Usage, max_models: int, residents: list[Resident], broken: str) -> str:

@@ -32,6 +32,7 @@ log = structlog.get_logger("llm_supervisor.runtime")
 
 # How long to wait for a worker whose stream broke to be reaped, to tell its exit reason.
 DEATH_REAP_S = 3.0
+TOKENIZE_TIMEOUT_S = 30.0
 
 
 class ModelRuntime:
@@ -158,8 +159,11 @@ class ModelRuntime:
         replica = self.pick()
         worker = await replica.ready_worker()
         try:
-            return await worker.stub.Tokenize(request, timeout=30)
+            return await worker.stub.Tokenize(request, timeout=TOKENIZE_TIMEOUT_S)
         except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:  # slow, perhaps busy: no reason to replace it
+                raise ApiError(e.code(), f"model {self.name!r}: tokenizing took longer than "
+                                         f"{TOKENIZE_TIMEOUT_S:g} s") from None
             raise (await self._explain(replica, worker, e))[0] from None
 
     async def _explain(self, replica: Replica, worker: WorkerProcess,

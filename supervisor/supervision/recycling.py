@@ -66,7 +66,7 @@ class Recycles:
             # ready_worker() waits on this start, not on the draining worker.
             return replica.retire(worker, reason, replacement=replica.ensure_worker(warm_after=worker))
         retired = replica.retire(worker, reason)
-        replica.ensure_worker(after_exit=worker)
+        replica.report(replica.ensure_worker(after_exit=worker))
         return retired
 
     def hard(self, worker: WorkerProcess, reason: str, grace: float = 0.0, kind: str = "other") -> None:

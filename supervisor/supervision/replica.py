@@ -115,7 +115,7 @@ class Replica:
         self._standby = standby
         self._admit = admit  # before any worker starts: make room, or refuse with RESOURCE_EXHAUSTED
         self._background = Background()
-        self._closed = asyncio.Event()  # set once CLOSED: a start waiting out something gives up
+        self._refusing = asyncio.Event()  # set while STOPPED, FATAL or CLOSED: a start waiting gives up
 
     # -- what it is ------------------------------------------------------------------------------------
     @property
@@ -213,8 +213,10 @@ class Replica:
         self.events.emit("replica_state", self.name, "info", self.worker.pid if self.worker else 0, reason,
                          state=new.value, replica=self.index, old=self.state.value, new=new.value)
         self.state, self.reason = new, reason
-        if new == ReplicaState.CLOSED:
-            self._closed.set()
+        if new in REFUSING:
+            self._refusing.set()
+        else:
+            self._refusing.clear()
         self._on_change()
 
     def refusal(self) -> ApiError | None:
@@ -260,9 +262,9 @@ class Replica:
     async def _start(self, after: float, after_exit: WorkerProcess | None,
                      warm_after: WorkerProcess | None) -> WorkerProcess:
         if after:
-            await self._unless_closed(asyncio.sleep(after))
+            await self._unless_refused(asyncio.sleep(after))
         if after_exit is not None:
-            await self._unless_closed(after_exit.exited.wait())
+            await self._unless_refused(after_exit.exited.wait())
         if self.state == ReplicaState.BACKOFF:
             self.change_state(ReplicaState.STARTING, "back-off over")
         refused = self.refusal()
@@ -271,9 +273,11 @@ class Replica:
         try:
             # Every start comes this way — a request's, a restart's, a recycle's, Tokenize's, llmctl start's:
             # none loads a worker onto a GPU that is still past its temperature line.
-            await self._unless_closed(self.thermal.wait("not starting a worker", self.config.request_timeout))
+            await self._unless_refused(self.thermal.wait("not starting a worker", self.config.request_timeout))
             if self._admit is not None:
-                await self._unless_closed(self._admit(self))
+                # Awaited here, not in a task of its own: admission's reservation ends as it returns, and
+                # _launch must count the worker before anything else runs (no await in between).
+                await self._admit(self)
         except Exception as e:  # too hot or no room now: the next request tries again, the model is not FATAL
             error = e if isinstance(e, ApiError) else unavailable(f"model {self.name!r}: cannot start a worker: {e!r}")
             self.last_exit = error.message
@@ -295,21 +299,27 @@ class Replica:
         self._install(worker)
         return worker
 
-    async def _unless_closed(self, waited: Awaitable[T]) -> T:
-        """`waited`, or the refusal as soon as the replica is closed meanwhile: an unload or a shutdown does
-        not wait out a back-off, a hot GPU or admission, and whoever waits for the start learns why."""
+    async def _unless_refused(self, waited: Awaitable[T]) -> T:
+        """`waited`, or the refusal as soon as the replica is stopped, FATAL or closed meanwhile: an unload,
+        a shutdown or `llmctl stop` does not wait out a back-off or a hot GPU, and whoever waits for the
+        start learns why."""
         work = asyncio.ensure_future(waited)
-        closed = asyncio.ensure_future(self._closed.wait())
+        refusing = asyncio.ensure_future(self._refusing.wait())
         try:
-            await asyncio.wait({work, closed}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({work, refusing}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            closed.cancel()
-        if work.done():
-            return work.result()
-        work.cancel()
-        raise self.refusal()
+            refusing.cancel()
+            if not work.done():
+                work.cancel()  # refused, or this start itself cancelled: nothing may go on waiting for it
+        refused = self.refusal()
+        if refused is not None:  # a tie goes to the refusal
+            raise refused
+        return work.result()
 
     async def _launch(self, warm_after: WorkerProcess | None) -> WorkerProcess:
+        refused = self.refusal()
+        if refused is not None:
+            raise refused
         socket_path = self._socket_dir / f"{self.name}.{self.index}.{next(self._serial)}.sock"
         worker = WorkerProcess(Spawn(self.config, self.gguf.path, socket_path, self.lines.rlimit_data),
                                self.events, self.output)
@@ -330,7 +340,12 @@ class Replica:
         return worker
 
     def _install(self, worker: WorkerProcess) -> None:
-        """Make `worker` the one requests go to. Its baseline is taken now, after the warm-up it ran at load."""
+        """Make `worker` the one requests go to. Its baseline is taken now, after the warm-up it ran at load.
+        A replica stopped, FATAL or closed during the warm-up does not take it: it is stopped instead."""
+        refused = self.refusal()
+        if refused is not None:
+            self.keep(worker.stop(), f"stop-{worker.pid}")
+            raise refused
         # The previous worker's channel is left to the garbage collector: closing it while a request
         # may still be reading its last call would cancel that call under the request's feet.
         self.worker = worker
@@ -377,7 +392,8 @@ class Replica:
             self.events.emit("worker_crashed", self.name, "error", worker.pid, worker.exit_reason, restarts=self.restarts)
             self._fatal(worker, f"its worker was {worker.exit_reason}: {advice}")
             return
-        fast = worker.uptime() < FAST_FAILURE_S
+        # Killed by a memory line before any request: fast, however long its load took.
+        fast = worker.uptime() < FAST_FAILURE_S or (worker.kill_kind == "memory" and not worker.busy_since)
         self._fast_failures = self._fast_failures + 1 if fast else 1
         self.events.emit("worker_crashed", self.name, "warning", worker.pid, worker.exit_reason,
                          restarts=self.restarts, fast_failures=self._fast_failures)
@@ -385,6 +401,8 @@ class Replica:
             self._fatal(worker, f"its worker died {self._fast_failures} times in a row within {FAST_FAILURE_S:g} s "
                                 f"of starting (max_restarts = {self.config.max_restarts}); last: {worker.exit_reason}")
             return
+        if self._starting is not None and not self._starting.done():
+            return  # a request found the worker dying and already started its replacement: that one takes over
         delay = restart_delay(self._fast_failures - 1)
         if delay:
             worker.change_state(WorkerState.BACKOFF, f"restart in {delay:g} s")
@@ -400,8 +418,11 @@ class Replica:
     def _restart(self, delay: float = 0.0) -> None:
         """Start a worker after `delay` (requests arriving meanwhile wait for this start instead of starting
         their own), or join the start in progress; a failure is logged (the model is FATAL then)."""
-        start = self.ensure_worker(after=delay)
-        self._background.keep(self._report_restart(start), f"restart-{self.label}")
+        self.report(self.ensure_worker(after=delay))
+
+    def report(self, start: asyncio.Task[WorkerProcess]) -> None:
+        """A start nobody waits for: held until it ends, and its failure logged."""
+        self.keep(self._report_restart(start), f"restart-{self.label}")
 
     async def _report_restart(self, start: asyncio.Task[WorkerProcess]) -> None:
         try:
@@ -430,8 +451,10 @@ class Replica:
                     log.error("worker_recycle_failed", model=self.name, worker_pid=old.pid, error=str(e))
             await old.idle.wait()  # the request it had, if any, finishes on it
         finally:  # whatever happened to the replacement, the old worker goes
-            await asyncio.shield(old.stop())
-            self.retiring.discard(old)
+            try:
+                await asyncio.shield(old.stop())
+            finally:
+                self.retiring.discard(old)
         if fresh is None:
             self.last_exit = reason
             self._on_change()
@@ -459,12 +482,13 @@ class Replica:
     async def stop_by_hand(self, reason: str) -> WorkerProcess | None:
         """llmctl stop: the worker finishes its request and exits; none starts until `start_by_hand`.
         Requests meanwhile get UNAVAILABLE saying so. Returns the worker stopped, if one ran."""
-        # Shielded: a client that gives up on its stop must not cancel the start or the drain half-way.
-        if self._starting is not None and not self._starting.done():
-            await asyncio.gather(asyncio.shield(self._starting), return_exceptions=True)  # it finishes first
         if self.state == ReplicaState.CLOSED:
             return None
+        # STOPPED first: a start waiting out a back-off or a hot GPU gives up now, one loading stops its
+        # worker. Shielded: a client that gives up on its stop must not cancel the start or the drain.
         self.change_state(ReplicaState.STOPPED, reason)
+        if self._starting is not None and not self._starting.done():
+            await asyncio.gather(asyncio.shield(self._starting), return_exceptions=True)
         worker = self.worker
         if worker is None or worker.state not in SERVING_STATES:
             return None

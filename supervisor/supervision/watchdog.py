@@ -37,7 +37,7 @@ class Watchdog:
         replica.reconcile()
         if gpus is not None:
             self._check_heat(gpus)
-        for worker in [replica.worker, *replica.retiring]:
+        for worker in dict.fromkeys([replica.worker, *replica.retiring]):  # a draining worker is both: once
             if worker is None or worker.state not in WATCHED:
                 continue
             sample = replica.sample(worker, gpus)
