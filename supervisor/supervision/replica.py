@@ -357,6 +357,8 @@ class Replica:
         self.change_state(ReplicaState.SERVING, "serving")
         if worker.exited.is_set():  # it died between its warm-up and now
             self._exited(worker)
+        elif self.thermal.critical:  # its GPU crossed temperature_critical while it loaded: not there
+            self.unload(self.thermal.reason)
 
     def reconcile(self) -> None:
         """Level-triggered, each watchdog pass (supervisord's transition(), gunicorn's manage_workers): a

@@ -36,6 +36,11 @@ class ThermalGate:
         self.reason = ""  # why it is shut; empty while open
 
     @property
+    def critical(self) -> bool:
+        """One of the model's GPUs is past temperature_critical (and not yet cooled below it)."""
+        return any(level == Heat.CRITICAL for index, level in self.heat.items() if index in self.gpus)
+
+    @property
     def hottest(self) -> int | None:
         """The hottest of the model's GPUs at the last poll; None without one."""
         return max((t for i, t in list(self.temperatures.items()) if i in self.gpus), default=None)
