@@ -52,6 +52,14 @@ def in_background(calls) -> tuple[threading.Thread, dict]:
     return thread, result
 
 
+def quantize_beside(source: Path, kinds: tuple[str, ...]) -> None:
+    """`source`'s quantizations, as KIND.gguf beside it, made by llama.cpp's own quantizer in a process of
+    its own: a build that cannot run here kills that process, not pytest."""
+    script = ("import sys, pathlib; from supervisor.settings.demo_model import quantize\n"
+              "for kind in sys.argv[2:]: quantize(sys.argv[1], pathlib.Path(sys.argv[1]).with_name(kind + '.gguf'), kind)")
+    subprocess.run([sys.executable, "-c", script, str(source), *kinds], check=True, cwd=ROOT, capture_output=True)
+
+
 def pid_alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:

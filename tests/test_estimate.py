@@ -154,17 +154,10 @@ QUANT_CASES = {
 
 @pytest.fixture(scope="module")
 def quantized_daemon():
-    import subprocess
-    import sys
-
-    from tests.conftest import ROOT
+    from tests.conftest import quantize_beside
 
     directory = Path(tempfile.mkdtemp(prefix="llms-quant-"))
-    source = write_model(directory / "F32.gguf", QUANT_SHAPE)
-    script = ("import sys; from supervisor.settings.demo_model import quantize\n"
-              "for kind in sys.argv[2:]: quantize(sys.argv[1], sys.argv[1].replace('F32', kind), kind)")
-    subprocess.run([sys.executable, "-c", script, str(source), "Q8_0", "Q4_0", "Q4_K_M"], check=True, cwd=ROOT,
-                   capture_output=True)
+    quantize_beside(write_model(directory / "F32.gguf", QUANT_SHAPE), ("Q8_0", "Q4_0", "Q4_K_M"))
     daemon = launch(directory, "")
     yield daemon
     daemon.stop()

@@ -3,15 +3,13 @@ templates of hundreds of KB; and workers that die the deterministic deaths of a 
 
 from __future__ import annotations
 
-import subprocess
-import sys
 
 import grpc
 import pytest
 
 from llm_supervisor.v1 import supervisor_pb2 as pb
 from supervisor.settings.demo_model import CHAT_TEMPLATE, QUANTIZABLE, write_model
-from tests.conftest import ROOT, launch, model_table, wait_for
+from tests.conftest import launch, model_table, quantize_beside, wait_for
 
 KINDS = ("Q4_0", "Q8_0", "Q4_K_M")
 
@@ -19,11 +17,7 @@ KINDS = ("Q4_0", "Q8_0", "Q4_K_M")
 @pytest.fixture(scope="module")
 def real_models(tmp_path_factory):
     directory = tmp_path_factory.mktemp("real-models")
-    source = write_model(directory / "f32.gguf", QUANTIZABLE, name="quantizable")
-    # llama.cpp's own quantizer, in a process of its own: a build that cannot run here kills that, not pytest.
-    script = ("import sys; from supervisor.settings.demo_model import quantize\n"
-              "for kind in sys.argv[2:]: quantize(sys.argv[1], sys.argv[1].replace('f32', kind), kind)")
-    subprocess.run([sys.executable, "-c", script, str(source), *KINDS], check=True, cwd=ROOT, capture_output=True)
+    quantize_beside(write_model(directory / "f32.gguf", QUANTIZABLE, name="quantizable"), KINDS)
     # A jinja comment makes the template 200 KB without changing what it renders.
     write_model(directory / "long-template.gguf", name="long-template",
                 chat_template=CHAT_TEMPLATE + "{# " + "padding " * 25_000 + "#}")

@@ -6,7 +6,7 @@ import asyncio
 import re
 import resource
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Awaitable, Callable, Mapping, TypeVar
 
 import grpc
 import psutil
@@ -31,6 +31,7 @@ from supervisor.tasks import Background
 from supervisor.catalog.persisted import LoadedModel
 
 log = structlog.get_logger("llm_supervisor.registry")
+T = TypeVar("T")
 
 
 class Registry:
@@ -99,6 +100,11 @@ class Registry:
         return Replica(config, gguf, self._socket_dir, self.monitor, self.events,
                        on_change=lambda: self._on_change(runtime), standby=self.standby, room=self.room,
                        admit=self.admit, index=index, output=output, queue=RequestQueue())
+
+    async def _whole(self, work: Awaitable[T], name: str) -> T:
+        """`work`, run to its end whatever becomes of the caller: a client that gives up (a cancelled RPC)
+        never leaves an operation half applied."""
+        return await asyncio.shield(self._background.keep(work, name))
 
     def replicas(self) -> list[Replica]:
         """Every replica of every model, and those of models on their way out: until their workers have
@@ -198,7 +204,7 @@ class Registry:
             await self._record()
             return runtime
 
-        return await asyncio.shield(self._background.keep(load_and_record(), f"load-{request.name}"))
+        return await self._whole(load_and_record(), f"load-{request.name}")
 
     async def restore(self) -> None:
         """Load again what the API had loaded before a restart; a model the config now names is the
@@ -233,9 +239,9 @@ class Registry:
                 await self._record()
             await self._stop(runtime, reason)
 
-        # Shielded: a client that cancels its UnloadModel must not leave a model out of the list whose
+        # Whole: a client that cancels its UnloadModel must not leave a model out of the list whose
         # workers nobody stops.
-        await asyncio.shield(self._background.keep(finish(), f"unload-{name}"))
+        await self._whole(finish(), f"unload-{name}")
 
     async def stop_all(self, reason: str) -> None:
         """Every model, as unload does, at once."""
@@ -251,7 +257,7 @@ class Registry:
         """Apply a reload: the new settings, then removals (their memory may be what the rest needs),
         then changes and additions together. Returns what failed, by model; the rest applies regardless.
         Shielded: a reload whose client gives up is applied whole, not half."""
-        return await asyncio.shield(self._background.keep(self._update(config, plan), "reload"))
+        return await self._whole(self._update(config, plan), "reload")
 
     async def _update(self, config: SupervisorConfig, plan: Plan) -> dict[str, str]:
         self.config = config
@@ -291,10 +297,9 @@ class Registry:
         extra, added = replicas[change.config.replicas:], range(len(replicas), change.config.replicas)
         runtime.replicas = replicas[:change.config.replicas] + [
             self._replica(runtime, change.config, gguf, i, runtime.output) for i in added]
-        # The stop shielded: a ReloadConfig whose client gives up must not leave replicas half stopped.
-        stopping = self._background.keep(self._stop(runtime, "was stopped: fewer replicas", extra),
-                                         f"fewer-replicas-{runtime.name}")
-        results = await asyncio.gather(asyncio.shield(stopping), *(replica.start() for replica in runtime.replicas[len(replicas):]),
+        # The stop whole: a ReloadConfig whose client gives up must not leave replicas half stopped.
+        stopping = self._whole(self._stop(runtime, "was stopped: fewer replicas", extra), f"fewer-replicas-{runtime.name}")
+        results = await asyncio.gather(stopping, *(replica.start() for replica in runtime.replicas[len(replicas):]),
                                        return_exceptions=True)
         failed += [r for r in results if isinstance(r, BaseException)]
         if failed:

@@ -267,10 +267,7 @@ class Replica:
             await self._unless_refused(after_exit.exited.wait())
         if self.state == ReplicaState.BACKOFF:
             self.change_state(ReplicaState.STARTING, "back-off over")
-        refused = self.refusal()
-        if refused is not None:
-            raise refused
-        try:
+        try:  # a replica refusing starts is refused right here, by the first _unless_refused
             # Every start comes this way — a request's, a restart's, a recycle's, Tokenize's, llmctl start's:
             # none loads a worker onto a GPU that is still past its temperature line.
             await self._unless_refused(self.thermal.wait("not starting a worker", self.config.request_timeout))
@@ -279,11 +276,7 @@ class Replica:
                 # _launch must count the worker before anything else runs (no await in between).
                 await self._admit(self)
         except Exception as e:  # too hot or no room now: the next request tries again, the model is not FATAL
-            error = e if isinstance(e, ApiError) else unavailable(f"model {self.name!r}: cannot start a worker: {e!r}")
-            self.last_exit = error.message
-            if self.state in (ReplicaState.STARTING, ReplicaState.REPLACING):
-                self.change_state(ReplicaState.UNLOADED, error.message)
-            raise error from None
+            raise self._not_started(e) from None
         try:
             worker = await self._launch(warm_after)
         except ApiError as e:
@@ -291,13 +284,18 @@ class Replica:
                 self.change_state(ReplicaState.FATAL, e.message)
             raise
         except Exception as e:  # the OS refused (fork: EAGAIN, ENOMEM): no verdict on the model, try again later
-            error = unavailable(f"model {self.name!r}: cannot start a worker: {e!r}")
-            self.last_exit = error.message
-            if self.state not in REFUSING:
-                self.change_state(ReplicaState.UNLOADED, error.message)
-            raise error from None
+            raise self._not_started(e) from None
         self._install(worker)
         return worker
+
+    def _not_started(self, e: Exception) -> ApiError:
+        """A start that did not happen, for no fault of the model: UNLOADED (the next request tries again),
+        never FATAL; what the caller is told."""
+        error = e if isinstance(e, ApiError) else unavailable(f"model {self.name!r}: cannot start a worker: {e!r}")
+        self.last_exit = error.message
+        if self.state in (ReplicaState.STARTING, ReplicaState.REPLACING):
+            self.change_state(ReplicaState.UNLOADED, error.message)
+        return error
 
     async def _unless_refused(self, waited: Awaitable[T]) -> T:
         """`waited`, or the refusal as soon as the replica is stopped, FATAL or closed meanwhile: an unload,
@@ -350,9 +348,10 @@ class Replica:
         # may still be reading its last call would cancel that call under the request's feet.
         self.worker = worker
         self.last_used = self._clock()
-        worker.context_high = self.lines.warm_context  # its warm-up filled one n_batch
+        lines = self.lines
+        worker.context_high = lines.warm_context  # its warm-up filled one n_batch
         worker.watch = WorkerHistory(baseline=self.sample(worker))
-        worker.limits = limits_for(self.config, self.lines, self.rng)
+        worker.limits = limits_for(self.config, lines, self.rng)
         worker.on_exit = self._exited
         self.change_state(ReplicaState.SERVING, "serving")
         if worker.exited.is_set():  # it died between its warm-up and now
