@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-from typing import Iterator, Sequence
-
 from worker.engine import LlamaEngine
 from worker.generation import Sampling
 
@@ -14,6 +12,6 @@ class SignalEngine(LlamaEngine):
     """Loads for real, then dies of the signal TEST_DIE_OF names (SIGILL, SIGBUS) at each request,
     as a kernel this CPU cannot run, or weights read from a truncated mmap'd file, would make it."""
 
-    def generate(self, prompt: Sequence[int], sampling: Sampling) -> Iterator[int]:
+    def sampler(self, sampling: Sampling):
         os.kill(os.getpid(), getattr(signal, os.environ["TEST_DIE_OF"]))  # default action: the process dies
-        return super().generate(prompt, sampling)
+        return super().sampler(sampling)

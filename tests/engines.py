@@ -1,6 +1,7 @@
 """Engines for tests, plugged in through the `engine` config key like any other backend.
 
-They wrap the real llama.cpp engine and only add delays, so a test can catch a worker mid-stream
+They wrap the real llama.cpp engine and only add delays (per request before it enters the batch, per
+decode step after), so a test can catch a worker mid-stream
 (kill it, cancel it) without racing a model that generates thousands of tokens a second; ProbingEngine
 also tries, from inside a worker, the ways out that the worker's seccomp filter must close, and the
 ptrace-class ways into the supervisor and the other workers that being undumpable must close.
@@ -16,9 +17,9 @@ import platform
 import socket
 import struct
 import time
-from typing import Iterator, Sequence
+from typing import Sequence
 
-from worker.engine import LlamaEngine
+from worker.engine import Chunk, LlamaEngine
 from worker.generation import Sampling
 
 
@@ -29,14 +30,13 @@ class SlowEngine(LlamaEngine):
         time.sleep(float(os.environ.get("TEST_LOAD_DELAY", "0")))
         return super().load(path, options)
 
-    def generate(self, prompt: Sequence[int], sampling: Sampling) -> Iterator[int]:
-        first = float(os.environ.get("TEST_FIRST_TOKEN_DELAY", "0"))
-        each = float(os.environ.get("TEST_TOKEN_DELAY", "0.02"))
-        tokens = super().generate(prompt, sampling)
-        time.sleep(first)
-        for token in tokens:
-            yield token
-            time.sleep(each)
+    def sampler(self, sampling: Sampling):
+        time.sleep(float(os.environ.get("TEST_FIRST_TOKEN_DELAY", "0")))  # on the request's own thread
+        return super().sampler(sampling)
+
+    def decode(self, chunks: Sequence[Chunk]) -> None:
+        super().decode(chunks)
+        time.sleep(float(os.environ.get("TEST_TOKEN_DELAY", "0.02")))
 
 
 MiB = 1 << 20
@@ -50,12 +50,11 @@ class LeakyEngine(SlowEngine):
         super().__init__()
         self._kept: list[bytes] = []
 
-    def generate(self, prompt: Sequence[int], sampling: Sampling) -> Iterator[int]:
+    def decode(self, chunks: Sequence[Chunk]) -> None:
         per_token = int(float(os.environ.get("TEST_LEAK_MIB_PER_TOKEN", "0")) * MiB)
-        for token in super().generate(prompt, sampling):
-            if per_token:
-                self._kept.append(b"\x01" * per_token)
-            yield token
+        super().decode(chunks)
+        if per_token:
+            self._kept.append(b"\x01" * per_token * sum(chunk.logits for chunk in chunks))
 
     def after_request(self) -> None:
         per_request = int(float(os.environ.get("TEST_LEAK_MIB", "0")) * MiB)
@@ -230,7 +229,7 @@ class ProbingEngine(LlamaEngine):
     supervisor ("probe: parent mem: ...", then environ and pidfd_getfd) and from each of the supervisor's
     other children ("probe: standby mem: ...", "probe: worker NAME mem: ...")."""
 
-    def generate(self, prompt: Sequence[int], sampling: Sampling) -> Iterator[int]:
+    def sampler(self, sampling: Sampling):
         import sys
 
         target = os.environ["TEST_CONNECT_TO"]
@@ -253,4 +252,4 @@ class ProbingEngine(LlamaEngine):
             for name, pid in [("parent", os.getppid()), *siblings()]:
                 for line in probe_process(pid):
                     print(f"probe: {name} {line}", file=sys.stderr, flush=True)
-        return super().generate(prompt, sampling)
+        return super().sampler(sampling)

@@ -1,13 +1,10 @@
-"""The generation loop without a model: detokenisation, stop matching, limits and cancellation."""
+"""A request's text stream without a model: detokenisation, stop matching, limits and cancellation."""
 
 from __future__ import annotations
 
-import threading
-
 from hypothesis import given, strategies as st
 
-from worker.generation import (CANCELLED, END_OF_TEXT, LENGTH, STOP, Outcome, Sampling, StopMatcher,
-                               generate_text)
+from worker.generation import CANCELLED, END_OF_TEXT, LENGTH, STOP, Outcome, Sampling, StopMatcher, TextStream
 
 EOS = -1
 
@@ -18,7 +15,6 @@ class ByteEngine:
     def __init__(self, pieces: list[bytes], then_eos: bool = False) -> None:
         self.pieces = pieces
         self.then_eos = then_eos
-        self.closed = False
 
     def token_bytes(self, token: int) -> bytes:
         return self.pieces[token]
@@ -26,21 +22,25 @@ class ByteEngine:
     def is_end_of_generation(self, token: int) -> bool:
         return token == EOS
 
-    def generate(self, prompt, sampling):
-        try:
-            yield from range(len(self.pieces))
-            if self.then_eos:
-                yield EOS
-            while True:  # a model never stops on its own; the loop must
-                yield len(self.pieces) - 1
-        finally:
-            self.closed = True
+    def tokens(self):
+        yield from range(len(self.pieces))
+        if self.then_eos:
+            yield EOS
+        while True:  # a model never stops on its own; the stream must
+            yield len(self.pieces) - 1
 
 
-def run(engine, sampling=Sampling(), n_ctx=1000, prompt=(1, 2), cancel=None):
-    outcome = Outcome()
-    pieces = list(generate_text(engine, list(prompt), sampling, n_ctx, cancel or threading.Event(), outcome))
-    return "".join(p.text for p in pieces), outcome, pieces
+def run(engine, sampling=Sampling(), n_ctx=1000, prompt=(1, 2)):
+    """Feed the stream as the batch loop does, one sampled token at a time, until it is finished."""
+    stream = TextStream(engine, len(prompt), sampling, n_ctx, Outcome())
+    pieces = []
+    for token in engine.tokens():
+        piece = stream.feed(token)
+        if piece is not None:
+            pieces.append(piece)
+        if stream.finished:
+            break
+    return "".join(p.text for p in pieces), stream.outcome, pieces
 
 
 def cut(data: bytes, sizes: list[int]) -> list[bytes]:
@@ -88,11 +88,10 @@ def test_stop_matching_equals_cutting_the_whole_text(text, stop, sizes):
         assert not stopped and whole == text
 
 
-def test_stop_across_tokens_ends_with_stop_and_closes_the_engine():
+def test_stop_across_tokens_ends_with_stop():
     engine = ByteEngine([b"hello ", b"wo", b"rld", b" again"])
     out, outcome, _ = run(engine, Sampling(stop=("world",)))
     assert (out, outcome.finish_reason, outcome.completion_tokens) == ("hello ", STOP, 3)
-    assert engine.closed
 
 
 def test_max_tokens_and_the_context_limit_end_with_length():
@@ -103,13 +102,12 @@ def test_max_tokens_and_the_context_limit_end_with_length():
     assert (outcome.finish_reason, outcome.completion_tokens) == (LENGTH, 4)  # the context holds 12 in all
 
 
-def test_cancel_stops_at_the_next_token():
-    cancel = threading.Event()
-    engine = ByteEngine([b"x"])
-    outcome = Outcome()
-    stream = generate_text(engine, [1], Sampling(), 10_000, cancel, outcome)
-    next(stream)
-    cancel.set()
-    rest = list(stream)
-    assert outcome.finish_reason == CANCELLED and outcome.completion_tokens == 1
-    assert sum(p.tokens for p in rest) == 0
+def test_a_cancelled_stream_ends_with_what_it_held_back_and_counts_every_token():
+    stream = TextStream(ByteEngine([b"ab", b"\xe6"]), 1, Sampling(stop=("bz",)), 10_000, Outcome())
+    first = stream.feed(0)  # "ab": "b" could start the stop sequence, so it is held back
+    second = stream.feed(1)  # half a character
+    tail = stream.end(CANCELLED)
+    assert (first.text, second, tail.text) == ("a", None, "b\ufffd")
+    assert sum(p.tokens for p in (first, tail)) == 2
+    assert stream.outcome.finish_reason == CANCELLED and stream.finished
+    assert stream.end(LENGTH) is None and stream.outcome.finish_reason == CANCELLED  # once over, over

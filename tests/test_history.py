@@ -190,7 +190,7 @@ def test_the_worker_beats_its_heartbeat_before_each_render_of_a_long_fit(model_d
     engine = Recording()
     info = engine.load(str(model_dir / "tiny.gguf"), {"n_ctx": 256, "n_batch": 64})
     try:
-        service = WorkerService("tiny", engine, info, beat=lambda: events.append("beat"))
+        service = WorkerService("tiny", engine, info, beat=lambda pool=None: events.append("beat"))
         server = grpc_testing.server_from_dictionary({SERVICE: service}, grpc_testing.strict_real_time())
         request = worker_pb2.WorkerGenerateRequest(chat=pb.ChatRequest(messages=long_history(2499)),
                                                    options=pb.SamplingOptions(max_tokens=8, temperature=0))
@@ -201,4 +201,5 @@ def test_the_worker_beats_its_heartbeat_before_each_render_of_a_long_fit(model_d
         assert 1 < len(renders) <= 2 * math.log2(5000) + 4
         assert all(events[i - 1] == "beat" for i in renders)  # the supervisor sees progress between renders
     finally:
+        service.close()
         engine.close()

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
+import threading
+import types
+
 import grpc
 import grpc_testing
 import pytest
@@ -15,10 +19,11 @@ SERVICE = worker_pb2.DESCRIPTOR.services_by_name["Worker"]
 
 
 class CharEngine:
-    """One token per character; generation repeats the letters of 'abc' forever."""
+    """One token per character; every sequence repeats the letters of 'abc' forever."""
 
     def __init__(self) -> None:
-        self.trimmed = 0
+        self.ended = 0
+        self.trimmed = threading.Event()
 
     def tokenize(self, text, add_special):
         return ([0] if add_special else []) + [ord(c) for c in text]
@@ -34,24 +39,37 @@ class CharEngine:
     def is_end_of_generation(self, token):
         return False
 
-    def cached_prefix(self, prompt):
-        return 0
+    def sampler(self, sampling):
+        if sampling.grammar.startswith("broken"):
+            raise EngineError("the grammar does not parse")
+        letters = itertools.cycle((ord("a"), ord("b"), ord("c")))
+        return types.SimpleNamespace(sample=lambda index: next(letters), close=lambda: None)
 
-    def generate(self, prompt, sampling):
-        while True:
-            yield from (ord("a"), ord("b"), ord("c"))
+    def decode(self, chunks):
+        pass
+
+    def forget(self, seq, keep):
+        return keep
 
     def after_request(self):
-        self.trimmed += 1
+        self.ended += 1
+
+    def idle(self):
+        self.trimmed.set()
+
+
+def service_of(engine, n_ctx=64, **kwargs) -> WorkerService:
+    info = EngineInfo(n_ctx=n_ctx, n_batch=n_ctx, n_threads=1, architecture="fake", has_chat_template=True, parallel=2)
+    return WorkerService("fake", engine, info, **kwargs)
 
 
 @pytest.fixture
 def worker():
     engine = CharEngine()
-    service = WorkerService("fake", engine, EngineInfo(n_ctx=64, n_batch=64, n_threads=1, architecture="fake",
-                                                       has_chat_template=True))
+    service = service_of(engine)
     server = grpc_testing.server_from_dictionary({SERVICE: service}, grpc_testing.strict_real_time())
-    return server, engine
+    yield server, engine
+    service.close()
 
 
 def generate(server, request):
@@ -76,7 +94,8 @@ def test_stream_ends_with_usage_and_trims_the_heap(worker):
     assert (last.usage.prompt_tokens, last.usage.completion_tokens) == (4, 7)
     assert last.finish_reason == pb.FinishReason.FINISH_REASON_LENGTH
     assert sum(c.tokens for c in chunks) == 7
-    assert engine.trimmed == 1  # malloc_trim after the request
+    assert engine.ended == 1
+    assert engine.trimmed.wait(10)  # malloc_trim once nothing runs
 
 
 def test_prompt_longer_than_the_context_names_both_numbers(worker):
@@ -101,12 +120,30 @@ def test_info_reports_the_context(worker):
 
 
 def test_messages_coalesce_within_the_stream_interval_without_delaying_the_end():
-    service = WorkerService("fake", CharEngine(), EngineInfo(n_ctx=64, n_batch=64, n_threads=1, architecture="fake",
-                                                             has_chat_template=True), stream_interval=30.0)
+    service = service_of(CharEngine(), stream_interval=30.0)
     server = grpc_testing.server_from_dictionary({SERVICE: service}, grpc_testing.strict_real_time())
     chunks, code, _ = generate(server, worker_pb2.WorkerGenerateRequest(prompt="hey", options=pb.SamplingOptions(max_tokens=40)))
+    service.close()
     assert code == grpc.StatusCode.OK
     # The first piece goes out at once; the other 39 tokens wait for the interval or the end, whichever is first.
     assert len(chunks) <= 2
     assert "".join(c.text for c in chunks) == ("abc" * 14)[:40]
     assert chunks[-1].timings.total_s < 30
+
+
+def test_a_grammar_the_engine_refuses_and_a_schema_that_does_not_convert_are_invalid_argument(worker):
+    server, _ = worker
+    _, code, details = generate(server, worker_pb2.WorkerGenerateRequest(
+        prompt="hey", options=pb.SamplingOptions(grammar="broken ::=")))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "grammar does not parse" in details
+    _, code, details = generate(server, worker_pb2.WorkerGenerateRequest(
+        prompt="hey", options=pb.SamplingOptions(json_schema='{"type": "no such type"}')))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "json_schema" in details
+
+
+def test_info_reports_the_pool(worker):
+    server, _ = worker
+    rpc = server.invoke_unary_unary(SERVICE.methods_by_name["Info"], (), worker_pb2.WorkerInfoRequest(), None)
+    info, _, code, _ = rpc.termination()
+    assert code == grpc.StatusCode.OK
+    assert (info.parallel, info.pool.parallel, info.pool.n_ctx, info.pool.sequences_active) == (2, 2, 64, 0)

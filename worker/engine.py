@@ -1,7 +1,12 @@
 """The engine behind a worker: a small interface, with llama-cpp-python as the real one.
 
 Config may name another class (`engine = "module:Class"`), so tests and future backends plug in without
-touching the supervisor. An engine is used from one thread at a time.
+touching the supervisor. An engine is used from one thread at a time (the batch loop's; tokenizing,
+which reads only the vocabulary, from any).
+
+The interface is a step's, not a request's: the batch loop (batching/loop.py) decides which sequences'
+tokens go into each `decode`, and samples each sequence from its own `Sampler`. The real engine owns one
+llama_context whose unified KV cache is the pool all `parallel` sequences share.
 """
 
 from __future__ import annotations
@@ -10,8 +15,9 @@ import ctypes
 import importlib
 import os
 import random
+import threading
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Protocol, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
 from .generation import Sampling
 
@@ -22,6 +28,10 @@ class EngineError(Exception):
     """A request the engine cannot serve (e.g. a chat template that fails on these messages)."""
 
 
+class NoRoom(Exception):
+    """llama_decode found no room in the KV cache for the batch: the caller frees cells and retries."""
+
+
 @dataclass(frozen=True)
 class EngineInfo:
     n_ctx: int
@@ -29,6 +39,22 @@ class EngineInfo:
     n_threads: int
     architecture: str
     has_chat_template: bool
+    parallel: int = 1
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Tokens of one sequence in a batch: they take positions first_pos, first_pos + 1, …"""
+
+    seq: int
+    tokens: Sequence[int]
+    first_pos: int
+    logits: bool  # whether the last token's logits are wanted (the sequence samples after this step)
+
+
+class Sampler(Protocol):
+    def sample(self, index: int) -> int: ...  # from the logits of the batch's `index`-th token
+    def close(self) -> None: ...
 
 
 class Engine(Protocol):
@@ -37,10 +63,12 @@ class Engine(Protocol):
     def chat_prompt(self, messages: Sequence[Mapping[str, str]]) -> list[int]: ...
     def token_bytes(self, token: int) -> bytes: ...
     def is_end_of_generation(self, token: int) -> bool: ...
-    def cached_prefix(self, prompt: Sequence[int]) -> int: ...
-    def generate(self, prompt: Sequence[int], sampling: Sampling) -> Iterator[int]: ...
+    def sampler(self, sampling: Sampling) -> Sampler: ...
+    def decode(self, chunks: Sequence[Chunk]) -> None: ...
+    def forget(self, seq: int, keep: int) -> int: ...  # drop a sequence's cells from `keep` on; cells kept
     def warm_up(self) -> None: ...
     def after_request(self) -> None: ...
+    def idle(self) -> None: ...
     def close(self) -> None: ...
 
 
@@ -54,59 +82,138 @@ def default_threads() -> int:
     return max(len(os.sched_getaffinity(0)), 1)
 
 
+class LlamaSampler:
+    """One request's llama.cpp sampler chain: penalties, grammar, top-k, top-p, min-p, temperature, then a
+    seeded draw (greedy at temperature 0). Its state — the penalties' recent tokens, the grammar's
+    position — belongs to the request, so it survives a preemption unchanged."""
+
+    def __init__(self, ctx, vocab, sampling: Sampling) -> None:
+        import llama_cpp
+
+        self._ctx = ctx
+        params = llama_cpp.llama_sampler_chain_default_params()
+        params.no_perf = True
+        self._chain = llama_cpp.llama_sampler_chain_init(params)
+        add = lambda sampler: llama_cpp.llama_sampler_chain_add(self._chain, sampler)  # noqa: E731
+        try:
+            if (sampling.repeat_penalty, sampling.frequency_penalty, sampling.presence_penalty) != (1.0, 0.0, 0.0):
+                add(_init_penalties(PENALTY_LAST_N, sampling.repeat_penalty, sampling.frequency_penalty,
+                                    sampling.presence_penalty))
+            if sampling.grammar:
+                grammar = llama_cpp.llama_sampler_init_grammar(vocab, sampling.grammar.encode("utf-8"), b"root")
+                if not grammar:
+                    raise EngineError("the grammar does not parse (llama.cpp's log line above says where)")
+                add(grammar)
+            if sampling.temperature <= 0:
+                add(llama_cpp.llama_sampler_init_greedy())
+                return
+            if sampling.top_k > 0:
+                add(llama_cpp.llama_sampler_init_top_k(sampling.top_k))
+            add(llama_cpp.llama_sampler_init_top_p(sampling.top_p, 1))
+            add(llama_cpp.llama_sampler_init_min_p(sampling.min_p, 1))
+            add(llama_cpp.llama_sampler_init_temp(sampling.temperature))
+            seed = sampling.seed if sampling.seed is not None else random.getrandbits(32)
+            add(llama_cpp.llama_sampler_init_dist(seed))
+        except BaseException:
+            self.close()
+            raise
+
+    def sample(self, index: int) -> int:
+        import llama_cpp
+
+        # Also accepts the token into the chain (penalties' history, the grammar's state).
+        return llama_cpp.llama_sampler_sample(self._chain, self._ctx, index)
+
+    def close(self) -> None:
+        import llama_cpp
+
+        if self._chain:
+            llama_cpp.llama_sampler_free(self._chain)
+            self._chain = None
+
+
+PENALTY_LAST_N = 64  # tokens the penalties look back over, as llama.cpp's own default
+
+
+def _init_penalties(last_n: int, repeat: float, frequency: float, presence: float):
+    """llama_sampler_init_penalties by its real C signature (last_n, repeat, freq, present): the binding in
+    llama-cpp-python 0.3.x still declares an older one with n_vocab first."""
+    import llama_cpp
+
+    function = llama_cpp.llama_cpp._lib.llama_sampler_init_penalties
+    function.argtypes = [ctypes.c_int32, ctypes.c_float, ctypes.c_float, ctypes.c_float]
+    function.restype = ctypes.c_void_p
+    return function(last_n, repeat, frequency, presence)
+
+
 class LlamaEngine:
-    """llama_cpp.Llama with a fixed context: KV cache and buffers allocated once at load."""
+    """One llama.cpp model and context: the KV cache is a pool of n_ctx cells shared by `parallel`
+    sequences (kv_unified), allocated once at load, like the compute buffers."""
 
     def __init__(self) -> None:
-        self.on_progress = lambda: None  # the worker's heartbeat: called per prompt batch
-        self._llama = None
+        self._model = None
+        self._ctx = None
+        self._batch = None
+        self._n_batch = 0
         self._pieces: dict[int, bytes] = {}
+        self._pieces_lock = threading.Lock()
         self._formatter = None
 
     def load(self, path: str, options: Mapping[str, Any]) -> EngineInfo:
-        from llama_cpp import Llama
+        import llama_cpp
+        from llama_cpp._internals import LlamaContext, LlamaModel  # pinned version: see pyproject
+
+        llama_cpp.llama_backend_init()
+        model_params = llama_cpp.llama_model_default_params()
+        model_params.n_gpu_layers = int(options.get("n_gpu_layers", 0))
+        model_params.use_mmap = bool(options.get("use_mmap", True))
+        model_params.use_mlock = bool(options.get("use_mlock", False))
+        self._model = LlamaModel(path_model=path, params=model_params, verbose=True)
 
         n_threads = int(options.get("n_threads") or 0) or default_threads()
-        self._llama = Llama(
-            model_path=path,
-            n_ctx=int(options["n_ctx"]),
-            n_batch=int(options["n_batch"]),
-            n_ubatch=int(options["n_batch"]),
-            n_threads=n_threads,
-            n_threads_batch=n_threads,
-            n_gpu_layers=int(options.get("n_gpu_layers", 0)),
-            use_mmap=bool(options.get("use_mmap", True)),
-            use_mlock=bool(options.get("use_mlock", False)),
-            flash_attn=bool(options.get("flash_attn", False)),
-            type_k=KV_TYPE_IDS[options.get("type_k", "f16")],
-            type_v=KV_TYPE_IDS[options.get("type_v", "f16")],
-            verbose=True,  # llama.cpp's log goes to stderr, which the supervisor keeps and logs
-        )
-        metadata = self._llama.metadata
+        n_batch = int(options["n_batch"])
+        parallel = max(1, int(options.get("parallel", 1)))
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = int(options["n_ctx"])
+        params.n_batch = params.n_ubatch = n_batch
+        params.n_seq_max = parallel
+        params.kv_unified = True  # one pool of n_ctx cells for all sequences, not n_ctx / parallel each
+        params.n_threads = params.n_threads_batch = n_threads
+        params.type_k = KV_TYPE_IDS[options.get("type_k", "f16")]
+        params.type_v = KV_TYPE_IDS[options.get("type_v", "f16")]
+        params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if options.get("flash_attn")
+                                  else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        params.no_perf = True
+        self._ctx = LlamaContext(model=self._model, params=params, verbose=True)
+        self._n_batch = n_batch
+        self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+
+        metadata = self._model.metadata()
         template = metadata.get("tokenizer.chat_template")
         if template:
             from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
             self._formatter = Jinja2ChatFormatter(
                 template=template,
-                eos_token=self._special_text(self._llama.token_eos()),
-                bos_token=self._special_text(self._llama.token_bos()),
+                eos_token=self._special_text(self._model.token_eos()),
+                bos_token=self._special_text(self._model.token_bos()),
             )
         return EngineInfo(
-            n_ctx=self._llama.n_ctx(),
-            n_batch=self._llama.n_batch,
+            n_ctx=llama_cpp.llama_n_ctx(self._ctx.ctx),
+            n_batch=n_batch,
             n_threads=n_threads,
             architecture=metadata.get("general.architecture", ""),
             has_chat_template=bool(template),
+            parallel=parallel,
         )
 
     def _special_text(self, token: int) -> str:
         if token < 0:
             return ""
-        return self._llama.detokenize([token], special=True).decode("utf-8", "replace")
+        return self._model.detokenize([token], special=True).decode("utf-8", "replace")
 
     def tokenize(self, text: str, add_special: bool) -> list[int]:
-        return self._llama.tokenize(text.encode("utf-8"), add_bos=add_special, special=False)
+        return self._model.tokenize(text.encode("utf-8"), add_bos=add_special, special=False)
 
     def chat_prompt(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
         if self._formatter is None:
@@ -118,87 +225,108 @@ class LlamaEngine:
         bos = self._formatter.bos_token
         add_bos = not (bos and prompt.startswith(bos))
         # special=True: the template's own control tokens must become tokens, not text.
-        return self._llama.tokenize(prompt.encode("utf-8"), add_bos=add_bos, special=True)
+        return self._model.tokenize(prompt.encode("utf-8"), add_bos=add_bos, special=True)
 
     def token_bytes(self, token: int) -> bytes:
         piece = self._pieces.get(token)
         if piece is None:
             import llama_cpp
 
-            vocab = self._llama._model.vocab
             size = 64
             while True:
                 buf = ctypes.create_string_buffer(size)
-                n = llama_cpp.llama_token_to_piece(vocab, token, buf, size, 0, False)
+                n = llama_cpp.llama_token_to_piece(self._model.vocab, token, buf, size, 0, False)
                 if n >= 0:
                     break
                 size = -n
-            piece = self._pieces[token] = buf.raw[:n]
+            with self._pieces_lock:
+                piece = self._pieces[token] = buf.raw[:n]
         return piece
 
     def is_end_of_generation(self, token: int) -> bool:
         import llama_cpp
 
-        return bool(llama_cpp.llama_vocab_is_eog(self._llama._model.vocab, token))
+        return bool(llama_cpp.llama_vocab_is_eog(self._model.vocab, token))
 
-    def cached_prefix(self, prompt: Sequence[int]) -> int:
-        """Prompt tokens the KV cache already holds from the previous request (reused, not re-evaluated)."""
-        held = self._llama.input_ids[: self._llama.n_tokens]
-        n = 0
-        for a, b in zip(held, prompt):
-            if a != b:
-                break
-            n += 1
-        return min(n, len(prompt) - 1)
+    def sampler(self, sampling: Sampling) -> LlamaSampler:
+        return LlamaSampler(self._ctx.ctx, self._model.vocab, sampling)
 
-    def _evaluate_prompt(self, prompt: Sequence[int]) -> None:
-        """Evaluate all but the last prompt token one n_batch at a time, with a heartbeat between batches
-        (llama-cpp-python's generate() would evaluate the whole prompt in one silent call). The common
-        prefix already in the KV cache is kept; generate() then finds all but one token cached."""
-        llama = self._llama
-        keep = self.cached_prefix(prompt)
-        if keep <= 0 or not llama._ctx.kv_cache_seq_rm(-1, keep, -1):
-            keep = 0
-            llama.reset()
-        llama.n_tokens = keep
-        for start in range(keep, len(prompt) - 1, llama.n_batch):
-            self.on_progress()
-            llama.eval(prompt[start:min(start + llama.n_batch, len(prompt) - 1)])
+    def decode(self, chunks: Sequence[Chunk]) -> None:
+        """One llama_decode for every chunk, in order: a sampler then reads logits by batch index."""
+        import llama_cpp
 
-    def generate(self, prompt: Sequence[int], sampling: Sampling) -> Iterator[int]:
-        # The sampler is rebuilt by generate() from this seed: a fixed seed repeats a completion.
-        self._llama.set_seed(sampling.seed if sampling.seed is not None else random.getrandbits(32))
-        self._evaluate_prompt(prompt)
-        # generate() keeps the longest common prefix in the KV cache: here all but the last token.
-        return self._llama.generate(
-            prompt,
-            top_k=sampling.top_k,
-            top_p=sampling.top_p,
-            min_p=sampling.min_p,
-            temp=sampling.temperature,
-            repeat_penalty=sampling.repeat_penalty,
-        )
+        batch = self._batch
+        i = 0
+        for chunk in chunks:
+            last = len(chunk.tokens) - 1
+            for j, token in enumerate(chunk.tokens):
+                batch.token[i] = token
+                batch.pos[i] = chunk.first_pos + j
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = chunk.seq
+                batch.logits[i] = chunk.logits and j == last
+                i += 1
+        if i > self._n_batch:
+            raise ValueError(f"a batch of {i} tokens is more than n_batch ({self._n_batch})")
+        batch.n_tokens = i
+        result = llama_cpp.llama_decode(self._ctx.ctx, batch)
+        if result == 1:
+            raise NoRoom()
+        if result != 0:
+            raise RuntimeError(f"llama_decode failed ({result})")
+
+    def forget(self, seq: int, keep: int) -> int:
+        """Drop the sequence's cells from position `keep` on; the cells it keeps (all of them go when the
+        memory cannot cut a sequence in the middle, as a recurrent model's cannot)."""
+        import llama_cpp
+
+        memory = self._ctx.memory
+        if llama_cpp.llama_memory_seq_rm(memory, seq, keep, -1):
+            return keep
+        llama_cpp.llama_memory_seq_rm(memory, seq, -1, -1)
+        return 0
 
     def warm_up(self) -> None:
         """One full n_batch of prompt and a few generated tokens before serving, so llama.cpp's buffers
         reach their working size and the supervisor's baseline is not mistaken growth later (measured on
         an H100: +127 MiB private and +54 MiB GPU over the first 40 requests without it)."""
-        llama = self._llama
-        filler = (self.tokenize(" the", add_special=False) or [llama.token_bos()])[-1]
-        n = max(1, min(llama.n_batch, llama.n_ctx() - 8))
-        prompt = [llama.token_bos()] + [filler] * (n - 1)
-        # LlamaEngine's own generate, not an override: warming up is not a request.
-        for _, _token in zip(range(4), LlamaEngine.generate(self, prompt, Sampling(temperature=0.0, seed=0))):
-            pass
+        import llama_cpp
+
+        filler = (self.tokenize(" the", add_special=False) or [self._model.token_bos()])[-1]
+        n_ctx = llama_cpp.llama_n_ctx(self._ctx.ctx)
+        n = max(1, min(self._n_batch, n_ctx - 8))
+        prompt = [self._model.token_bos()] + [filler] * (n - 1)
+        LlamaEngine.decode(self, [Chunk(0, prompt, 0, True)])
+        sampler = self.sampler(Sampling(temperature=0.0))
+        try:
+            last = n - 1
+            for pos in range(n, n + 4):
+                token = sampler.sample(last)
+                last = 0
+                LlamaEngine.decode(self, [Chunk(0, [token], pos, True)])
+        finally:
+            sampler.close()
+            llama_cpp.llama_memory_clear(self._ctx.memory, True)
         malloc_trim()
 
     def after_request(self) -> None:
+        """A request ended. The heap is trimmed by `idle`, once no sequence runs."""
+
+    def idle(self) -> None:
         malloc_trim()
 
     def close(self) -> None:
-        if self._llama is not None:
-            self._llama.close()
-            self._llama = None
+        import llama_cpp
+
+        if self._batch is not None:
+            llama_cpp.llama_batch_free(self._batch)
+            self._batch = None
+        if self._ctx is not None:
+            self._ctx.close()
+            self._ctx = None
+        if self._model is not None:
+            self._model.close()
+            self._model = None
 
 
 def malloc_trim() -> None:

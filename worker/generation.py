@@ -1,5 +1,5 @@
-"""The generation loop: tokens from the engine → text pieces, with UTF-8-safe incremental
-detokenisation and our own stop matching.
+"""Per request: sampled tokens → text pieces, with UTF-8-safe incremental detokenisation and our own
+stop matching.
 
 Linear in output length by construction: each token is decoded once, and stop matching only looks
 at the text held back since the last piece went out (never the whole output).
@@ -8,16 +8,14 @@ at the text held back since the last piece went out (never the whole output).
 from __future__ import annotations
 
 import codecs
-import threading
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Protocol, Sequence
+from typing import Protocol, Sequence
 
 
 class TokenEngine(Protocol):
     def token_bytes(self, token: int) -> bytes: ...
     def is_end_of_generation(self, token: int) -> bool: ...
-    def generate(self, prompt: Sequence[int], sampling: "Sampling") -> Iterator[int]: ...
 
 
 @dataclass(frozen=True)
@@ -28,8 +26,11 @@ class Sampling:
     top_k: int = 40
     min_p: float = 0.05
     repeat_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    grammar: str = ""  # GBNF; a json_schema arrives here already converted
 
 
 # Why a generation ended; the names match the public FinishReason enum.
@@ -90,61 +91,61 @@ class StopMatcher:
         return held
 
 
-def generate_text(
-    engine: TokenEngine,
-    prompt: Sequence[int],
-    sampling: Sampling,
-    n_ctx: int,
-    cancel: threading.Event,
-    outcome: Outcome,
-    clock=time.perf_counter,
-    beat=lambda: None,
-) -> Iterator[Piece]:
-    """Yield text pieces; fill `outcome` as it goes (finish reason, usage, timings). `beat` is the
-    heartbeat: called per token, it proves progress to the supervisor."""
-    start = clock()
-    outcome.prompt_tokens = len(prompt)
-    room = n_ctx - len(prompt)
-    limit = min(sampling.max_tokens, room) if sampling.max_tokens else room
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    stops = StopMatcher(sampling.stop)
-    pending_tokens = 0
-    outcome.finish_reason = LENGTH
-    tokens = engine.generate(prompt, sampling)
-    for token in tokens:
-        beat()
-        if cancel.is_set():
-            outcome.finish_reason = CANCELLED
-            break
+class TextStream:
+    """One request's tokens → text pieces: UTF-8-safe detokenisation, stop matching, the token limit,
+    and its usage and timings in `outcome`. Fed one sampled token at a time by the batch loop."""
+
+    def __init__(self, engine: TokenEngine, prompt_tokens: int, sampling: Sampling, n_ctx: int,
+                 outcome: Outcome, clock=time.perf_counter) -> None:
+        self.engine = engine
+        self.outcome = outcome
+        self.clock = clock
+        self.start = clock()
+        outcome.prompt_tokens = prompt_tokens
+        outcome.finish_reason = LENGTH
+        room = n_ctx - prompt_tokens
+        self.limit = min(sampling.max_tokens, room) if sampling.max_tokens else room
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.stops = StopMatcher(sampling.stop)
+        self.pending_tokens = 0
+        self.finished = False
+
+    def feed(self, token: int) -> Piece | None:
+        """The text this token lets out, if any; sets `finished` when the request is complete."""
+        outcome = self.outcome
         if outcome.completion_tokens == 0:
-            outcome.time_to_first_token_s = clock() - start
-        if engine.is_end_of_generation(token):
-            outcome.finish_reason = END_OF_TEXT
-            break
+            outcome.time_to_first_token_s = self.clock() - self.start
+        if self.engine.is_end_of_generation(token):
+            return self.end(END_OF_TEXT)
         outcome.completion_tokens += 1
-        pending_tokens += 1
-        text, stopped = stops.feed(decoder.decode(engine.token_bytes(token)))
-        if text or stopped:
-            yield Piece(text, pending_tokens)
-            pending_tokens = 0
+        self.pending_tokens += 1
+        text, stopped = self.stops.feed(self.decoder.decode(self.engine.token_bytes(token)))
         if stopped:
+            self.finished = True
             outcome.finish_reason = STOP
-            break
-        if outcome.completion_tokens >= limit:
-            break
-        if cancel.is_set():
-            outcome.finish_reason = CANCELLED
-            break
-    close = getattr(tokens, "close", None)
-    if close:
-        close()  # end the engine's generator now, not whenever it is collected
-    if outcome.finish_reason != STOP:
-        # Bytes of an unfinished UTF-8 sequence become U+FFFD rather than vanish.
-        tail, stopped = stops.feed(decoder.decode(b"", final=True))
+            outcome.total_s = self.clock() - self.start
+            return self._piece(text)
+        if outcome.completion_tokens >= self.limit:
+            return self.end(LENGTH, text)
+        return self._piece(text) if text else None
+
+    def end(self, reason: str, text: str = "") -> Piece | None:
+        """Finish with `reason` (unless a stop already did), after `text`: what was held back goes out,
+        with bytes of an unfinished UTF-8 sequence as U+FFFD rather than vanishing."""
+        if self.finished:
+            return None
+        self.finished = True
+        self.outcome.finish_reason = reason
+        tail, stopped = self.stops.feed(self.decoder.decode(b"", final=True))
         if stopped:
-            outcome.finish_reason = STOP
+            self.outcome.finish_reason = STOP
         else:
-            tail += stops.flush()
-        if tail or pending_tokens:
-            yield Piece(tail, pending_tokens)
-    outcome.total_s = clock() - start
+            tail += self.stops.flush()
+        tail = text + tail
+        self.outcome.total_s = self.clock() - self.start
+        return self._piece(tail) if tail or self.pending_tokens else None
+
+    def _piece(self, text: str) -> Piece:
+        piece = Piece(text, self.pending_tokens)
+        self.pending_tokens = 0
+        return piece

@@ -1,6 +1,7 @@
 """Proof of progress, read from outside: a CLOCK_MONOTONIC timestamp in a small shared file.
 
-The worker stamps it per generated token and per prompt batch; the supervisor reads it each poll. A
+The worker stamps it per decode step (one token for every generating sequence, or one prompt chunk) and
+with it the state of its KV pool; the supervisor reads it each poll and for status. A
 worker stuck in a C call stops stamping even though its process (and its gRPC threads) look alive —
 gunicorn's heartbeat idea, but tied to progress, not to an event loop. CLOCK_MONOTONIC is system-wide
 on Linux, so both processes compare the same clock.
@@ -15,20 +16,26 @@ import time
 
 _FORMAT = "d"
 _SIZE = struct.calcsize(_FORMAT)
+_POOL = "4Q"  # after the stamp: sequences active, cells used, sequences cached, preemptions
+_POOL_SIZE = struct.calcsize(_POOL)
 
 
 class Heartbeat:
     def __init__(self, path: str) -> None:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            os.ftruncate(fd, _SIZE)
-            self._map = mmap.mmap(fd, _SIZE)
+            os.ftruncate(fd, _SIZE + _POOL_SIZE)
+            self._map = mmap.mmap(fd, _SIZE + _POOL_SIZE)
         finally:
             os.close(fd)
         self.beat()
 
-    def beat(self) -> None:
-        # One 8-byte store into a shared page: no syscall, cheap enough for every token.
+    def beat(self, pool=None) -> None:
+        """`pool`: the batch loop's PoolStats after a step; None keeps the last ones."""
+        # Stores into a shared page: no syscall, cheap enough for every step. The pool goes first, so a
+        # reader that sees the new stamp sees the pool that came with it or a newer one.
+        if pool is not None:
+            self._map[_SIZE:] = struct.pack(_POOL, pool.active, pool.cells, pool.cached, pool.preemptions)
         self._map[:_SIZE] = struct.pack(_FORMAT, time.monotonic())
 
 
@@ -40,3 +47,13 @@ def read_beat(path: str) -> float | None:
     except OSError:
         return None
     return struct.unpack(_FORMAT, data)[0] if len(data) == _SIZE else None
+
+
+def read_pool(path: str) -> tuple[int, int, int, int] | None:
+    """(sequences active, cells used, sequences cached, preemptions) as of the worker's last step."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(_SIZE + _POOL_SIZE)
+    except OSError:
+        return None
+    return struct.unpack(_POOL, data[_SIZE:]) if len(data) == _SIZE + _POOL_SIZE else None

@@ -83,8 +83,7 @@ def serve(args: argparse.Namespace) -> int:
 
         engine = load_engine_class(args.engine)()
         info = engine.load(args.model, json.loads(args.options))
-        beat = Heartbeat(args.heartbeat).beat if args.heartbeat else (lambda: None)
-        engine.on_progress = beat
+        beat = Heartbeat(args.heartbeat).beat if args.heartbeat else (lambda pool=None: None)
         service = WorkerService(args.name, engine, info, args.stream_interval, beat)
         # No warm-up here: the supervisor asks for it (WarmUp) when it will not compete for the cores.
     except MemoryError:
@@ -99,7 +98,8 @@ def serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # ^C in the supervisor's terminal is the supervisor's to handle
 
-    server = grpc.server(ThreadPoolExecutor(max_workers=4))
+    # A thread per stream in flight (up to `parallel` of them), and room for Info, Tokenize and WarmUp.
+    server = grpc.server(ThreadPoolExecutor(max_workers=info.parallel + 4))
     worker_pb2_grpc.add_WorkerServicer_to_server(service, server)
     os.umask(0o077)  # the socket is the supervisor's alone
     server.add_insecure_port(f"unix://{args.socket}")
@@ -108,6 +108,7 @@ def serve(args: argparse.Namespace) -> int:
     print(LISTENING, flush=True)
     stop.wait()
     server.stop(grace=10).wait()
+    service.close()
     engine.close()
     return 0
 

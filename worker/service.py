@@ -1,7 +1,7 @@
-"""The worker's gRPC service: one generation at a time, streamed back with coalescing.
+"""The worker's gRPC service: up to `parallel` generations at once, each streamed back with coalescing.
 
-Generation runs on one dedicated thread (the worker's single slot) and hands pieces over a queue; the
-response stream takes whatever has piled up since its last message and sends it as one chunk, so a slow
+Generation runs on the batch loop's thread (batching/loop.py), which hands each request's pieces over its
+own queue; the response stream takes whatever has piled up since its last message and sends it as one chunk, so a slow
 reader gets fewer, larger messages instead of a backlog of thousands. Messages go out at most every
 `stream_interval` seconds (the first at once): each message wakes three processes (worker, supervisor,
 client), and on a box whose cores all run llama.cpp's threads those wake-ups cost tokens/s.
@@ -9,12 +9,10 @@ client), and on a box whose cores all run llama.cpp's threads those wake-ups cos
 
 from __future__ import annotations
 
+import json
 import os
 import queue
-import threading
 import time
-import traceback
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator
 
 import grpc
@@ -22,11 +20,26 @@ import grpc
 from llm_supervisor.v1 import supervisor_pb2 as pb
 from llm_supervisor.v1 import worker_pb2, worker_pb2_grpc
 
+from .batching.loop import DONE, BatchLoop, PoolStats, Request
 from .engine import Engine, EngineError, EngineInfo
-from .generation import Outcome, Sampling, generate_text
+from .generation import Outcome, Sampling, TextStream
 from .history import drop_oldest
 
-_DONE = object()
+
+def grammar_from(options: pb.SamplingOptions) -> str:
+    """The GBNF that constrains the output: `grammar` as given, or `json_schema` converted by
+    llama-cpp-python's own converter. Raises EngineError with what is wrong."""
+    if options.grammar:
+        return options.grammar
+    if not options.json_schema:
+        return ""
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    try:
+        schema = json.loads(options.json_schema)
+        return json_schema_to_gbnf(json.dumps(schema))
+    except Exception as e:  # the converter raises what it meets: KeyError, ValueError, RecursionError…
+        raise EngineError(f"json_schema cannot be turned into a grammar: {type(e).__name__}: {e}") from None
 
 
 def sampling_from(options: pb.SamplingOptions) -> Sampling:
@@ -40,28 +53,35 @@ def sampling_from(options: pb.SamplingOptions) -> Sampling:
         top_k=opt("top_k", 40),
         min_p=opt("min_p", 0.05),
         repeat_penalty=opt("repeat_penalty", 1.0),
+        frequency_penalty=opt("frequency_penalty", 0.0),
+        presence_penalty=opt("presence_penalty", 0.0),
         seed=opt("seed", None),
         stop=tuple(options.stop),
+        grammar=grammar_from(options),
     )
 
 
 class WorkerService(worker_pb2_grpc.WorkerServicer):
     def __init__(self, name: str, engine: Engine, info: EngineInfo, stream_interval: float = 0.0,
-                 beat: Callable[[], None] = lambda: None) -> None:
+                 beat: Callable[[PoolStats | None], None] = lambda stats=None: None) -> None:
         self.name = name
         self.beat = beat
         self.stream_interval = stream_interval
         self.engine = engine
         self.info = info
-        self.requests_served = 0
-        # The single slot: generations run one after another on this thread. Tokenizing reads only the
-        # vocabulary, which llama.cpp never changes, so it runs on gRPC's threads meanwhile.
-        # Every llama.cpp computation must run on this one thread: libgomp keeps an OpenMP thread team per
-        # calling thread, and a second team's spinning threads cost a quarter of tokens/s on 2 cores.
-        self._slot = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
+        # Every computation runs on the loop's thread. Tokenizing and rendering chat templates read only
+        # the vocabulary, which llama.cpp never changes, so they run on gRPC's threads meanwhile.
+        self.loop = BatchLoop(engine, info, beat)
+
+    @property
+    def requests_served(self) -> int:
+        return self.loop.requests_served
 
     def warm_up(self) -> None:
-        self._slot.submit(self.engine.warm_up).result()
+        self.loop.call(self.engine.warm_up)
+
+    def close(self) -> None:
+        self.loop.stop()
 
     def WarmUp(self, request, context) -> worker_pb2.WorkerInfo:
         try:
@@ -74,10 +94,14 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         return self.Info(request, context)
 
     def Info(self, request, context) -> worker_pb2.WorkerInfo:
+        stats = self.loop.stats
         return worker_pb2.WorkerInfo(
             pid=os.getpid(), n_ctx=self.info.n_ctx, n_batch=self.info.n_batch, n_threads=self.info.n_threads,
             requests_served=self.requests_served, architecture=self.info.architecture,
-            has_chat_template=self.info.has_chat_template,
+            has_chat_template=self.info.has_chat_template, parallel=len(self.loop.slots),
+            pool=pb.PoolStatus(parallel=len(self.loop.slots), n_ctx=self.info.n_ctx,
+                                sequences_active=stats.active, cells_used=stats.cells,
+                                sequences_cached=stats.cached, preemptions=stats.preemptions),
         )
 
     def Tokenize(self, request: pb.TokenizeRequest, context) -> pb.TokenizeResponse:
@@ -124,21 +148,23 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         return prompt, dropped
 
     def Generate(self, request: worker_pb2.WorkerGenerateRequest, context) -> Iterator[pb.GenerateChunk]:
+        start = time.perf_counter()
         try:
             prompt, dropped = self._prompt(request, context)
+            sampling = sampling_from(request.options)
+            sampler = self.engine.sampler(sampling)
         except EngineError as e:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        sampling = sampling_from(request.options)
-        cancel = threading.Event()
-        context.add_callback(cancel.set)  # client gone or cancelled: stop at the next token
-        pieces: queue.SimpleQueue = queue.SimpleQueue()
-        outcome = Outcome(messages_dropped=dropped)
-        self._slot.submit(self._run, prompt, sampling, cancel, pieces, outcome)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"model {self.name!r}: {e}")
+        stream = TextStream(self.engine, len(prompt), sampling, self.info.n_ctx, Outcome(messages_dropped=dropped))
+        stream.start = start  # time to first token counts the template's render and the wait for a sequence
+        work = Request(prompt, sampling, sampler, stream)
+        context.add_callback(work.cancel.set)  # client gone, cancelled or past its deadline: freed next step
+        self.loop.submit(work)
         last_sent = 0.0
         while True:
-            items = self._take(pieces, last_sent + self.stream_interval)
+            items = self._take(work.out, last_sent + self.stream_interval)
             last_sent = time.monotonic()
-            done = items[-1] is _DONE or isinstance(items[-1], BaseException)
+            done = items[-1] is DONE or isinstance(items[-1], BaseException)
             body = items[:-1] if done else items
             text = "".join(p.text for p in body)
             tokens = sum(p.tokens for p in body)
@@ -147,35 +173,20 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 continue
             if isinstance(items[-1], BaseException):
                 context.abort(grpc.StatusCode.INTERNAL, f"model {self.name!r}: generation failed: {items[-1]}")
-            yield self._final(text, tokens, outcome)
+            yield self._final(text, tokens, work.outcome)
             return
 
     @staticmethod
     def _take(pieces: queue.SimpleQueue, not_before: float) -> list:
         """At least one item; then whatever arrives until `not_before`, or until the end of the stream."""
         items = [pieces.get()]
-        while not (items[-1] is _DONE or isinstance(items[-1], BaseException)):
+        while not (items[-1] is DONE or isinstance(items[-1], BaseException)):
             try:
                 remaining = not_before - time.monotonic()
                 items.append(pieces.get(timeout=remaining) if remaining > 0 else pieces.get_nowait())
             except queue.Empty:
                 break
         return items
-
-    def _run(self, prompt: list[int], sampling: Sampling, cancel: threading.Event,
-             pieces: queue.SimpleQueue, outcome: Outcome) -> None:
-        try:
-            self.beat()
-            outcome.cached_prompt_tokens = self.engine.cached_prefix(prompt)
-            for piece in generate_text(self.engine, prompt, sampling, self.info.n_ctx, cancel, outcome, beat=self.beat):
-                pieces.put(piece)
-            self.requests_served += 1
-            pieces.put(_DONE)
-        except Exception as e:  # reported to the client as INTERNAL; the worker stays up
-            traceback.print_exc()
-            pieces.put(e)
-        finally:
-            self.engine.after_request()
 
     def _final(self, text: str, tokens: int, outcome: Outcome) -> pb.GenerateChunk:
         return pb.GenerateChunk(

@@ -97,9 +97,12 @@ class Registry:
 
     def _replica(self, runtime: ModelRuntime, config: ModelConfig, gguf: GGUFInfo, index: int,
                  output: OutputLog) -> Replica:
-        return Replica(config, gguf, self._socket_dir, self.monitor, self.events,
-                       on_change=lambda: self._on_change(runtime), standby=self.standby, room=self.room,
-                       admit=self.admit, index=index, output=output, queue=RequestQueue())
+        queue = RequestQueue()
+        replica = Replica(config, gguf, self._socket_dir, self.monitor, self.events,
+                          on_change=lambda: self._on_change(runtime), standby=self.standby, room=self.room,
+                          admit=self.admit, index=index, output=output, queue=queue)
+        queue.capacity_from(lambda: replica.config.parallel)  # a reload's new `parallel` holds at once
+        return replica
 
     async def _whole(self, work: Awaitable[T], name: str) -> T:
         """`work`, run to its end whatever becomes of the caller: a client that gives up (a cancelled RPC)

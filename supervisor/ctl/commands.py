@@ -152,6 +152,14 @@ def run(args: argparse.Namespace, channel: grpc.Channel, out: Output) -> int:
     return handler(args, stub, out) or 0
 
 
+def pool_columns(w: pb.WorkerStatus) -> list[str]:
+    """SEQS active/parallel, KV cells used/n_ctx, cached sequences, preemptions; "-" before a worker serves."""
+    p = w.pool
+    if not p.parallel:
+        return ["-"] * 4
+    return [f"{p.sequences_active}/{p.parallel}", f"{p.cells_used}/{p.n_ctx}", str(p.sequences_cached), str(p.preemptions)]
+
+
 def cmd_status(args, stub, out: Output) -> int:
     status = stub.Status(pb.StatusRequest())
     workers = [w for w in status.workers if not args.model or w.model == args.model]
@@ -164,11 +172,12 @@ def cmd_status(args, stub, out: Output) -> int:
     rows = [[label(w, workers), w.state, str(w.pid or "-"), human_bytes(w.private_memory_bytes), human_bytes(w.file_rss_bytes),
              human_bytes(w.gpu_memory_bytes) if w.gpu_memory_bytes else "-",
              f"{w.cpu_percent:.0f}%" if w.pid else "-", f"{w.gpu_temperature_c:.0f}°C" if w.gpu_temperature_c else "-",
-             str(w.requests_served), str(w.queue_depth), str(w.restarts), str(w.recycles),
+             str(w.requests_served), str(w.queue_depth), *pool_columns(w), str(w.restarts), str(w.recycles),
              human_duration(w.uptime_s) if w.pid else "-", until(w),
              w.throttle_reason or w.last_exit or w.last_recycle_reason or w.memory_note] for w in workers]
-    out.table(["MODEL", "STATE", "PID", "PRIVATE", "FILE", "GPU", "CPU", "TEMP", "REQUESTS", "QUEUE", "RESTARTS",
-               "RECYCLES", "UPTIME", "UNTIL", "THROTTLED / LAST EXIT / RECYCLE / NOTE"], rows)
+    out.table(["MODEL", "STATE", "PID", "PRIVATE", "FILE", "GPU", "CPU", "TEMP", "REQUESTS", "QUEUE", "SEQS", "KV",
+               "CACHED", "PREEMPTED", "RESTARTS", "RECYCLES", "UPTIME", "UNTIL", "THROTTLED / LAST EXIT / RECYCLE / NOTE"],
+              rows)
     host = [f"GPU {g.index}: {g.temperature_c:.0f}°C, {human_bytes(g.memory_used_bytes)} of "
             f"{human_bytes(g.memory_total_bytes)}" for g in status.gpus]
     if status.HasField("cpu_temperature_c"):
@@ -407,8 +416,9 @@ def cmd_top(args, stub, out: Output) -> int:
                      f"{w.gpu_temperature_c:.0f}°C" if w.gpu_temperature_c else "-",
                      f"{w.cpu_percent:.0f}%" if w.pid else "-",
                      f"{w.tokens_per_second:.1f}" if w.tokens_per_second else "-",
-                     str(w.requests_served), str(w.queue_depth)] for w in status.workers]
-            out.table(["MODEL", "STATE", "PID", "PRIVATE", "GPU", "TEMP", "CPU", "TOK/S", "REQUESTS", "QUEUE"], rows)
+                     str(w.requests_served), str(w.queue_depth), *pool_columns(w)] for w in status.workers]
+            out.table(["MODEL", "STATE", "PID", "PRIVATE", "GPU", "TEMP", "CPU", "TOK/S", "REQUESTS", "QUEUE", "SEQS",
+                       "KV", "CACHED", "PREEMPTED"], rows)
             for g in status.gpus:
                 out.text(f"GPU {g.index}: {g.temperature_c:.0f}°C, {human_bytes(g.memory_used_bytes)} of "
                          f"{human_bytes(g.memory_total_bytes)}\n")

@@ -20,6 +20,7 @@ import structlog
 
 from llm_supervisor.v1 import worker_pb2, worker_pb2_grpc
 
+from worker.heartbeat import read_pool
 from worker.main import LISTENING
 
 from supervisor.settings.config import ModelConfig
@@ -56,6 +57,18 @@ class Spawn:
     rlimit_data: int | None = None  # the worker's RLIMIT_DATA: configured or derived (memory_lines.py)
 
 
+@dataclass(frozen=True)
+class Pool:
+    """A worker's batch: `parallel` sequences sharing one KV pool of n_ctx cells."""
+
+    parallel: int
+    active: int
+    cells: int
+    n_ctx: int
+    cached: int
+    preemptions: int
+
+
 class WorkerProcess:
     def __init__(self, spawn: Spawn, events: EventBus, output: OutputLog | None = None, clock=time.monotonic) -> None:
         self.spawn = spawn
@@ -78,7 +91,8 @@ class WorkerProcess:
         self.listening = asyncio.Event()  # its socket takes connections
         self.stop_requested = False
         self.heartbeat_path = spawn.socket_path.with_suffix(".beat")
-        self.busy_since = 0.0  # monotonic time its request in flight started
+        self.in_flight = 0  # requests (sequences) it is running
+        self.busy_since = 0.0  # monotonic time it went from no request in flight to one
         self.context_high = 0  # the most tokens a request has had in its context (prompt + reply)
         self.idle = asyncio.Event()  # set while no request is in flight on it
         self.idle.set()
@@ -102,17 +116,31 @@ class WorkerProcess:
         self.state = new
 
     def begin_request(self) -> None:
-        """A request goes to it: BUSY, and its progress is measured from now. A worker that died meanwhile
-        is left as it is: the call to it then says how it ended."""
+        """A request goes to it: BUSY while any runs (it generates up to `parallel` at once), and its
+        progress is measured from the first. A worker that died meanwhile is left as it is: the call to it
+        then says how it ended."""
+        self.in_flight += 1
+        if self.in_flight == 1:
+            self.busy_since = self._clock()
         if self.state == WorkerState.READY:
             self.change_state(WorkerState.BUSY, "request")
         self.idle.clear()
-        self.busy_since = self._clock()
 
     def end_request(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight:
+            return
         self.idle.set()
         if self.state == WorkerState.BUSY:
             self.change_state(WorkerState.READY, "request done")
+
+    def pool(self) -> Pool | None:
+        """Its batch as of its last step (read from its heartbeat file), or None before it has served."""
+        figures = read_pool(str(self.heartbeat_path))
+        if figures is None or self.info is None:
+            return None
+        active, cells, cached, preemptions = figures
+        return Pool(self.info.parallel or 1, active, cells, self.info.n_ctx, cached, preemptions)
 
     @property
     def alive(self) -> bool:

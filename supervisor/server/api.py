@@ -350,4 +350,9 @@ def worker_status(runtime: ModelRuntime, replica: Replica) -> pb.WorkerStatus:
         if latest is not None and latest.gpu is not None:
             status.gpu_memory_bytes = latest.gpu
         status.cpu_percent = cpu_percent(worker.watch.periodic) or 0.0
+        pool = worker.pool()
+        if pool is not None:
+            status.pool.CopyFrom(pb.PoolStatus(parallel=pool.parallel, sequences_active=pool.active,
+                                               cells_used=pool.cells, n_ctx=pool.n_ctx,
+                                               sequences_cached=pool.cached, preemptions=pool.preemptions))
     return status

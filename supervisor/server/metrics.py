@@ -112,6 +112,16 @@ class StateCollector:
         gpu = gauge("worker_gpu_memory_bytes", "GPU memory of the worker (NVML)", ["model", "pid"])
         cpu = gauge("worker_cpu_percent", "CPU use of the worker between the last two polls, % of one core",
                     ["model", "pid"])
+        active = gauge("worker_sequences_active", "Requests the worker is generating (or evaluating the prompt of)",
+                       ["model", "pid"])
+        parallel = gauge("worker_sequences_parallel", "Requests the worker may generate at once (parallel)",
+                         ["model", "pid"])
+        cells = gauge("worker_kv_cells_used", "KV cells in use, cached sequences' included", ["model", "pid"])
+        n_ctx = gauge("worker_kv_cells", "KV cells in the worker's pool (n_ctx)", ["model", "pid"])
+        cached = gauge("worker_sequences_cached", "Finished sequences kept for a follow-up sharing their prefix",
+                       ["model", "pid"])
+        preemptions = CounterMetricFamily(f"{PREFIX}_worker_preemptions",
+                                          "Requests paused because the KV pool was full", labels=["model", "pid"])
         up = gauge("model_serving", "1 while the model has a worker taking requests", ["model"])
         queue = gauge("queue_depth", "Requests waiting for the model", ["model"])
         temperature = gauge("model_gpu_temperature_celsius", "Hottest GPU the model runs on", ["model"])
@@ -140,7 +150,13 @@ class StateCollector:
                 share = cpu_percent(list(worker.watch.periodic))  # a copy: the event loop appends meanwhile
                 if share is not None:
                     cpu.add_metric(labels, share)
-        yield from (private, file_rss, gpu, cpu, up, queue, temperature, recycles, restarts)
+                pool = worker.pool()
+                if pool is not None:
+                    for family, value in ((active, pool.active), (parallel, pool.parallel), (cells, pool.cells),
+                                          (n_ctx, pool.n_ctx), (cached, pool.cached), (preemptions, pool.preemptions)):
+                        family.add_metric(labels, value)
+        yield from (private, file_rss, gpu, cpu, active, parallel, cells, n_ctx, cached, preemptions,
+                    up, queue, temperature, recycles, restarts)
         yield from self._host()
 
     def _host(self):

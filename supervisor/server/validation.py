@@ -3,6 +3,7 @@ a cleaned request or an INVALID_ARGUMENT with a message that says what is allowe
 
 from __future__ import annotations
 
+import json
 import math
 
 from llm_supervisor.v1 import supervisor_pb2 as pb
@@ -32,6 +33,9 @@ def check_options(options: pb.SamplingOptions, model: ModelConfig) -> pb.Samplin
     in_range("repeat_penalty", 0.0, 100.0)
     if options.HasField("repeat_penalty") and options.repeat_penalty == 0.0:
         raise invalid("repeat_penalty must be more than 0 (1.0 turns it off)")
+    in_range("frequency_penalty", -2.0, 2.0)  # OpenAI's range
+    in_range("presence_penalty", -2.0, 2.0)
+    check_constraint(options)
     if options.HasField("top_k") and options.top_k > 1_000_000:
         raise invalid(f"top_k must be at most 1000000 (0 turns it off), got {options.top_k}")
     if len(options.stop) > MAX_STOP_SEQUENCES:
@@ -48,6 +52,26 @@ def check_options(options: pb.SamplingOptions, model: ModelConfig) -> pb.Samplin
         if options.max_tokens == 0:
             out.max_tokens = model.max_tokens
     return out
+
+
+MAX_GRAMMAR_LENGTH = 256 * 1024
+
+
+def check_constraint(options: pb.SamplingOptions) -> None:
+    """grammar or json_schema, not both; a schema must be JSON. Whether a grammar parses, and whether a
+    schema converts, the worker says (llama.cpp's parser and llama-cpp-python's converter decide)."""
+    if options.grammar and options.json_schema:
+        raise invalid("give grammar or json_schema, not both")
+    for field in ("grammar", "json_schema"):
+        if len(getattr(options, field)) > MAX_GRAMMAR_LENGTH:
+            raise invalid(f"{field} is at most {MAX_GRAMMAR_LENGTH} characters, got {len(getattr(options, field))}")
+    if options.json_schema:
+        try:
+            schema = json.loads(options.json_schema)
+        except ValueError as e:
+            raise invalid(f"json_schema is not JSON: {e}") from None
+        if not isinstance(schema, dict):
+            raise invalid(f"json_schema must be a JSON object, got {type(schema).__name__}")
 
 
 def check_model_name(name: str) -> None:

@@ -68,10 +68,10 @@ class ModelRuntime:
 
     @property
     def state(self) -> str:
-        """READY while a replica takes requests at once, BUSY while all that serve are busy; else the first's."""
-        serving = [replica.status for replica in self.replicas if replica.serving]
+        """READY while a replica takes a request at once, BUSY while all that serve are full; else the first's."""
+        serving = [replica for replica in self.replicas if replica.serving]
         if serving:
-            return "READY" if "READY" in serving else "BUSY"
+            return "READY" if any(not replica.queue.full for replica in serving) else "BUSY"
         return self.replicas[0].status
 
     def pick(self) -> Replica:
@@ -99,11 +99,11 @@ class ModelRuntime:
         drained = drain > 0 and await queue.drain(drain)
         await replica.stop(grace, reason)
         if drained:
-            queue.leave()  # a request that queued after the drain now learns the model is gone
+            queue.reopen()  # a request that queued after the drain now learns the model is gone
 
     # -- requests ------------------------------------------------------------------------------------
     async def _enter_queue(self, replica: Replica) -> None:
-        if replica.queue.running and self.waiting >= self.config.max_queue:
+        if replica.queue.full and self.waiting >= self.config.max_queue:
             raise exhausted(f"model {self.name!r}: queue is full ({self.waiting} waiting, max_queue = "
                             f"{self.config.max_queue}); retry later or raise max_queue")
         await replica.queue.enter()

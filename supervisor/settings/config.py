@@ -20,6 +20,9 @@ class ConfigError(ValueError):
     """A config value an operator must fix; the message names the key and what is allowed."""
 
 
+MAX_PARALLEL = 256  # llama.cpp's LLAMA_MAX_SEQ
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     name: str
@@ -34,6 +37,9 @@ class ModelConfig:
     flash_attn: bool = False
     type_k: str = "f16"
     type_v: str = "f16"
+    # Requests a worker generates at once, each a sequence in its one KV pool of n_ctx cells (llama-server's
+    # --parallel; unlike Ollama's OLLAMA_NUM_PARALLEL it does not multiply the context).
+    parallel: int = 4
     # Supervision.
     replicas: int = 1  # worker processes serving the model; mmap'd weights are shared between them
     pinned: bool = False
@@ -65,7 +71,8 @@ class ModelConfig:
 
     def worker_options(self) -> dict[str, Any]:
         """What the worker process needs to load the model (it knows nothing of policies)."""
-        keys = ("n_ctx", "n_batch", "n_threads", "n_gpu_layers", "use_mmap", "use_mlock", "flash_attn", "type_k", "type_v")
+        keys = ("n_ctx", "n_batch", "n_threads", "n_gpu_layers", "use_mmap", "use_mlock", "flash_attn", "type_k", "type_v",
+                "parallel")
         return {k: getattr(self, k) for k in keys}
 
 
@@ -206,6 +213,9 @@ def _check_model(cfg: ModelConfig) -> None:
     need(cfg.n_gpu_layers >= -1, f"n_gpu_layers must be -1 (all) or more, got {cfg.n_gpu_layers}")
     for key in ("type_k", "type_v"):
         need(getattr(cfg, key) in KV_TYPES, f"{key} must be one of {', '.join(KV_TYPES)}, got {getattr(cfg, key)!r}")
+    need(1 <= cfg.parallel <= min(MAX_PARALLEL, cfg.n_batch),
+         f"parallel must be between 1 and {min(MAX_PARALLEL, cfg.n_batch)} (at most n_batch, since every "
+         f"generating sequence puts a token in each batch, and llama.cpp's {MAX_PARALLEL} sequences), got {cfg.parallel}")
     need(1 <= cfg.replicas <= 16, f"replicas must be between 1 and 16, got {cfg.replicas}")
     need(cfg.max_queue >= 0, f"max_queue must be 0 or more, got {cfg.max_queue}")
     need(cfg.max_tokens >= 0, f"max_tokens must be 0 (no cap) or more, got {cfg.max_tokens}")

@@ -59,6 +59,7 @@ class Recycles:
         first, why = self._room(Usage(cost.private_peak, cost.gpu))
         replica.events.emit("worker_recycle", replica.name, "info", worker.pid, reason, graceful=True,
                             replacement="first" if first else f"after the old worker exits: {why}",
+                            draining_sequences=worker.in_flight,
                             **{**memory_figures(worker), **(figures or {})})
         self._counted(reason, kind)
         replica.change_state(ReplicaState.REPLACING, reason)
@@ -79,7 +80,7 @@ class Recycles:
         if not draining:  # a draining worker's recycle is already counted
             self._counted(reason, kind)
         replica.events.emit("worker_recycle", replica.name, "warning", worker.pid, reason, graceful=False,
-                            **memory_figures(worker))
+                            failing_sequences=worker.in_flight, **memory_figures(worker))
         worker.kill_reason, worker.kill_kind = reason, kind
         worker.change_state(WorkerState.STOPPING, reason)  # no request goes to it any more
         if not draining and worker is replica.worker and replica.state == ReplicaState.SERVING:

@@ -1,0 +1,1 @@
+"""Continuous batching: many requests in one worker over one fixed KV pool (plan: pure; loop: acts)."""

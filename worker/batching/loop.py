@@ -1,0 +1,266 @@
+"""The executor: one thread that owns the engine and runs one decode step at a time for every request
+the worker holds — the thin half of STYLE.md's planner/executor split (the decisions are plan.py's).
+
+Every llama.cpp computation runs on this one thread: libgomp keeps an OpenMP thread team per calling
+thread, and a second team's spinning threads cost a quarter of tokens/s on 2 cores. gRPC threads only
+hand requests in (`submit`) and read their pieces out; a request's cancel is seen at the next step, also
+while its prompt is being evaluated, and its cells are freed then.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import queue
+import threading
+import traceback
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ..engine import Chunk, Engine, EngineInfo, NoRoom, Sampler
+from ..generation import CANCELLED, Outcome, Sampling, TextStream
+from .plan import Cached, Running, SlotView, choose_slot, plan_step
+
+DONE = object()  # the last item of a request's output queue, unless it is the exception that failed it
+
+
+@dataclass(eq=False)
+class Request:
+    prompt: list[int]
+    sampling: Sampling
+    sampler: Sampler
+    stream: TextStream
+    cancel: threading.Event = field(default_factory=threading.Event)
+    out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    id: int = 0
+    tokens: list[int] = field(default_factory=list)  # prompt + what it generated: what its cells must hold
+    slot: int | None = None
+    held: int = 0          # cells its sequence holds (tokens[:held] are evaluated)
+    admitted: bool = False  # it has held a slot once (its cached prefix is counted then)
+
+    @property
+    def outcome(self) -> Outcome:
+        return self.stream.outcome
+
+
+@dataclass
+class Slot:
+    index: int
+    request: Request | None = None
+    cached: list[int] = field(default_factory=list)  # what a finished sequence's cells still hold
+    last_used: int = 0
+
+
+@dataclass(frozen=True)
+class PoolStats:
+    active: int       # sequences generating or evaluating their prompt
+    cells: int        # KV cells in use, cached sequences' included
+    cached: int       # finished sequences kept for a follow-up
+    preemptions: int  # since the worker started
+
+
+class BatchLoop:
+    def __init__(self, engine: Engine, info: EngineInfo, beat: Callable[[PoolStats], None] = lambda stats: None) -> None:
+        self.engine = engine
+        self.n_ctx = info.n_ctx
+        self.n_batch = info.n_batch
+        self.slots = [Slot(i) for i in range(max(1, info.parallel))]
+        self.beat = beat
+        self.requests_served = 0
+        self.preemptions = 0
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._waiting: list[Request] = []  # by id: a preempted request goes back before later ones
+        self._ids = itertools.count(1)
+        self._steps = itertools.count(1)
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="batch", daemon=True)
+        self._thread.start()
+
+    # -- from other threads ----------------------------------------------------------------------------
+    def submit(self, request: Request) -> None:
+        self._inbox.put(request)
+
+    def call(self, function: Callable[[], object]) -> object:
+        """Run `function` on the loop's thread between steps (the warm-up), and return its result."""
+        done: queue.SimpleQueue = queue.SimpleQueue()
+        self._inbox.put((function, done))
+        ok, value = done.get()
+        if not ok:
+            raise value
+        return value
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._inbox.put(None)
+        self._thread.join()
+
+    @property
+    def stats(self) -> PoolStats:
+        active = [s.request for s in self.slots if s.request is not None]
+        cached = [s for s in self.slots if s.request is None and s.cached]
+        return PoolStats(len(active), sum(r.held for r in active) + sum(len(s.cached) for s in cached),
+                         len(cached), self.preemptions)
+
+    # -- the loop ----------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stopping:
+            try:
+                self._turn()
+            except Exception as e:  # a defect of ours: fail what is in flight, never strand a stream
+                traceback.print_exc()
+                for request in self._waiting + [s.request for s in self.slots if s.request is not None]:
+                    self._finish(request, error=e)
+                self._waiting.clear()
+        for request in self._waiting + [s.request for s in self.slots if s.request is not None]:
+            self._finish(request, error=RuntimeError("the worker is stopping"))
+
+    def _turn(self) -> None:
+        busy = self._waiting or any(s.request for s in self.slots)
+        self._take_inbox(block=not busy)
+        self._drop_cancelled()
+        self._admit()
+        if any(s.request for s in self.slots):
+            try:
+                self._step()
+            finally:
+                self.beat(self.stats)
+            if not (self._waiting or any(s.request for s in self.slots)):
+                self.engine.idle()  # the heap back to the OS once nothing runs
+
+    def _take_inbox(self, block: bool) -> None:
+        while True:
+            try:
+                item = self._inbox.get(block=block)
+            except queue.Empty:
+                return
+            block = False
+            if item is None:
+                continue
+            if isinstance(item, tuple):  # a call to run here
+                function, done = item
+                try:
+                    done.put((True, function()))
+                except BaseException as e:
+                    done.put((False, e))
+                continue
+            item.id = next(self._ids)
+            item.tokens = list(item.prompt)
+            self._waiting.append(item)
+
+    def _drop_cancelled(self) -> None:
+        for request in [r for r in self._waiting if r.cancel.is_set()]:
+            self._waiting.remove(request)
+            self._finish(request, CANCELLED)
+        for slot in self.slots:
+            if slot.request is not None and slot.request.cancel.is_set():
+                self._finish(slot.request, CANCELLED)
+
+    def _admit(self) -> None:
+        while self._waiting:
+            request = self._waiting[0]
+            views = [SlotView(s.index, s.request is not None, s.cached, s.last_used) for s in self.slots]
+            choice = choose_slot(request.tokens, views)
+            if choice is None:
+                return
+            index, keep = choice
+            self._waiting.pop(0)
+            slot = self.slots[index]
+            request.held = self.engine.forget(index, keep) if slot.cached else 0
+            if not request.admitted:
+                request.admitted = True
+                request.outcome.cached_prompt_tokens = request.held
+            slot.request, slot.cached, request.slot = request, [], index
+
+    def _step(self) -> None:
+        by_id = {s.request.id: s.request for s in self.slots if s.request is not None}
+        running = [Running(r.id, r.held, len(r.tokens) - r.held, r.id) for r in by_id.values()]
+        cached = [Cached(s.index, len(s.cached), s.last_used) for s in self.slots if s.request is None and s.cached]
+        step = plan_step(running, cached, self.n_ctx, self.n_batch)
+        for index in step.evict:
+            self.engine.forget(index, 0)
+            self.slots[index].cached = []
+        for id_ in step.preempt:
+            self._preempt(by_id[id_])
+        if not step.chunks:
+            return
+        chunks = []
+        sampling = []  # (request, the batch index of the token whose logits it samples from)
+        position = 0
+        for id_, n in step.chunks:
+            request = by_id[id_]
+            last = request.held + n == len(request.tokens)
+            chunks.append(Chunk(request.slot, request.tokens[request.held:request.held + n], request.held, last))
+            position += n
+            if last:
+                sampling.append((request, position - 1))
+        try:
+            self.engine.decode(chunks)
+        except NoRoom:
+            # The cache could not place the batch although the plan counted room (cells fragmented):
+            # free cached sequences, else the newest request, and go again next step.
+            cached = [s for s in self.slots if s.request is None and s.cached]
+            for slot in cached:
+                self.engine.forget(slot.index, 0)
+                slot.cached = []
+            if not cached:
+                newest = max(by_id.values(), key=lambda r: r.id)
+                if len(by_id) > 1:
+                    self._preempt(newest)
+                else:
+                    self._finish(newest, error=RuntimeError("llama_decode found no room in the KV cache"))
+            return
+        except Exception as e:
+            traceback.print_exc()
+            for id_, _ in step.chunks:
+                self._finish(by_id[id_], error=e)
+            return
+        for (id_, n) in step.chunks:
+            by_id[id_].held += n
+        for request, index in sampling:
+            self._sample(request, index)
+
+    def _sample(self, request: Request, index: int) -> None:
+        try:
+            token = request.sampler.sample(index)
+        except Exception as e:
+            traceback.print_exc()
+            self._finish(request, error=e)
+            return
+        request.tokens.append(token)
+        piece = request.stream.feed(token)
+        if piece is not None:
+            request.out.put(piece)
+        if request.stream.finished:
+            self._finish(request)
+
+    def _preempt(self, request: Request) -> None:
+        """Free its cells and put it back in line; it resumes by evaluating what it had again."""
+        self.engine.forget(request.slot, 0)
+        self.slots[request.slot].request = None
+        request.slot, request.held = None, 0
+        bisect.insort(self._waiting, request, key=lambda r: r.id)
+        self.preemptions += 1
+
+    def _finish(self, request: Request, reason: str | None = None, error: BaseException | None = None) -> None:
+        """The request is over: its slot is freed (its cells kept as a cache when it completed), its
+        sampler closed, and its stream told."""
+        completed = reason is None and error is None
+        if request.slot is not None:
+            slot = self.slots[request.slot]
+            slot.request = None
+            if completed and request.held:
+                slot.cached, slot.last_used = request.tokens[:request.held], next(self._steps)
+            else:
+                self.engine.forget(request.slot, 0)
+            request.slot = None
+        request.sampler.close()
+        if error is not None:
+            request.out.put(error)
+        else:
+            if reason is not None:
+                tail = request.stream.end(reason)
+                if tail is not None:
+                    request.out.put(tail)
+            self.requests_served += 1
+            request.out.put(DONE)
+        self.engine.after_request()
