@@ -15,6 +15,7 @@ import ctypes
 import importlib
 import os
 import random
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Any, Mapping, Protocol, Sequence
@@ -189,6 +190,8 @@ class LlamaEngine:
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
 
         metadata = self._model.metadata()
+        # As llama-cpp-python's Llama says it: the model's whole header, chat template included, in its log.
+        print(f"Model metadata: {metadata}", file=sys.stderr, flush=True)
         template = metadata.get("tokenizer.chat_template")
         if template:
             from llama_cpp.llama_chat_format import Jinja2ChatFormatter
