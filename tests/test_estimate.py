@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+
 import json
 import os
 import shutil
@@ -100,6 +102,33 @@ def test_estimate_at_full_context_is_within_25_percent_once_the_context_is_full(
         assert figures.private_peak_bytes > 2 * figures.private_at_load_bytes  # why both are shown
     finally:
         shapes_daemon.stub.UnloadModel(pb.UnloadModelRequest(name="full"))
+
+
+def test_eight_sequences_filling_the_pool_cost_what_one_full_context_costs(shapes_daemon):
+    file, _, options = CASES["wide"]
+    one = shapes_daemon.stub.EstimateModel(pb.EstimateModelRequest(path=file, options={**options, "parallel": "1"})).estimate
+    options = {**options, "parallel": "8"}
+    eight = shapes_daemon.stub.EstimateModel(pb.EstimateModelRequest(path=file, options=options)).estimate
+    # One KV pool whatever the parallel: only the logits of the sequences sampling together differ.
+    assert eight.kv_cache_cpu_bytes == one.kv_cache_cpu_bytes
+    assert eight.private_peak_bytes - one.private_peak_bytes == eight.outputs_bytes - one.outputs_bytes < MiB
+    shapes_daemon.stub.LoadModel(pb.LoadModelRequest(name="eight", path=file, options=options))
+    try:
+        one_piece = shapes_daemon.stub.Tokenize(pb.TokenizeRequest(model="eight", text="the model " * 100)).count
+        prompt = "the model " * int(100 * (4096 // 8 - 40) / one_piece)
+
+        def stream(i: int):
+            return list(shapes_daemon.stub.Generate(pb.GenerateRequest(
+                model="eight", prompt=f"{i} {prompt}", options=pb.SamplingOptions(max_tokens=16))))
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(stream, range(8)))
+        used = sum(r[-1].usage.prompt_tokens + r[-1].usage.completion_tokens for r in results)
+        assert used > 3800  # the eight filled the pool between them
+        measured = shapes_daemon.worker("eight").private_memory_bytes
+        assert 0.75 < eight.private_peak_bytes / measured < 1.25, (eight, measured / MiB)
+    finally:
+        shapes_daemon.stub.UnloadModel(pb.UnloadModelRequest(name="eight"))
 
 
 def test_llmctl_estimate_prints_the_parts(shapes_daemon):

@@ -34,6 +34,20 @@ def test_generate_prints_the_text_and_json_ends_with_usage(shared_daemon):
     assert plain.stdout == "".join(o["text"] for o in objects) + "\n"
 
 
+def test_generate_follows_a_json_schema_file_and_status_shows_the_pool(shared_daemon, tmp_path):
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}))
+    out = llmctl(shared_daemon, "generate", "tiny", "answer", "--max-tokens", "100", "--json-schema", str(schema))
+    assert out.returncode == 0, out.stderr
+    assert isinstance(json.loads(out.stdout)["ok"], bool)
+    missing = llmctl(shared_daemon, "generate", "tiny", "answer", "--grammar", str(tmp_path / "none.gbnf"))
+    assert missing.returncode != 0 and "cannot read" in missing.stderr
+    header, row = llmctl(shared_daemon, "status").stdout.splitlines()[:2]
+    seqs, kv, cached, preempted = row[header.index("SEQS"):].split()[:4]  # the table's columns are aligned
+    assert seqs == "0/4" and kv.endswith("/512") and int(kv.split("/")[0]) > 0
+    assert 1 <= int(cached) <= 4 and preempted == "0"
+
+
 def test_status_and_models_tables_and_json(shared_daemon):
     table = llmctl(shared_daemon, "status", env_address=True)
     assert table.returncode == 0

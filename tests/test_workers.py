@@ -176,7 +176,8 @@ def test_a_worker_that_cannot_load_leaves_the_supervisor_serving(start_daemon, m
 
 
 def test_full_queue_is_resource_exhausted_and_timeouts_are_deadline_exceeded(start_daemon):
-    daemon = start_daemon(slow_model(max_queue=0, request_timeout="1500ms"), env={"TEST_TOKEN_DELAY": "0.03"})
+    # parallel = 1: the one stream running fills the worker, so the next request would have to queue.
+    daemon = start_daemon(slow_model(max_queue=0, request_timeout="1500ms", parallel=1), env={"TEST_TOKEN_DELAY": "0.03"})
     busy = open_stream(daemon, max_tokens=500)
     next(busy)
     with pytest.raises(grpc.RpcError) as caught:
@@ -232,7 +233,7 @@ def test_sigterm_during_a_start_up_load_stops_at_once_and_leaves_no_worker(model
 
 
 def test_sigterm_lets_queued_and_running_requests_finish_then_stops(start_daemon):
-    daemon = start_daemon(slow_model(), extra='shutdown_timeout = "30s"')
+    daemon = start_daemon(slow_model(parallel=1), extra='shutdown_timeout = "30s"')  # one runs, one queues
     running, running_result = in_background(open_stream(daemon, max_tokens=60))
     wait_for(lambda: daemon.worker("tiny").state == "BUSY", what="the first request to run")
     queued, queued_result = in_background(open_stream(daemon, max_tokens=20))
@@ -263,7 +264,7 @@ def test_sigterm_ends_what_outlasts_shutdown_timeout_with_a_reason(start_daemon)
 
 
 def test_a_queued_request_whose_deadline_passes_leaves_the_queue_and_never_runs(start_daemon):
-    daemon = start_daemon(slow_model(), env={"TEST_TOKEN_DELAY": "0.03"})
+    daemon = start_daemon(slow_model(parallel=1), env={"TEST_TOKEN_DELAY": "0.03"})  # one runs, the next queues
     running, result = in_background(open_stream(daemon, max_tokens=100))  # 3 s of tokens
     wait_for(lambda: daemon.worker("tiny").state == "BUSY", what="the first request to run")
     late = daemon.stub.Generate(pb.GenerateRequest(model="tiny", prompt="late", options=pb.SamplingOptions(max_tokens=2)),

@@ -300,7 +300,7 @@ class LlamaEngine:
         n = max(1, min(self._n_batch, n_ctx - 8))
         prompt = [self._model.token_bos()] + [filler] * (n - 1)
         LlamaEngine.decode(self, [Chunk(0, prompt, 0, True)])
-        sampler = self.sampler(Sampling(temperature=0.0))
+        sampler = LlamaEngine.sampler(self, Sampling(temperature=0.0))  # a test engine's own hooks: not a request
         try:
             last = n - 1
             for pos in range(n, n + 4):

@@ -80,10 +80,17 @@ def sampling(args: argparse.Namespace) -> pb.SamplingOptions:
     options = pb.SamplingOptions(max_tokens=max(args.max_tokens, 0), stop=args.stop)
     if args.max_tokens < 0:
         raise UsageError("--max-tokens must be 0 or more")
-    for name in ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "seed"):
+    for name in ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "frequency_penalty", "presence_penalty", "seed"):
         value = getattr(args, name)
         if value is not None:
             setattr(options, name, value)
+    for name in ("grammar", "json_schema"):
+        path = getattr(args, name)
+        if path is not None:
+            try:
+                setattr(options, name, path.read_text())
+            except (OSError, UnicodeDecodeError) as e:
+                raise UsageError(f"--{name.replace('_', '-')}: cannot read {path}: {e}") from None
     return options
 
 
@@ -446,7 +453,9 @@ def cmd_estimate(args, stub, out: Output) -> int:
         mapped += f"; {human_bytes(e.weights_repacked_bytes)} repacked by the CPU backend (private, per replica)"
     rows = [
         ["weights", size(e.weights_private_bytes), size(e.weights_gpu_bytes), mapped],
-        ["KV cache", size(e.kv_cache_cpu_bytes), size(e.kv_cache_gpu_bytes), ""],
+        ["KV cache", size(e.kv_cache_cpu_bytes), size(e.kv_cache_gpu_bytes),
+         f"one pool of {e.n_ctx} cells for all {e.parallel} sequences (parallel)"],
+        ["logits", size(e.outputs_bytes), "-", f"n_vocab floats for each of the {e.parallel} sequences"],
         ["compute at load", size(e.compute_cpu_at_load_bytes), size(e.compute_gpu_bytes), "the warm-up pass"],
         ["compute, full context", size(e.compute_cpu_peak_bytes), size(e.compute_gpu_bytes), "what budgets count"],
         ["runtime", size(e.runtime_bytes), size(e.gpu_runtime_bytes), "Python, llama_cpp, gRPC; CUDA context"],

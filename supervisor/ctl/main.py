@@ -44,7 +44,12 @@ def sampling_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int)
     parser.add_argument("--min-p", type=float)
     parser.add_argument("--repeat-penalty", type=float)
+    parser.add_argument("--frequency-penalty", type=float)
+    parser.add_argument("--presence-penalty", type=float)
     parser.add_argument("--seed", type=int, help="fixed seed: the same request gives the same text")
+    constraint = parser.add_mutually_exclusive_group()
+    constraint.add_argument("--grammar", type=Path, metavar="FILE", help="a GBNF grammar (root rule `root`) the output follows")
+    constraint.add_argument("--json-schema", type=Path, metavar="FILE", help="a JSON schema the output follows")
     parser.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop before TEXT (repeatable)")
     parser.add_argument("--keep-alive", default="", metavar="DURATION",
                         help="keep the model loaded this long after the request: 5m, 0 (unload), -1 (forever)")

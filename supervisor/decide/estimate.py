@@ -9,6 +9,10 @@ The parts, as llama.cpp allocates them:
 - compute buffers: reserved for a full n_ubatch over a full context (the attention scores without flash
   attention), but only touched as far as the context has grown: the figure at load covers the warm-up
   pass (one n_batch), the peak a full context;
+- the output buffer: the logits of every sequence that samples in a step, n_vocab floats for each of
+  `parallel` (host memory, also with every layer on a GPU). This is all `parallel` adds: the sequences share
+  one KV pool of n_ctx cells (kv_unified), and the compute buffers are reserved for n_ubatch tokens
+  whatever the number of sequences in them;
 - the worker's own runtime (Python, llama_cpp, gRPC), and on a GPU the CUDA context.
 
 Figures measured on this project's generated models (CPU build, llama-cpp-python 0.3.36) are in
@@ -51,16 +55,18 @@ class Estimate:
     # Of weights_private: quantized matrices the CPU backend repacked into buffers of its own (Q4_0,
     # Q4_K, IQ4_NL), private to each worker even with use_mmap on: what repacking costs a replica.
     weights_repacked: int = 0
+    outputs: int = 0  # logits of the `parallel` sequences sampling in one step
+    parallel: int = 1
 
     @property
     def private_at_load(self) -> int:
         """One worker's private memory right after its load and warm-up."""
-        return self.runtime + self.weights_private + self.kv_cpu + self.compute_cpu_at_load
+        return self.runtime + self.weights_private + self.kv_cpu + self.compute_cpu_at_load + self.outputs
 
     @property
     def private_peak(self) -> int:
         """One worker's private memory with its context full: what a budget must hold."""
-        return self.runtime + self.weights_private + self.kv_cpu + self.compute_cpu_peak
+        return self.runtime + self.weights_private + self.kv_cpu + self.compute_cpu_peak + self.outputs
 
     @property
     def gpu(self) -> int:
@@ -132,6 +138,8 @@ def estimate(shape: Shape, config: ModelConfig) -> Estimate:
         compute_gpu=full if on_gpu else 0,
         runtime=RUNTIME_BYTES,
         gpu_runtime=GPU_RUNTIME_BYTES if on_gpu else 0,
+        outputs=4 * shape.n_vocab * config.parallel,
+        parallel=config.parallel,
     )
 
 

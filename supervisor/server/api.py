@@ -289,7 +289,7 @@ def estimate_message(e: Estimate) -> pb.MemoryEstimate:
         compute_cpu_peak_bytes=e.compute_cpu_peak, compute_gpu_bytes=e.compute_gpu, runtime_bytes=e.runtime,
         gpu_runtime_bytes=e.gpu_runtime, private_at_load_bytes=e.private_at_load, private_peak_bytes=e.private_peak,
         gpu_bytes=e.gpu, total_private_bytes=e.total_private, total_gpu_bytes=e.total_gpu,
-        weights_repacked_bytes=e.weights_repacked)
+        weights_repacked_bytes=e.weights_repacked, outputs_bytes=e.outputs, parallel=e.parallel)
 
 
 async def recycle_by_hand(replica: Replica, hard: bool) -> tuple[WorkerProcess, WorkerProcess]:

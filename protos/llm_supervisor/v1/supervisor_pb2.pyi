@@ -206,7 +206,7 @@ class ModelInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., state: _Optional[str] = ..., n_ctx: _Optional[int] = ..., n_gpu_layers: _Optional[int] = ..., use_mmap: _Optional[bool] = ..., source: _Optional[str] = ..., architecture: _Optional[str] = ..., file_size_bytes: _Optional[int] = ..., has_chat_template: _Optional[bool] = ..., estimate: _Optional[_Union[MemoryEstimate, _Mapping]] = ..., memory_lines: _Optional[_Union[MemoryLines, _Mapping]] = ...) -> None: ...
 
 class MemoryEstimate(_message.Message):
-    __slots__ = ("n_ctx", "replicas", "weights_mapped_bytes", "weights_private_bytes", "weights_gpu_bytes", "kv_cache_cpu_bytes", "kv_cache_gpu_bytes", "compute_cpu_at_load_bytes", "compute_cpu_peak_bytes", "compute_gpu_bytes", "runtime_bytes", "gpu_runtime_bytes", "private_at_load_bytes", "private_peak_bytes", "gpu_bytes", "total_private_bytes", "total_gpu_bytes", "weights_repacked_bytes")
+    __slots__ = ("n_ctx", "replicas", "weights_mapped_bytes", "weights_private_bytes", "weights_gpu_bytes", "kv_cache_cpu_bytes", "kv_cache_gpu_bytes", "compute_cpu_at_load_bytes", "compute_cpu_peak_bytes", "compute_gpu_bytes", "runtime_bytes", "gpu_runtime_bytes", "private_at_load_bytes", "private_peak_bytes", "gpu_bytes", "total_private_bytes", "total_gpu_bytes", "weights_repacked_bytes", "outputs_bytes", "parallel")
     N_CTX_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_MAPPED_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -225,6 +225,8 @@ class MemoryEstimate(_message.Message):
     TOTAL_PRIVATE_BYTES_FIELD_NUMBER: _ClassVar[int]
     TOTAL_GPU_BYTES_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_REPACKED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PARALLEL_FIELD_NUMBER: _ClassVar[int]
     n_ctx: int
     replicas: int
     weights_mapped_bytes: int
@@ -243,7 +245,9 @@ class MemoryEstimate(_message.Message):
     total_private_bytes: int
     total_gpu_bytes: int
     weights_repacked_bytes: int
-    def __init__(self, n_ctx: _Optional[int] = ..., replicas: _Optional[int] = ..., weights_mapped_bytes: _Optional[int] = ..., weights_private_bytes: _Optional[int] = ..., weights_gpu_bytes: _Optional[int] = ..., kv_cache_cpu_bytes: _Optional[int] = ..., kv_cache_gpu_bytes: _Optional[int] = ..., compute_cpu_at_load_bytes: _Optional[int] = ..., compute_cpu_peak_bytes: _Optional[int] = ..., compute_gpu_bytes: _Optional[int] = ..., runtime_bytes: _Optional[int] = ..., gpu_runtime_bytes: _Optional[int] = ..., private_at_load_bytes: _Optional[int] = ..., private_peak_bytes: _Optional[int] = ..., gpu_bytes: _Optional[int] = ..., total_private_bytes: _Optional[int] = ..., total_gpu_bytes: _Optional[int] = ..., weights_repacked_bytes: _Optional[int] = ...) -> None: ...
+    outputs_bytes: int
+    parallel: int
+    def __init__(self, n_ctx: _Optional[int] = ..., replicas: _Optional[int] = ..., weights_mapped_bytes: _Optional[int] = ..., weights_private_bytes: _Optional[int] = ..., weights_gpu_bytes: _Optional[int] = ..., kv_cache_cpu_bytes: _Optional[int] = ..., kv_cache_gpu_bytes: _Optional[int] = ..., compute_cpu_at_load_bytes: _Optional[int] = ..., compute_cpu_peak_bytes: _Optional[int] = ..., compute_gpu_bytes: _Optional[int] = ..., runtime_bytes: _Optional[int] = ..., gpu_runtime_bytes: _Optional[int] = ..., private_at_load_bytes: _Optional[int] = ..., private_peak_bytes: _Optional[int] = ..., gpu_bytes: _Optional[int] = ..., total_private_bytes: _Optional[int] = ..., total_gpu_bytes: _Optional[int] = ..., weights_repacked_bytes: _Optional[int] = ..., outputs_bytes: _Optional[int] = ..., parallel: _Optional[int] = ...) -> None: ...
 
 class EstimateModelRequest(_message.Message):
     __slots__ = ("path", "options")
