@@ -5,12 +5,16 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from llm_supervisor.v1 import supervisor_pb2_grpc
+from supervisor.settings.demo_model import BENCH, write_model
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,3 +44,14 @@ def daemon(base: Path, models_toml: str, supervisor_toml: str = "", timeout: flo
     finally:
         proc.terminate()
         proc.wait(60)
+
+
+@contextmanager
+def bench_daemon(settings: str):
+    """A daemon serving the generated ~100 MB model as `bench`, with `settings` (TOML lines) for it:
+    yields (the model's path, a Supervisor stub)."""
+    with tempfile.TemporaryDirectory(prefix="llms-bench-") as tmp:
+        base = Path(tmp)
+        model = write_model(base / "models" / "bench.gguf", BENCH)
+        with daemon(base, f'[models.bench]\npath = "bench.gguf"\n{settings}\n') as (address, _):
+            yield model, supervisor_pb2_grpc.SupervisorStub(grpc.insecure_channel(address))

@@ -19,19 +19,14 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
-import grpc
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._daemon import daemon  # noqa: E402
+from bench._daemon import bench_daemon  # noqa: E402
 from llm_supervisor.v1 import supervisor_pb2 as pb  # noqa: E402
-from llm_supervisor.v1 import supervisor_pb2_grpc  # noqa: E402
-from supervisor.settings.demo_model import BENCH, write_model  # noqa: E402
 from worker.engine import Chunk, LlamaEngine, default_threads  # noqa: E402
 from worker.generation import Sampling  # noqa: E402
 
@@ -125,42 +120,42 @@ def main() -> None:
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--ttft-rounds", type=int, default=7)
+    parser.add_argument("--only-ttft", action="store_true", help="skip the throughput levels")
     args = parser.parse_args()
     parallel = max(args.levels)
     n_ctx = 4096
     threads = default_threads()
-    with tempfile.TemporaryDirectory(prefix="llms-bench-") as tmp:
-        base = Path(tmp)
-        model = write_model(base / "models" / "bench.gguf", BENCH)
-        models = (f'[models.bench]\npath = "bench.gguf"\nn_ctx = {n_ctx}\nn_threads = {threads}\nparallel = {parallel}\n'
-                  f'keep_alive = "1h"\n')
-        with daemon(base, models) as (address, _):
-            stub = supervisor_pb2_grpc.SupervisorStub(grpc.insecure_channel(address))
-            engine = LlamaEngine()
-            engine.load(str(model), {"n_ctx": n_ctx, "n_batch": 512, "n_threads": threads, "parallel": parallel})
-            levels = {}
-            for n in args.levels:
-                engine_ceiling(engine, n, 8), through_daemon(stub, n, 8)  # warm both
-                runs: dict[str, list] = {"engine": [], "supervisor": []}
-                for _ in range(args.rounds):  # alternate, so drift on a shared machine hits both alike
-                    runs["engine"].append(engine_ceiling(engine, n, args.tokens))
-                    runs["supervisor"].append(through_daemon(stub, n, args.tokens))
-                med = {k: (statistics.median(r[0] for r in v), statistics.median(r[1] for r in v)) for k, v in runs.items()}
-                levels[str(n)] = {"engine_tok_s": round(med["engine"][0], 1), "supervisor_tok_s": round(med["supervisor"][0], 1),
-                                  "ratio_to_engine": round(med["supervisor"][0] / med["engine"][0], 3),
-                                  "engine_ttft_ms": round(med["engine"][1] * 1000, 1),
-                                  "supervisor_ttft_ms": round(med["supervisor"][1] * 1000, 1)}
-            engine.close()
-            one = levels.get("1", {}).get("supervisor_tok_s")
-            for figures in levels.values():
-                if one:
-                    figures["speedup_over_one_stream"] = round(figures["supervisor_tok_s"] / one, 2)
-            alone = statistics.median(ttft_beside(stub, 0, args.tokens) for _ in range(3))
-            beside = statistics.median(ttft_beside(stub, 3, args.tokens) for _ in range(3))
-            print(json.dumps({"benchmark": "concurrency", "model_bytes": model.stat().st_size, "n_threads": threads,
-                              "parallel": parallel, "tokens": args.tokens, "rounds": args.rounds, "levels": levels,
-                              "short_request_ttft_ms": {"alone": round(alone * 1000, 1), "beside_3_streams": round(beside * 1000, 1),
-                                                        "ratio": round(beside / alone, 2)}}, indent=2))
+    settings = f'n_ctx = {n_ctx}\nn_threads = {threads}\nparallel = {parallel}\nkeep_alive = "1h"'
+    with bench_daemon(settings) as (model, stub):
+        engine = LlamaEngine()
+        engine.load(str(model), {"n_ctx": n_ctx, "n_batch": 512, "n_threads": threads, "parallel": parallel})
+        levels = {}
+        for n in ([] if args.only_ttft else args.levels):
+            engine_ceiling(engine, n, 8), through_daemon(stub, n, 8)  # warm both
+            runs: dict[str, list] = {"engine": [], "supervisor": []}
+            for _ in range(args.rounds):  # alternate, so drift on a shared machine hits both alike
+                runs["engine"].append(engine_ceiling(engine, n, args.tokens))
+                runs["supervisor"].append(through_daemon(stub, n, args.tokens))
+            med = {k: (statistics.median(r[0] for r in v), statistics.median(r[1] for r in v)) for k, v in runs.items()}
+            levels[str(n)] = {"engine_tok_s": round(med["engine"][0], 1), "supervisor_tok_s": round(med["supervisor"][0], 1),
+                              "ratio_to_engine": round(med["supervisor"][0] / med["engine"][0], 3),
+                              "engine_ttft_ms": round(med["engine"][1] * 1000, 1),
+                              "supervisor_ttft_ms": round(med["supervisor"][1] * 1000, 1)}
+        engine.close()
+        one = levels.get("1", {}).get("supervisor_tok_s")
+        for figures in levels.values():
+            if one:
+                figures["speedup_over_one_stream"] = round(figures["supervisor_tok_s"] / one, 2)
+        alone, beside = [], []
+        for _ in range(args.ttft_rounds):  # alternate, as above
+            alone.append(ttft_beside(stub, 0, args.tokens))
+            beside.append(ttft_beside(stub, 3, args.tokens))
+        alone, beside = statistics.median(alone), statistics.median(beside)
+        print(json.dumps({"benchmark": "concurrency", "model_bytes": model.stat().st_size, "n_threads": threads,
+                          "parallel": parallel, "tokens": args.tokens, "rounds": args.rounds, "levels": levels,
+                          "short_request_ttft_ms": {"alone": round(alone * 1000, 1), "beside_3_streams": round(beside * 1000, 1),
+                                                    "ratio": round(beside / alone, 2)}}, indent=2))
 
 
 if __name__ == "__main__":

@@ -14,18 +14,14 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._daemon import daemon  # noqa: E402
+from bench._daemon import bench_daemon  # noqa: E402
 from llm_supervisor.v1 import supervisor_pb2 as pb  # noqa: E402
-from llm_supervisor.v1 import supervisor_pb2_grpc  # noqa: E402
-from supervisor.settings.demo_model import BENCH, write_model  # noqa: E402
 from worker.engine import default_threads  # noqa: E402
 
 PROMPT = "the supervisor keeps the model worker alive and lean"
@@ -72,35 +68,29 @@ def main() -> None:
     n_ctx = max(args.lengths) + 256
     threads = default_threads()
 
-    with tempfile.TemporaryDirectory(prefix="llms-bench-") as tmp:
-        base = Path(tmp)
-        model = write_model(base / "models" / "bench.gguf", BENCH)
-        models = (f'[models.bench]\npath = "bench.gguf"\nn_ctx = {n_ctx}\nn_threads = {threads}\n'
-                  f'stream_interval = "{args.stream_interval}"\n')
-        with daemon(base, models) as (address, _):
-            stub = supervisor_pb2_grpc.SupervisorStub(grpc.insecure_channel(address))
+    settings = f'n_ctx = {n_ctx}\nn_threads = {threads}\nstream_interval = "{args.stream_interval}"'
+    with bench_daemon(settings) as (model, stub):
+        from llama_cpp import Llama
 
-            from llama_cpp import Llama
-
-            llama = Llama(str(model), n_ctx=n_ctx, n_batch=512, n_threads=threads, n_threads_batch=threads, verbose=False)
-            results = {}
-            for n in args.lengths:
-                bare(llama, 8), through_supervisor(stub, 8)  # warm both
-                runs = {"engine": [], "supervisor": []}
-                for _ in range(args.rounds):  # alternate, so drift on a shared machine hits both alike
-                    runs["engine"].append(bare(llama, n))
-                    runs["supervisor"].append(through_supervisor(stub, n))
-                med = {k: (statistics.median(r[0] for r in v), statistics.median(r[1] for r in v)) for k, v in runs.items()}
-                results[str(n)] = {
-                    "engine_tok_s": round(med["engine"][0], 1),
-                    "supervisor_tok_s": round(med["supervisor"][0], 1),
-                    "ratio": round(med["supervisor"][0] / med["engine"][0], 3),
-                    "engine_ttft_ms": round(med["engine"][1] * 1000, 2),
-                    "supervisor_ttft_ms": round(med["supervisor"][1] * 1000, 2),
-                }
-            print(json.dumps({"benchmark": "streaming", "model_bytes": model.stat().st_size, "n_threads": threads,
-                              "stream_interval": args.stream_interval,
-                              "rounds": args.rounds, "lengths": results}, indent=2))
+        llama = Llama(str(model), n_ctx=n_ctx, n_batch=512, n_threads=threads, n_threads_batch=threads, verbose=False)
+        results = {}
+        for n in args.lengths:
+            bare(llama, 8), through_supervisor(stub, 8)  # warm both
+            runs = {"engine": [], "supervisor": []}
+            for _ in range(args.rounds):  # alternate, so drift on a shared machine hits both alike
+                runs["engine"].append(bare(llama, n))
+                runs["supervisor"].append(through_supervisor(stub, n))
+            med = {k: (statistics.median(r[0] for r in v), statistics.median(r[1] for r in v)) for k, v in runs.items()}
+            results[str(n)] = {
+                "engine_tok_s": round(med["engine"][0], 1),
+                "supervisor_tok_s": round(med["supervisor"][0], 1),
+                "ratio": round(med["supervisor"][0] / med["engine"][0], 3),
+                "engine_ttft_ms": round(med["engine"][1] * 1000, 2),
+                "supervisor_ttft_ms": round(med["supervisor"][1] * 1000, 2),
+            }
+        print(json.dumps({"benchmark": "streaming", "model_bytes": model.stat().st_size, "n_threads": threads,
+                          "stream_interval": args.stream_interval,
+                          "rounds": args.rounds, "lengths": results}, indent=2))
 
 
 if __name__ == "__main__":
