@@ -196,22 +196,56 @@ def test_the_replacement_starts_first_only_when_the_memory_budget_holds_both(sta
     assert ask(daemon)[-1].usage.completion_tokens == 4
 
 
-def test_a_hung_worker_is_replaced_after_request_timeout(start_daemon):
-    daemon = start_daemon(model_table("tiny", "tiny.gguf", request_timeout="2s"))
+def test_a_hung_worker_is_replaced_and_its_request_ends_at_request_timeout(start_daemon):
+    daemon = start_daemon(model_table("tiny", "tiny.gguf", request_timeout="2s", heartbeat_timeout="1s"),
+                          extra='poll_interval = "100ms"')
     hung = daemon.worker("tiny").pid
     os.kill(hung, signal.SIGSTOP)  # alive to the kernel, deaf to everything: a call stuck in C looks the same
     try:
         with pytest.raises(grpc.RpcError) as caught:
             ask(daemon)
         assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        assert "request_timeout (2 s)" in caught.value.details() and "being replaced" in caught.value.details()
+        assert "request_timeout (2 s)" in caught.value.details()
         chunks = ask(daemon)  # waits for the replacement, then succeeds
         assert chunks[-1].worker_pid != hung
         wait_for(lambda: not pid_alive(hung), timeout=10, what="the hung worker to be killed")
-        assert "request_timeout" in daemon.worker("tiny").last_recycle_reason
+        assert "no progress" in daemon.worker("tiny").last_recycle_reason
     finally:
         if pid_alive(hung):
             os.kill(hung, signal.SIGKILL)
+
+
+def test_a_request_past_request_timeout_ends_alone_and_the_streams_beside_it_go_on(start_daemon):
+    daemon = start_daemon(model_table("tiny", "tiny.gguf", engine="tests.engines:SlowEngine", request_timeout="1500ms"),
+                          env={"TEST_TOKEN_DELAY": "0.03"})
+    pid = daemon.worker("tiny").pid
+    long = daemon.stub.Generate(pb.GenerateRequest(model="tiny", prompt="hello", options=pb.SamplingOptions(max_tokens=500)))
+    got = 0
+    for chunk in long:  # ~0.75 s into its 1.5 s
+        got += chunk.tokens
+        if got >= 25:
+            break
+    # 30 tokens at 30 ms a step or more: still streaming when the first one's 1.5 s run out, done before its own.
+    beside = daemon.stub.Generate(pb.GenerateRequest(model="tiny", prompt="world", options=pb.SamplingOptions(max_tokens=30)))
+    ended: dict = {}
+
+    def run_long():
+        try:
+            list(long)
+        except grpc.RpcError as e:
+            ended["error"], ended["at"] = e, time.monotonic()
+
+    thread = threading.Thread(target=run_long)
+    thread.start()
+    chunks = list(beside)
+    finished = time.monotonic()
+    thread.join(30)
+    assert ended["error"].code() == grpc.StatusCode.DEADLINE_EXCEEDED and "sequence was freed" in ended["error"].details()
+    assert ended["at"] < finished  # the deadline came while the other stream was running
+    assert chunks[-1].usage.completion_tokens == 30 and chunks[-1].worker_pid == pid
+    worker = daemon.worker("tiny")
+    assert worker.pid == pid and worker.recycles == 0
+    wait_for(lambda: daemon.worker("tiny").pool.sequences_active == 0, 10, what="the timed-out sequence to go")
 
 
 def test_keep_alive_unloads_an_idle_model_and_the_next_request_loads_it_again(start_daemon):

@@ -122,10 +122,10 @@ def test_a_crashed_worker_leaves_no_socket_or_heartbeat_file_behind(start_daemon
 
 
 def test_a_model_stopped_while_its_worker_is_being_killed_stays_stopped(start_daemon):
-    # The worker is frozen (SIGSTOP): its request runs past request_timeout, the supervisor sends TERM
+    # The worker is frozen (SIGSTOP): no progress past heartbeat_timeout, the supervisor sends TERM
     # (which a stopped process does not act on) and KILLs it 2 s later. `llmctl stop` lands in between:
     # the kill's exit must not start a worker for a model stopped by hand.
-    daemon = start_daemon(slow_model(request_timeout="1s"), env={"TEST_TOKEN_DELAY": "0.2"},
+    daemon = start_daemon(slow_model(request_timeout="1s", heartbeat_timeout="1s"), env={"TEST_TOKEN_DELAY": "0.2"},
                           extra='poll_interval = "100ms"')
     pid = daemon.worker("tiny").pid
     os.kill(pid, signal.SIGSTOP)

@@ -258,6 +258,9 @@ class LlamaEngine:
         """One llama_decode for every chunk, in order: a sampler then reads logits by batch index."""
         import llama_cpp
 
+        total = sum(len(chunk.tokens) for chunk in chunks)
+        if total > self._n_batch:  # before a write: the batch's arrays hold n_batch tokens
+            raise ValueError(f"a batch of {total} tokens is more than n_batch ({self._n_batch})")
         batch = self._batch
         i = 0
         for chunk in chunks:
@@ -269,8 +272,6 @@ class LlamaEngine:
                 batch.seq_id[i][0] = chunk.seq
                 batch.logits[i] = chunk.logits and j == last
                 i += 1
-        if i > self._n_batch:
-            raise ValueError(f"a batch of {i} tokens is more than n_batch ({self._n_batch})")
         batch.n_tokens = i
         result = llama_cpp.llama_decode(self._ctx.ctx, batch)
         if result == 1:

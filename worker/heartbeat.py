@@ -16,7 +16,7 @@ import time
 
 _FORMAT = "d"
 _SIZE = struct.calcsize(_FORMAT)
-_POOL = "4Q"  # after the stamp: sequences active, cells used, sequences cached, preemptions
+_POOL = "5Q"  # after the stamp: sequences active, cells used, sequences cached, preemptions, cells high-water
 _POOL_SIZE = struct.calcsize(_POOL)
 
 
@@ -35,7 +35,8 @@ class Heartbeat:
         # Stores into a shared page: no syscall, cheap enough for every step. The pool goes first, so a
         # reader that sees the new stamp sees the pool that came with it or a newer one.
         if pool is not None:
-            self._map[_SIZE:] = struct.pack(_POOL, pool.active, pool.cells, pool.cached, pool.preemptions)
+            self._map[_SIZE:] = struct.pack(_POOL, pool.active, pool.cells, pool.cached, pool.preemptions,
+                                            pool.cells_high)
         self._map[:_SIZE] = struct.pack(_FORMAT, time.monotonic())
 
 
@@ -49,8 +50,9 @@ def read_beat(path: str) -> float | None:
     return struct.unpack(_FORMAT, data)[0] if len(data) == _SIZE else None
 
 
-def read_pool(path: str) -> tuple[int, int, int, int] | None:
-    """(sequences active, cells used, sequences cached, preemptions) as of the worker's last step."""
+def read_pool(path: str) -> tuple[int, int, int, int, int] | None:
+    """(sequences active, cells used, sequences cached, preemptions, cells high-water) as of the worker's
+    last step."""
     try:
         with open(path, "rb") as f:
             data = f.read(_SIZE + _POOL_SIZE)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import threading
 import time
 from typing import Callable, Iterator
 
@@ -24,6 +25,9 @@ from .batching.loop import DONE, BatchLoop, PoolStats, Request
 from .engine import Engine, EngineError, EngineInfo
 from .generation import Outcome, Sampling, TextStream
 from .history import drop_oldest
+
+
+RELEASE_WAIT_S = 10.0  # Released without a deadline waits at most this long
 
 
 def grammar_from(options: pb.SamplingOptions) -> str:
@@ -72,6 +76,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         # Every computation runs on the loop's thread. Tokenizing and rendering chat templates read only
         # the vocabulary, which llama.cpp never changes, so they run on gRPC's threads meanwhile.
         self.loop = BatchLoop(engine, info, beat)
+        self._live: dict[int, threading.Event] = {}  # request_id → set once its sequence holds no cell
+        self._live_lock = threading.Lock()
 
     @property
     def requests_served(self) -> int:
@@ -149,17 +155,56 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
     def Generate(self, request: worker_pb2.WorkerGenerateRequest, context) -> Iterator[pb.GenerateChunk]:
         start = time.perf_counter()
+        freed = self._track(request.request_id)
+        submitted = False
         try:
-            prompt, dropped = self._prompt(request, context)
-            sampling = sampling_from(request.options)
-            sampler = self.engine.sampler(sampling)
-        except EngineError as e:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"model {self.name!r}: {e}")
-        stream = TextStream(self.engine, len(prompt), sampling, self.info.n_ctx, Outcome(messages_dropped=dropped))
-        stream.start = start  # time to first token counts the template's render and the wait for a sequence
-        work = Request(prompt, sampling, sampler, stream)
-        context.add_callback(work.cancel.set)  # client gone, cancelled or past its deadline: freed next step
-        self.loop.submit(work)
+            try:
+                prompt, dropped = self._prompt(request, context)
+                sampling = sampling_from(request.options)
+                sampler = self.engine.sampler(sampling)
+            except EngineError as e:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"model {self.name!r}: {e}")
+            stream = TextStream(self.engine, len(prompt), sampling, self.info.n_ctx, Outcome(messages_dropped=dropped))
+            stream.start = start  # time to first token counts the template's render and the wait for a sequence
+            work = Request(prompt, sampling, sampler, stream, freed=freed)
+            # Client gone, cancelled or past its deadline: freed at the next step. add_callback refuses (False)
+            # when the call has already ended, as it may have during a long render.
+            if not context.add_callback(work.cancel.set):
+                work.cancel.set()
+            self.loop.submit(work)
+            submitted = True
+            yield from self._stream(work, context)
+        finally:
+            if not submitted:
+                freed.set()
+            self._untrack(request.request_id, freed)
+
+    def _track(self, request_id: int) -> threading.Event:
+        freed = threading.Event()
+        if request_id:
+            with self._live_lock:
+                self._live[request_id] = freed
+        return freed
+
+    def _untrack(self, request_id: int, freed: threading.Event) -> None:
+        """Forget the request once its cells are free (Released waits on it until then)."""
+        if request_id and freed.is_set():
+            with self._live_lock:
+                self._live.pop(request_id, None)
+
+    def Released(self, request: worker_pb2.ReleasedRequest, context) -> worker_pb2.ReleasedReply:
+        with self._live_lock:
+            freed = self._live.get(request.request_id)
+        if freed is None:  # over already, or never arrived (then it is cancelled before it is admitted)
+            return worker_pb2.ReleasedReply(freed=True)
+        remaining = context.time_remaining()
+        done = freed.wait(remaining if remaining is not None else RELEASE_WAIT_S)
+        if done:
+            with self._live_lock:
+                self._live.pop(request.request_id, None)
+        return worker_pb2.ReleasedReply(freed=done)
+
+    def _stream(self, work: Request, context) -> Iterator[pb.GenerateChunk]:
         last_sent = 0.0
         while True:
             items = self._take(work.out, last_sent + self.stream_interval)

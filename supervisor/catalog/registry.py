@@ -297,6 +297,8 @@ class Registry:
                 await replica.reconfigure(change.config, gguf, change.keys, change.new_worker)
             except ApiError as e:
                 failed.append(e)
+            finally:
+                replica.queue.refresh()  # a larger `parallel` lets waiting requests in now
         extra, added = replicas[change.config.replicas:], range(len(replicas), change.config.replicas)
         runtime.replicas = replicas[:change.config.replicas] + [
             self._replica(runtime, change.config, gguf, i, runtime.output) for i in added]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import json
 import os
 import signal
@@ -67,6 +68,7 @@ class Pool:
     n_ctx: int
     cached: int
     preemptions: int
+    cells_high: int  # the most cells in use at once: how far its compute buffers have been touched
 
 
 class WorkerProcess:
@@ -92,8 +94,9 @@ class WorkerProcess:
         self.stop_requested = False
         self.heartbeat_path = spawn.socket_path.with_suffix(".beat")
         self.in_flight = 0  # requests (sequences) it is running
+        self._request_ids = itertools.count(1)
         self.busy_since = 0.0  # monotonic time it went from no request in flight to one
-        self.context_high = 0  # the most tokens a request has had in its context (prompt + reply)
+        self.context_high = 0  # the most KV cells in use at once: one request's, or all its sequences' together
         self.idle = asyncio.Event()  # set while no request is in flight on it
         self.idle.set()
         self.kill_reason = ""  # set when the supervisor kills it on purpose (a hard line, a hang)
@@ -114,6 +117,9 @@ class WorkerProcess:
         self.events.emit("worker_state", self.name, "debug" if routine else "info", self.pid, reason,
                          state=new.value, old=self.state.value, new=new.value)
         self.state = new
+
+    def new_request_id(self) -> int:
+        return next(self._request_ids)
 
     def begin_request(self) -> None:
         """A request goes to it: BUSY while any runs (it generates up to `parallel` at once), and its
@@ -139,8 +145,8 @@ class WorkerProcess:
         figures = read_pool(str(self.heartbeat_path))
         if figures is None or self.info is None:
             return None
-        active, cells, cached, preemptions = figures
-        return Pool(self.info.parallel or 1, active, cells, self.info.n_ctx, cached, preemptions)
+        active, cells, cached, preemptions, cells_high = figures
+        return Pool(self.info.parallel or 1, active, cells, self.info.n_ctx, cached, preemptions, cells_high)
 
     @property
     def alive(self) -> bool:

@@ -27,6 +27,10 @@ class RequestQueue:
         self._capacity = capacity
         self._hand_on()
 
+    def refresh(self) -> None:
+        """The capacity may have grown (a reload): let waiting requests in."""
+        self._hand_on()
+
     @property
     def capacity(self) -> int:
         return max(1, self._capacity())
@@ -69,7 +73,8 @@ class RequestQueue:
             if place.done() and not place.cancelled():
                 self.leave()  # handed a place as the cancel came: pass it on
             else:
-                self._line.remove(place)
+                if place in self._line:  # _hand_on may have dropped it already, as cancelled
+                    self._line.remove(place)
                 self._hand_on()
             raise
 

@@ -26,13 +26,14 @@ from supervisor.process.output import OutputLog
 from supervisor.process.worker_process import WorkerProcess
 from supervisor.supervision.replica import Replica
 from supervisor.supervision.states import ReplicaState
-from supervisor.supervision.watchdog import KILL_GRACE_S
 
 log = structlog.get_logger("llm_supervisor.runtime")
 
 # How long to wait for a worker whose stream broke to be reaped, to tell its exit reason.
 DEATH_REAP_S = 3.0
 TOKENIZE_TIMEOUT_S = 30.0
+# Beyond heartbeat_timeout, how long a cancelled request's place waits for its worker to free the sequence.
+RELEASE_MARGIN_S = 5.0
 
 
 class ModelRuntime:
@@ -111,28 +112,34 @@ class ModelRuntime:
     async def generate(self, request: worker_pb2.WorkerGenerateRequest) -> AsyncIterator[pb.GenerateChunk]:
         replica = self.pick()
         await self._enter_queue(replica)
+        unfinished: WorkerProcess | None = None  # a live worker still holding this request's sequence
         try:
             if not replica.thermal.cool.is_set():  # a GPU past temperature_throttle: wait here, first in line
                 await replica.queue.counted(replica.thermal.wait("not admitting requests", self.config.request_timeout))
             for attempt in (1, 2):
                 worker = await replica.ready_worker()
-                sent = False
+                sent = measured = completed = False
+                request.request_id = worker.new_request_id()
                 worker.begin_request()
-                call = worker.stub.Generate(request, timeout=self.config.request_timeout)
-                measured = False
+                call = None
                 try:
+                    call = worker.stub.Generate(request, timeout=self.config.request_timeout)
                     async for chunk in call:
                         sent = True
                         if chunk.HasField("usage"):  # the last chunk: how far this request filled the context
                             measured = True
+                            # The sequences share one pool: four of 1,000 tokens touch what one of 4,000 does.
+                            pool = worker.pool()
                             worker.context_high = max(worker.context_high,
-                                                      chunk.usage.prompt_tokens + chunk.usage.completion_tokens)
+                                                      chunk.usage.prompt_tokens + chunk.usage.completion_tokens,
+                                                      pool.cells_high if pool else 0)
                         yield chunk
                     worker.requests_served += 1
                     try:
                         replica.watchdog.after_request(worker)
                     except Exception:  # the watchdog's trouble must never fail a request that succeeded
                         log.exception("after_request_failed", model=self.name)
+                    completed = True
                     return
                 except (grpc.aio.AioRpcError, asyncio.CancelledError) as e:
                     if isinstance(e, asyncio.CancelledError) and asyncio.current_task().cancelling():
@@ -144,16 +151,43 @@ class ModelRuntime:
                         continue
                     raise error from None
                 finally:
-                    call.cancel()  # a no-op when it completed; stops the worker's loop when we were cancelled
-                    worker.end_request()
+                    if call is not None:
+                        call.cancel()  # a no-op when it completed; the worker frees the sequence next step
                     if not measured and worker.info is not None:
                         # Cancelled or failed before its usage came: it may have filled the context as far as
                         # n_ctx. Assume it did, so the leak rule does not take that growth for a leak.
                         worker.context_high = max(worker.context_high, worker.info.n_ctx)
+                    if not completed and worker.alive:
+                        unfinished = worker
+                    else:
+                        worker.end_request()
         finally:
-            replica.used()  # before the slot is free: keep_alive never sees it idle with an old clock
-            replica.queue.leave()
-            replica.watchdog.unload_if_idle()  # keep_alive 0: right after the request, now that it is done
+            if unfinished is not None:
+                # The client hears now; the place is given up once the worker has freed the sequence.
+                replica.keep(self._release(replica, unfinished, request.request_id),
+                             f"release-{unfinished.pid}-{request.request_id}")
+            else:
+                self._leave(replica)
+
+    @staticmethod
+    def _leave(replica: Replica) -> None:
+        replica.used()  # before the place is free: keep_alive never sees it idle with an old clock
+        replica.queue.leave()
+        replica.watchdog.unload_if_idle()  # keep_alive 0: right after the request, now that it is done
+
+    async def _release(self, replica: Replica, worker: WorkerProcess, request_id: int) -> None:
+        """Until the worker has freed an unfinished request's sequence (a step, usually), then its place in
+        the queue goes to the next request: the worker never holds more than `parallel` sequences, and
+        keep_alive and eviction never see it idle while it still computes. A worker hung in a C call never
+        answers: the heartbeat rule replaces it meanwhile, since the request still counts as in flight."""
+        try:
+            await worker.stub.Released(worker_pb2.ReleasedRequest(request_id=request_id),
+                                       timeout=replica.config.heartbeat_timeout + RELEASE_MARGIN_S)
+        except grpc.aio.AioRpcError:
+            pass  # gone, or hung past the heartbeat: what its exit says is told elsewhere
+        finally:
+            worker.end_request()
+            self._leave(replica)
 
     async def tokenize(self, request: pb.TokenizeRequest) -> pb.TokenizeResponse:
         replica = self.pick()
@@ -171,10 +205,10 @@ class ModelRuntime:
         """Turn a failed worker call into what the client should read, and whether the worker died."""
         code = e.code() if e is not None else grpc.StatusCode.UNAVAILABLE
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-            # A worker past the deadline may be hung in a C call that never sees the cancel: replace it.
-            reason = f"request ran past request_timeout ({self.config.request_timeout:g} s)"
-            replica.recycles.hard(worker, reason, grace=KILL_GRACE_S, kind="timeout")
-            return ApiError(code, f"model {self.name!r}: {reason}; its worker pid {worker.pid} is being replaced"), False
+            # Only this request ends: the worker frees its sequence at the next step and serves the others on.
+            # A worker hung in a C call stops beating its heartbeat, and that rule replaces it.
+            return ApiError(code, f"model {self.name!r}: request ran past request_timeout "
+                                  f"({self.config.request_timeout:g} s); its sequence was freed"), False
         if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN,
                         grpc.StatusCode.INTERNAL):
             return ApiError(code, e.details() or code.name), False  # the worker refused the request itself

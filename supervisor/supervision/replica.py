@@ -51,9 +51,14 @@ class Load(Protocol):
     @property
     def load(self) -> int: ...
 
+    def refresh(self) -> None: ...
+
 
 class NoQueue:
     load = 0
+
+    def refresh(self) -> None:
+        pass
 
 
 async def quiet(worker: WorkerProcess) -> None:

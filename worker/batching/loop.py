@@ -37,6 +37,7 @@ class Request:
     slot: int | None = None
     held: int = 0          # cells its sequence holds (tokens[:held] are evaluated)
     admitted: bool = False  # it has held a slot once (its cached prefix is counted then)
+    freed: threading.Event = field(default_factory=threading.Event)  # over: its sequence holds no cell
 
     @property
     def outcome(self) -> Outcome:
@@ -57,6 +58,7 @@ class PoolStats:
     cells: int        # KV cells in use, cached sequences' included
     cached: int       # finished sequences kept for a follow-up
     preemptions: int  # since the worker started
+    cells_high: int = 0  # the most cells in use at once since the worker started
 
 
 class BatchLoop:
@@ -68,38 +70,58 @@ class BatchLoop:
         self.beat = beat
         self.requests_served = 0
         self.preemptions = 0
+        self.cells_high = 0
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._waiting: list[Request] = []  # by id: a preempted request goes back before later ones
         self._ids = itertools.count(1)
         self._steps = itertools.count(1)
         self._stopping = False
+        self._stopping_lock = threading.Lock()  # nothing enters the inbox once the loop is stopping
         self._thread = threading.Thread(target=self._run, name="batch", daemon=True)
         self._thread.start()
 
     # -- from other threads ----------------------------------------------------------------------------
     def submit(self, request: Request) -> None:
-        self._inbox.put(request)
+        with self._stopping_lock:
+            if not self._stopping:
+                self._inbox.put(request)
+                return
+        request.sampler.close()
+        request.freed.set()
+        request.out.put(RuntimeError("the worker is stopping"))
 
     def call(self, function: Callable[[], object]) -> object:
         """Run `function` on the loop's thread between steps (the warm-up), and return its result."""
         done: queue.SimpleQueue = queue.SimpleQueue()
-        self._inbox.put((function, done))
+        with self._stopping_lock:
+            if self._stopping:
+                raise RuntimeError("the worker is stopping")
+            self._inbox.put((function, done))
         ok, value = done.get()
         if not ok:
             raise value
         return value
 
     def stop(self) -> None:
-        self._stopping = True
-        self._inbox.put(None)
+        with self._stopping_lock:
+            self._stopping = True
+            self._inbox.put(None)
         self._thread.join()
 
     @property
     def stats(self) -> PoolStats:
-        active = [s.request for s in self.slots if s.request is not None]
-        cached = [s for s in self.slots if s.request is None and s.cached]
-        return PoolStats(len(active), sum(r.held for r in active) + sum(len(s.cached) for s in cached),
-                         len(cached), self.preemptions)
+        """Read from any thread: each slot's request is read once, as the loop may end it meanwhile."""
+        active = cells = cached = 0
+        for slot in self.slots:
+            request, kept = slot.request, slot.cached
+            if request is not None:
+                active += 1
+                cells += request.held
+            elif kept:
+                cached += 1
+                cells += len(kept)
+        self.cells_high = max(self.cells_high, cells)
+        return PoolStats(active, cells, cached, self.preemptions, self.cells_high)
 
     # -- the loop ----------------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -108,24 +130,27 @@ class BatchLoop:
                 self._turn()
             except Exception as e:  # a defect of ours: fail what is in flight, never strand a stream
                 traceback.print_exc()
-                for request in self._waiting + [s.request for s in self.slots if s.request is not None]:
-                    self._finish(request, error=e)
-                self._waiting.clear()
-        for request in self._waiting + [s.request for s in self.slots if s.request is not None]:
-            self._finish(request, error=RuntimeError("the worker is stopping"))
+                self._fail_all(e)
+        self._take_inbox(block=False)  # what came in before the stop: nothing comes after it
+        self._fail_all(RuntimeError("the worker is stopping"))
+
+    def _fail_all(self, error: BaseException) -> None:
+        requests, self._waiting = self._waiting + [s.request for s in self.slots if s.request is not None], []
+        for request in requests:
+            self._finish(request, error=error)
 
     def _turn(self) -> None:
         busy = self._waiting or any(s.request for s in self.slots)
         self._take_inbox(block=not busy)
-        self._drop_cancelled()
-        self._admit()
-        if any(s.request for s in self.slots):
-            try:
+        try:
+            self._drop_cancelled()
+            self._admit()
+            if any(s.request for s in self.slots):
                 self._step()
-            finally:
-                self.beat(self.stats)
-            if not (self._waiting or any(s.request for s in self.slots)):
-                self.engine.idle()  # the heap back to the OS once nothing runs
+        finally:
+            self.beat(self.stats)  # also after a cancel with no step to follow: status must not go stale
+        if busy and not (self._waiting or any(s.request for s in self.slots)):
+            self.engine.idle()  # the heap back to the OS once nothing runs
 
     def _take_inbox(self, block: bool) -> None:
         while True:
@@ -145,7 +170,7 @@ class BatchLoop:
                 continue
             item.id = next(self._ids)
             item.tokens = list(item.prompt)
-            self._waiting.append(item)
+            self._waiting.append(item)  # a cancel that came first drops it before it is admitted
 
     def _drop_cancelled(self) -> None:
         for request in [r for r in self._waiting if r.cancel.is_set()]:
@@ -197,14 +222,15 @@ class BatchLoop:
             self.engine.decode(chunks)
         except NoRoom:
             # The cache could not place the batch although the plan counted room (cells fragmented):
-            # free cached sequences, else the newest request, and go again next step.
+            # free the cached sequences, else the newest running request, and go again next step.
             cached = [s for s in self.slots if s.request is None and s.cached]
             for slot in cached:
                 self.engine.forget(slot.index, 0)
                 slot.cached = []
-            if not cached:
-                newest = max(by_id.values(), key=lambda r: r.id)
-                if len(by_id) > 1:
+            running = [s.request for s in self.slots if s.request is not None]  # after the plan's preemptions
+            if not cached and running:
+                newest = max(running, key=lambda r: r.id)
+                if len(running) > 1:
                     self._preempt(newest)
                 else:
                     self._finish(newest, error=RuntimeError("llama_decode found no room in the KV cache"))
@@ -243,24 +269,29 @@ class BatchLoop:
 
     def _finish(self, request: Request, reason: str | None = None, error: BaseException | None = None) -> None:
         """The request is over: its slot is freed (its cells kept as a cache when it completed), its
-        sampler closed, and its stream told."""
-        completed = reason is None and error is None
-        if request.slot is not None:
-            slot = self.slots[request.slot]
-            slot.request = None
-            if completed and request.held:
-                slot.cached, slot.last_used = request.tokens[:request.held], next(self._steps)
+        sampler closed, and its stream told — whatever freeing the cells raises."""
+        try:
+            completed = reason is None and error is None
+            if request.slot is not None:
+                slot, request.slot = self.slots[request.slot], None
+                slot.request = None
+                if completed and request.held:
+                    slot.cached, slot.last_used = request.tokens[:request.held], next(self._steps)
+                else:
+                    self.engine.forget(slot.index, 0)
+            request.sampler.close()
+        except Exception as e:
+            traceback.print_exc()
+            error = error or e
+        finally:
+            request.freed.set()
+            if error is not None:
+                request.out.put(error)
             else:
-                self.engine.forget(request.slot, 0)
-            request.slot = None
-        request.sampler.close()
-        if error is not None:
-            request.out.put(error)
-        else:
-            if reason is not None:
-                tail = request.stream.end(reason)
-                if tail is not None:
-                    request.out.put(tail)
-            self.requests_served += 1
-            request.out.put(DONE)
+                if reason is not None:
+                    tail = request.stream.end(reason)
+                    if tail is not None:
+                        request.out.put(tail)
+                self.requests_served += 1
+                request.out.put(DONE)
         self.engine.after_request()

@@ -14,9 +14,11 @@ cell per token it has evaluated. Rules, in order:
    for a newer one, so it always finishes: no livelock.
 3. What is left of `n_batch` goes to prompts, oldest request first, in chunks: a 2,000-token prompt
    costs the running streams at most one chunk per step. Prompts take free and cached cells, never a
-   running request's.
-4. When nothing at all could run (every running request is mid-prompt and the pool is full), the newest
-   that holds cells is preempted so the oldest can go on.
+   running request's, and a newer one leaves a cell free for every decoder's next token; one that has
+   not started yet (new, or resumed) waits until all of it fits, so a resumed request is not preempted
+   again at once (no thrash).
+4. Whenever the oldest request would get nothing (the pool is full of newer requests' cells), the newest
+   that holds cells is preempted, until it can: the oldest runs every step.
 """
 
 from __future__ import annotations
@@ -88,20 +90,27 @@ def plan_step(running: list[Running], cached: list[Cached], n_ctx: int, n_batch:
     free -= len(decoding)
     budget = n_batch - len(decoding)
 
-    # 3: prompts, oldest first, in what is left of the batch and of the pool.
+    # 3: prompts, oldest first, in what is left of the batch and of the pool. Every decoder will want
+    # another cell next step: a newer prompt leaves those free, and starts (fresh, or resumed after a
+    # preemption) only when all of it fits beside them — else it would be preempted again at once.
+    reserve = len(decoding)
     for r in live:
         if r.decoding or budget <= 0:
             continue
-        take_cached(min(r.pending, budget))
-        n = min(r.pending, budget, free)
+        oldest = r is live[0]
+        margin = 0 if oldest else reserve
+        if not oldest and r.held == 0 and r.pending + margin > free + sum(c.held for c in lru):
+            break  # first in, first served: later requests would take the cells it waits for
+        take_cached(min(r.pending, budget) + margin)
+        n = min(r.pending, budget, free - margin)
         if n <= 0:
-            break  # later requests would only take cells the older one needs next step
+            break
         chunks.append((r.id, n))
         budget -= n
         free -= n
 
-    # 4: stuck with a full pool mid-prompt: the newest holder makes way for the oldest.
-    if not chunks:
+    # 4: the oldest got nothing (the pool is full of newer requests' cells): the newest holder makes way.
+    if live and all(i != live[0].id for i, _ in chunks):
         holders = [r for r in live[1:] if r.held > 0]
         if holders:
             victim = holders[-1]
@@ -129,16 +138,21 @@ class SlotView:
 
 
 def choose_slot(prompt: list[int], slots: list[SlotView]) -> tuple[int, int] | None:
-    """(slot, cells to keep) for a new request, or None when every slot runs a request. The slot whose
-    cached sequence shares the longest prefix with the prompt; without any, an empty slot before a
-    cached one (a cache is worth keeping), then the least recently used. At least the prompt's last
-    token is always evaluated again: its logits are what the first sample is drawn from."""
-    best: tuple[tuple[int, int, int], int, int] | None = None
+    """(slot, cells to keep) for a new request, or None when every slot runs a request.
+
+    A cached sequence counts as this request's own history when the prompt continues most of it (at
+    least half: a second chat turn continues all of it); the longest such wins, its cells kept. Sharing
+    only a few tokens — the BOS, a chat template's header, a common system prompt — is not enough to
+    destroy another conversation's cache (llama-server's slot_prompt_similarity rule): an empty slot
+    comes first, then the least recently used cache, of which the shared prefix is still kept. At least
+    the prompt's last token is always evaluated again: its logits are what the first sample is drawn from."""
+    best: tuple[tuple, int, int] | None = None
     for slot in slots:
         if slot.active:
             continue
         keep = min(common_prefix(prompt, list(slot.tokens)), len(prompt) - 1) if slot.tokens else 0
-        rank = (keep, not slot.tokens, -slot.last_used)
+        continues = keep > 0 and 2 * keep >= len(slot.tokens)
+        rank = (continues, keep if continues else 0, not slot.tokens, -slot.last_used)
         if best is None or rank > best[0]:
             best = (rank, slot.index, keep)
     return None if best is None else (best[1], best[2])

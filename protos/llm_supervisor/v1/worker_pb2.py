@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from llm_supervisor.v1 import supervisor_pb2 as llm__supervisor_dot_v1_dot_supervisor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ellm_supervisor/v1/worker.proto\x12\x11llm_supervisor.v1\x1a\"llm_supervisor/v1/supervisor.proto\"\xb2\x01\n\x15WorkerGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12.\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x1e.llm_supervisor.v1.ChatRequestH\x00\x12\x33\n\x07options\x18\x03 \x01(\x0b\x32\".llm_supervisor.v1.SamplingOptions\x12\x19\n\x11max_prompt_tokens\x18\x04 \x01(\rB\x07\n\x05input\"\x13\n\x11WorkerInfoRequest\"\x0f\n\rWarmUpRequest\"\xd5\x01\n\nWorkerInfo\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\r\n\x05n_ctx\x18\x02 \x01(\r\x12\x0f\n\x07n_batch\x18\x03 \x01(\r\x12\x11\n\tn_threads\x18\x04 \x01(\r\x12\x17\n\x0frequests_served\x18\x05 \x01(\x04\x12\x14\n\x0c\x61rchitecture\x18\x06 \x01(\t\x12\x19\n\x11has_chat_template\x18\x07 \x01(\x08\x12\x10\n\x08parallel\x18\x08 \x01(\r\x12+\n\x04pool\x18\t \x01(\x0b\x32\x1d.llm_supervisor.v1.PoolStatus2\xcf\x02\n\x06Worker\x12X\n\x08Generate\x12(.llm_supervisor.v1.WorkerGenerateRequest\x1a .llm_supervisor.v1.GenerateChunk0\x01\x12S\n\x08Tokenize\x12\".llm_supervisor.v1.TokenizeRequest\x1a#.llm_supervisor.v1.TokenizeResponse\x12K\n\x04Info\x12$.llm_supervisor.v1.WorkerInfoRequest\x1a\x1d.llm_supervisor.v1.WorkerInfo\x12I\n\x06WarmUp\x12 .llm_supervisor.v1.WarmUpRequest\x1a\x1d.llm_supervisor.v1.WorkerInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ellm_supervisor/v1/worker.proto\x12\x11llm_supervisor.v1\x1a\"llm_supervisor/v1/supervisor.proto\"\xc6\x01\n\x15WorkerGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12.\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x1e.llm_supervisor.v1.ChatRequestH\x00\x12\x33\n\x07options\x18\x03 \x01(\x0b\x32\".llm_supervisor.v1.SamplingOptions\x12\x19\n\x11max_prompt_tokens\x18\x04 \x01(\r\x12\x12\n\nrequest_id\x18\x05 \x01(\x04\x42\x07\n\x05input\"%\n\x0fReleasedRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\"\x1e\n\rReleasedReply\x12\r\n\x05\x66reed\x18\x01 \x01(\x08\"\x13\n\x11WorkerInfoRequest\"\x0f\n\rWarmUpRequest\"\xd5\x01\n\nWorkerInfo\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\r\n\x05n_ctx\x18\x02 \x01(\r\x12\x0f\n\x07n_batch\x18\x03 \x01(\r\x12\x11\n\tn_threads\x18\x04 \x01(\r\x12\x17\n\x0frequests_served\x18\x05 \x01(\x04\x12\x14\n\x0c\x61rchitecture\x18\x06 \x01(\t\x12\x19\n\x11has_chat_template\x18\x07 \x01(\x08\x12\x10\n\x08parallel\x18\x08 \x01(\r\x12+\n\x04pool\x18\t \x01(\x0b\x32\x1d.llm_supervisor.v1.PoolStatus2\xa1\x03\n\x06Worker\x12X\n\x08Generate\x12(.llm_supervisor.v1.WorkerGenerateRequest\x1a .llm_supervisor.v1.GenerateChunk0\x01\x12S\n\x08Tokenize\x12\".llm_supervisor.v1.TokenizeRequest\x1a#.llm_supervisor.v1.TokenizeResponse\x12K\n\x04Info\x12$.llm_supervisor.v1.WorkerInfoRequest\x1a\x1d.llm_supervisor.v1.WorkerInfo\x12I\n\x06WarmUp\x12 .llm_supervisor.v1.WarmUpRequest\x1a\x1d.llm_supervisor.v1.WorkerInfo\x12P\n\x08Released\x12\".llm_supervisor.v1.ReleasedRequest\x1a .llm_supervisor.v1.ReleasedReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,13 +33,17 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'llm_supervisor.v1.worker_pb
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_WORKERGENERATEREQUEST']._serialized_start=90
-  _globals['_WORKERGENERATEREQUEST']._serialized_end=268
-  _globals['_WORKERINFOREQUEST']._serialized_start=270
-  _globals['_WORKERINFOREQUEST']._serialized_end=289
-  _globals['_WARMUPREQUEST']._serialized_start=291
-  _globals['_WARMUPREQUEST']._serialized_end=306
-  _globals['_WORKERINFO']._serialized_start=309
-  _globals['_WORKERINFO']._serialized_end=522
-  _globals['_WORKER']._serialized_start=525
-  _globals['_WORKER']._serialized_end=860
+  _globals['_WORKERGENERATEREQUEST']._serialized_end=288
+  _globals['_RELEASEDREQUEST']._serialized_start=290
+  _globals['_RELEASEDREQUEST']._serialized_end=327
+  _globals['_RELEASEDREPLY']._serialized_start=329
+  _globals['_RELEASEDREPLY']._serialized_end=359
+  _globals['_WORKERINFOREQUEST']._serialized_start=361
+  _globals['_WORKERINFOREQUEST']._serialized_end=380
+  _globals['_WARMUPREQUEST']._serialized_start=382
+  _globals['_WARMUPREQUEST']._serialized_end=397
+  _globals['_WORKERINFO']._serialized_start=400
+  _globals['_WORKERINFO']._serialized_end=613
+  _globals['_WORKER']._serialized_start=616
+  _globals['_WORKER']._serialized_end=1033
 # @@protoc_insertion_point(module_scope)

@@ -7,16 +7,30 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class WorkerGenerateRequest(_message.Message):
-    __slots__ = ("prompt", "chat", "options", "max_prompt_tokens")
+    __slots__ = ("prompt", "chat", "options", "max_prompt_tokens", "request_id")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     CHAT_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     MAX_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     chat: _supervisor_pb2.ChatRequest
     options: _supervisor_pb2.SamplingOptions
     max_prompt_tokens: int
-    def __init__(self, prompt: _Optional[str] = ..., chat: _Optional[_Union[_supervisor_pb2.ChatRequest, _Mapping]] = ..., options: _Optional[_Union[_supervisor_pb2.SamplingOptions, _Mapping]] = ..., max_prompt_tokens: _Optional[int] = ...) -> None: ...
+    request_id: int
+    def __init__(self, prompt: _Optional[str] = ..., chat: _Optional[_Union[_supervisor_pb2.ChatRequest, _Mapping]] = ..., options: _Optional[_Union[_supervisor_pb2.SamplingOptions, _Mapping]] = ..., max_prompt_tokens: _Optional[int] = ..., request_id: _Optional[int] = ...) -> None: ...
+
+class ReleasedRequest(_message.Message):
+    __slots__ = ("request_id",)
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    request_id: int
+    def __init__(self, request_id: _Optional[int] = ...) -> None: ...
+
+class ReleasedReply(_message.Message):
+    __slots__ = ("freed",)
+    FREED_FIELD_NUMBER: _ClassVar[int]
+    freed: bool
+    def __init__(self, freed: _Optional[bool] = ...) -> None: ...
 
 class WorkerInfoRequest(_message.Message):
     __slots__ = ()

@@ -55,6 +55,11 @@ class WorkerStub:
                 request_serializer=llm__supervisor_dot_v1_dot_worker__pb2.WarmUpRequest.SerializeToString,
                 response_deserializer=llm__supervisor_dot_v1_dot_worker__pb2.WorkerInfo.FromString,
                 _registered_method=True)
+        self.Released = channel.unary_unary(
+                '/llm_supervisor.v1.Worker/Released',
+                request_serializer=llm__supervisor_dot_v1_dot_worker__pb2.ReleasedRequest.SerializeToString,
+                response_deserializer=llm__supervisor_dot_v1_dot_worker__pb2.ReleasedReply.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -88,6 +93,15 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Released(self, request, context):
+        """Returns once the request's sequence holds no KV cell (at most `timeout` of the call): after a cancel,
+        the supervisor gives the request's place to the next one only then, so the worker never holds more
+        than `parallel` sequences.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -110,6 +124,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.WarmUp,
                     request_deserializer=llm__supervisor_dot_v1_dot_worker__pb2.WarmUpRequest.FromString,
                     response_serializer=llm__supervisor_dot_v1_dot_worker__pb2.WorkerInfo.SerializeToString,
+            ),
+            'Released': grpc.unary_unary_rpc_method_handler(
+                    servicer.Released,
+                    request_deserializer=llm__supervisor_dot_v1_dot_worker__pb2.ReleasedRequest.FromString,
+                    response_serializer=llm__supervisor_dot_v1_dot_worker__pb2.ReleasedReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -220,6 +239,33 @@ class Worker:
             '/llm_supervisor.v1.Worker/WarmUp',
             llm__supervisor_dot_v1_dot_worker__pb2.WarmUpRequest.SerializeToString,
             llm__supervisor_dot_v1_dot_worker__pb2.WorkerInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Released(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llm_supervisor.v1.Worker/Released',
+            llm__supervisor_dot_v1_dot_worker__pb2.ReleasedRequest.SerializeToString,
+            llm__supervisor_dot_v1_dot_worker__pb2.ReleasedReply.FromString,
             options,
             channel_credentials,
             insecure,
