@@ -80,11 +80,14 @@ def test_without_a_shared_prefix_an_empty_slot_before_a_cached_one_then_the_leas
 
 
 def test_a_few_shared_tokens_do_not_take_another_conversations_cache():
-    # Slot 0 holds a conversation of 10 tokens; the new prompt shares only its BOS and template header.
+    # Slot 0 holds a conversation; the new prompt shares only its BOS and template header.
     other = SlotView(0, False, (1, 2, 3, 10, 11, 12, 13, 14, 15, 16), 9)
-    assert choose_slot([1, 2, 3, 40, 41], [other, SlotView(1, False)]) == (1, 0)
+    prompt = [1, 2, 3, 40, 41, 42, 43, 44]
+    assert choose_slot(prompt, [other, SlotView(1, False)]) == (1, 0)
     # With no empty slot, the least recently used cache goes, its shared prefix still kept.
-    assert choose_slot([1, 2, 3, 40, 41], [other, SlotView(1, False, (5, 6), 12)]) == (0, 3)
+    assert choose_slot(prompt, [other, SlotView(1, False, (5, 6), 12)]) == (0, 3)
+    # The same prompt again continues the cache however long the reply that followed it was.
+    assert choose_slot([1, 2, 3, 10], [other, SlotView(1, False)]) == (0, 3)
 
 
 def simulate(prompts: list[int], max_tokens: int, n_ctx: int, n_batch: int, parallel: int) -> dict:

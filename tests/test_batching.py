@@ -206,3 +206,17 @@ def test_parallel_1_serves_one_request_at_a_time(start_daemon):
     first, second = (s.result() for s in streams)
     assert first[-1].usage.completion_tokens == second[-1].usage.completion_tokens == 40
     assert pool(daemon).parallel == 1
+
+
+def test_a_graceful_recycle_drains_every_sequence_and_says_how_many(start_daemon):
+    daemon = start_daemon(tiny(engine=SLOW), env={"TEST_TOKEN_DELAY": "0.02"})
+    old = daemon.worker("tiny").pid
+    streams = [Stream(request(daemon, prompt, max_tokens=60)) for prompt in PROMPTS[:3]]
+    wait_for(lambda: pool(daemon).sequences_active == 3, 30, what="three sequences")
+    daemon.stub.RecycleModel(pb.RecycleModelRequest(name="tiny"))
+    for stream in streams:
+        chunks = stream.result()
+        assert stream.error is None and chunks[-1].usage.completion_tokens == 60 and chunks[-1].worker_pid == old
+    (recycle,) = [e for e in map(json.loads, daemon.log().splitlines()) if e.get("event") == "worker_recycle"]
+    assert recycle["draining_sequences"] == 3 and recycle["worker_pid"] == old
+    assert daemon.worker("tiny").pid != old

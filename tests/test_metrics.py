@@ -58,6 +58,11 @@ def test_metrics_show_requests_tokens_latency_memory_and_recycles(start_daemon):
     assert value(samples, "llm_supervisor_model_serving", model="tiny") == 1
     assert value(samples, "llm_supervisor_queue_depth", model="tiny") == 0
     assert value(samples, "llm_supervisor_worker_file_rss_bytes", model="tiny", pid=str(pid)) > 0
+    # The fresh worker's batch: nothing running yet, its pool of n_ctx cells, `parallel` sequences at most.
+    assert value(samples, "llm_supervisor_worker_sequences_parallel", model="tiny", pid=str(pid)) == 4
+    assert value(samples, "llm_supervisor_worker_kv_cells", model="tiny", pid=str(pid)) == 512
+    assert value(samples, "llm_supervisor_worker_sequences_active", model="tiny", pid=str(pid)) == 0
+    assert value(samples, "llm_supervisor_worker_preemptions_total", model="tiny", pid=str(pid)) == 0
 
 
 def test_a_bad_metrics_address_is_a_config_error():

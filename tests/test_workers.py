@@ -189,6 +189,8 @@ def test_full_queue_is_resource_exhausted_and_timeouts_are_deadline_exceeded(sta
         list(busy)
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert "request_timeout (1.5 s)" in caught.value.details()
+    # Its place is given back once the worker has freed the sequence (a step), and the worker serves on.
+    wait_for(lambda: daemon.worker("tiny").state == "READY", 10, what="the timed-out sequence to be freed")
     assert list(open_stream(daemon, max_tokens=2))[-1].usage.completion_tokens == 2
 
 

@@ -140,18 +140,19 @@ class SlotView:
 def choose_slot(prompt: list[int], slots: list[SlotView]) -> tuple[int, int] | None:
     """(slot, cells to keep) for a new request, or None when every slot runs a request.
 
-    A cached sequence counts as this request's own history when the prompt continues most of it (at
-    least half: a second chat turn continues all of it); the longest such wins, its cells kept. Sharing
-    only a few tokens — the BOS, a chat template's header, a common system prompt — is not enough to
-    destroy another conversation's cache (llama-server's slot_prompt_similarity rule): an empty slot
-    comes first, then the least recently used cache, of which the shared prefix is still kept. At least
-    the prompt's last token is always evaluated again: its logits are what the first sample is drawn from."""
+    A cached sequence counts as this request's own history when the shared prefix is at least half of
+    the prompt (llama-server's slot_prompt_similarity, 0.5: the same prompt again, however long its
+    reply was) or at least half of the cache (a second chat turn, however long its new message). The
+    longest such wins, its cells kept. Sharing only a few tokens — the BOS, a chat template's header —
+    is not enough to cut another conversation's cache down to them: an empty slot comes first, then the
+    least recently used cache, of which the shared prefix is still kept. At least the prompt's last
+    token is always evaluated again: its logits are what the first sample is drawn from."""
     best: tuple[tuple, int, int] | None = None
     for slot in slots:
         if slot.active:
             continue
         keep = min(common_prefix(prompt, list(slot.tokens)), len(prompt) - 1) if slot.tokens else 0
-        continues = keep > 0 and 2 * keep >= len(slot.tokens)
+        continues = keep > 0 and (2 * keep >= len(prompt) or 2 * keep >= len(slot.tokens))
         rank = (continues, keep if continues else 0, not slot.tokens, -slot.last_used)
         if best is None or rank > best[0]:
             best = (rank, slot.index, keep)
