@@ -51,6 +51,9 @@ class CharEngine:
     def forget(self, seq, keep):
         return keep
 
+    def share(self, source, seq, n):
+        return n
+
     def after_request(self):
         self.ended += 1
 
@@ -147,3 +150,10 @@ def test_info_reports_the_pool(worker):
     info, _, code, _ = rpc.termination()
     assert code == grpc.StatusCode.OK
     assert (info.parallel, info.pool.parallel, info.pool.n_ctx, info.pool.sequences_active) == (2, 2, 64, 0)
+
+
+def test_released_answers_at_once_for_a_request_it_does_not_hold_even_without_a_deadline(worker):
+    server, _ = worker
+    rpc = server.invoke_unary_unary(SERVICE.methods_by_name["Released"], (), worker_pb2.ReleasedRequest(request_id=42), None)
+    reply, _, code, _ = rpc.termination()
+    assert code == grpc.StatusCode.OK and reply.freed

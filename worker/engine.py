@@ -67,6 +67,7 @@ class Engine(Protocol):
     def sampler(self, sampling: Sampling) -> Sampler: ...
     def decode(self, chunks: Sequence[Chunk]) -> None: ...
     def forget(self, seq: int, keep: int) -> int: ...  # drop a sequence's cells from `keep` on; cells kept
+    def share(self, source: int, seq: int, n: int) -> int: ...  # the first n cells of source also seq's
     def warm_up(self) -> None: ...
     def after_request(self) -> None: ...
     def idle(self) -> None: ...
@@ -289,6 +290,18 @@ class LlamaEngine:
             return keep
         llama_cpp.llama_memory_seq_rm(memory, seq, -1, -1)
         return 0
+
+    def share(self, source: int, seq: int, n: int) -> int:
+        """Make `source`'s first n cells `seq`'s too (no copy: in the unified pool a cell belongs to a
+        set of sequences); the cells `seq` starts with. A recurrent model's state cannot be cut at a
+        position, so it shares nothing."""
+        import llama_cpp
+
+        model = self._model.model
+        if n <= 0 or llama_cpp.llama_model_is_recurrent(model) or llama_cpp.llama_model_is_hybrid(model):
+            return 0
+        llama_cpp.llama_memory_seq_cp(self._ctx.memory, source, seq, 0, n)
+        return n
 
     def warm_up(self) -> None:
         """One full n_batch of prompt and a few generated tokens before serving, so llama.cpp's buffers

@@ -130,8 +130,10 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             def fits(kept: list[dict[str, str]]) -> bool:
                 nonlocal prompt
                 # The supervisor counts a busy worker silent past heartbeat_timeout as hung: a long
-                # history's renders are progress too.
-                self.beat()
+                # history's renders are progress too — unless the loop is at work, whose own beats
+                # must not be masked by renders when it hangs.
+                if not self.loop.working:
+                    self.beat()
                 prompt = self.engine.chat_prompt(kept)
                 return len(prompt) <= limit
 
@@ -197,8 +199,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             freed = self._live.get(request.request_id)
         if freed is None:  # over already, or never arrived (then it is cancelled before it is admitted)
             return worker_pb2.ReleasedReply(freed=True)
-        remaining = context.time_remaining()
-        done = freed.wait(remaining if remaining is not None else RELEASE_WAIT_S)
+        # time_remaining() is ~9e18 without a deadline: too large for a wait.
+        done = freed.wait(min(context.time_remaining(), RELEASE_WAIT_S))
         if done:
             with self._live_lock:
                 self._live.pop(request.request_id, None)

@@ -113,13 +113,18 @@ class ModelRuntime:
         replica = self.pick()
         await self._enter_queue(replica)
         unfinished: WorkerProcess | None = None  # a live worker still holding this request's sequence
+        request_id = 0
         try:
             if not replica.thermal.cool.is_set():  # a GPU past temperature_throttle: wait here, first in line
                 await replica.queue.counted(replica.thermal.wait("not admitting requests", self.config.request_timeout))
             for attempt in (1, 2):
+                if unfinished is not None:  # the first attempt's worker was killed: it frees nothing more
+                    replica.keep(self._release(replica, unfinished, request_id, leave=False),
+                                 f"release-{unfinished.pid}-{request_id}")
+                    unfinished = None
                 worker = await replica.ready_worker()
                 sent = measured = completed = False
-                request.request_id = worker.new_request_id()
+                request_id = request.request_id = worker.new_request_id()
                 worker.begin_request()
                 call = None
                 try:
@@ -164,8 +169,7 @@ class ModelRuntime:
         finally:
             if unfinished is not None:
                 # The client hears now; the place is given up once the worker has freed the sequence.
-                replica.keep(self._release(replica, unfinished, request.request_id),
-                             f"release-{unfinished.pid}-{request.request_id}")
+                replica.keep(self._release(replica, unfinished, request_id), f"release-{unfinished.pid}-{request_id}")
             else:
                 self._leave(replica)
 
@@ -175,7 +179,7 @@ class ModelRuntime:
         replica.queue.leave()
         replica.watchdog.unload_if_idle()  # keep_alive 0: right after the request, now that it is done
 
-    async def _release(self, replica: Replica, worker: WorkerProcess, request_id: int) -> None:
+    async def _release(self, replica: Replica, worker: WorkerProcess, request_id: int, leave: bool = True) -> None:
         """Until the worker has freed an unfinished request's sequence (a step, usually), then its place in
         the queue goes to the next request: the worker never holds more than `parallel` sequences, and
         keep_alive and eviction never see it idle while it still computes. A worker hung in a C call never
@@ -187,7 +191,8 @@ class ModelRuntime:
             pass  # gone, or hung past the heartbeat: what its exit says is told elsewhere
         finally:
             worker.end_request()
-            self._leave(replica)
+            if leave:
+                self._leave(replica)
 
     async def tokenize(self, request: pb.TokenizeRequest) -> pb.TokenizeResponse:
         replica = self.pick()
@@ -208,7 +213,8 @@ class ModelRuntime:
             # Only this request ends: the worker frees its sequence at the next step and serves the others on.
             # A worker hung in a C call stops beating its heartbeat, and that rule replaces it.
             return ApiError(code, f"model {self.name!r}: request ran past request_timeout "
-                                  f"({self.config.request_timeout:g} s); its sequence was freed"), False
+                                  f"({self.config.request_timeout:g} s); the worker frees its sequence and "
+                                  f"serves on"), False
         if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN,
                         grpc.StatusCode.INTERNAL):
             return ApiError(code, e.details() or code.name), False  # the worker refused the request itself

@@ -71,6 +71,7 @@ class BatchLoop:
         self.requests_served = 0
         self.preemptions = 0
         self.cells_high = 0
+        self.working = False  # a step is under way or due: the loop's own beats prove progress then
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._waiting: list[Request] = []  # by id: a preempted request goes back before later ones
         self._ids = itertools.count(1)
@@ -120,8 +121,7 @@ class BatchLoop:
             elif kept:
                 cached += 1
                 cells += len(kept)
-        self.cells_high = max(self.cells_high, cells)
-        return PoolStats(active, cells, cached, self.preemptions, self.cells_high)
+        return PoolStats(active, cells, cached, self.preemptions, max(self.cells_high, cells))
 
     # -- the loop ----------------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -131,8 +131,17 @@ class BatchLoop:
             except Exception as e:  # a defect of ours: fail what is in flight, never strand a stream
                 traceback.print_exc()
                 self._fail_all(e)
+                self._publish()
         self._take_inbox(block=False)  # what came in before the stop: nothing comes after it
         self._fail_all(RuntimeError("the worker is stopping"))
+        self._publish()
+
+    def _publish(self) -> None:
+        """The pool's figures to the heartbeat; only this thread moves the high-water mark."""
+        stats = self.stats
+        self.cells_high = stats.cells_high
+        self.working = bool(self._waiting) or stats.active > 0
+        self.beat(stats)
 
     def _fail_all(self, error: BaseException) -> None:
         requests, self._waiting = self._waiting + [s.request for s in self.slots if s.request is not None], []
@@ -148,7 +157,7 @@ class BatchLoop:
             if any(s.request for s in self.slots):
                 self._step()
         finally:
-            self.beat(self.stats)  # also after a cancel with no step to follow: status must not go stale
+            self._publish()  # also after a cancel with no step to follow: status must not go stale
         if busy and not (self._waiting or any(s.request for s in self.slots)):
             self.engine.idle()  # the heap back to the OS once nothing runs
 
@@ -187,14 +196,24 @@ class BatchLoop:
             choice = choose_slot(request.tokens, views)
             if choice is None:
                 return
-            index, keep = choice
             self._waiting.pop(0)
-            slot = self.slots[index]
-            request.held = self.engine.forget(index, keep) if slot.cached else 0
+            slot = self.slots[choice.slot]
+            try:
+                held = 0
+                if slot.cached:  # its own cache cut to the shared prefix, or all of it gone for another's
+                    held = self.engine.forget(slot.index, choice.keep if choice.source is None else 0)
+                    slot.cached = []
+                if choice.source is not None:
+                    held = self.engine.share(choice.source, slot.index, choice.keep)
+            except Exception as e:
+                traceback.print_exc()
+                self._finish(request, error=e)
+                continue
+            request.held = held
             if not request.admitted:
                 request.admitted = True
-                request.outcome.cached_prompt_tokens = request.held
-            slot.request, slot.cached, request.slot = request, [], index
+                request.outcome.cached_prompt_tokens = held
+            slot.request, request.slot = request, slot.index
 
     def _step(self) -> None:
         by_id = {s.request.id: s.request for s in self.slots if s.request is not None}
@@ -248,12 +267,12 @@ class BatchLoop:
     def _sample(self, request: Request, index: int) -> None:
         try:
             token = request.sampler.sample(index)
-        except Exception as e:
+            request.tokens.append(token)
+            piece = request.stream.feed(token)
+        except Exception as e:  # this request's trouble: the others go on
             traceback.print_exc()
             self._finish(request, error=e)
             return
-        request.tokens.append(token)
-        piece = request.stream.feed(token)
         if piece is not None:
             request.out.put(piece)
         if request.stream.finished:
@@ -294,4 +313,7 @@ class BatchLoop:
                         request.out.put(tail)
                 self.requests_served += 1
                 request.out.put(DONE)
-        self.engine.after_request()
+        try:
+            self.engine.after_request()
+        except Exception:
+            traceback.print_exc()

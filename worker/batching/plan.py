@@ -37,7 +37,9 @@ class Running:
 
     @property
     def decoding(self) -> bool:
-        return self.pending == 1
+        """Generating: one sampled token to evaluate. A new request whose prompt is one token is not: it
+        starts as prompts do."""
+        return self.pending == 1 and self.held > 0
 
 
 @dataclass(frozen=True)
@@ -60,7 +62,9 @@ class Step:
         return sum(n for _, n in self.chunks)
 
 
-def plan_step(running: list[Running], cached: list[Cached], n_ctx: int, n_batch: int) -> Step:
+def plan_step(running: list[Running], cached: list[Cached], n_ctx: int, n_batch: int, may_start: bool = True) -> Step:
+    """`may_start`: whether a request that holds no cell may start this step (not once one was preempted:
+    a newer request must never take the cells an older one just gave up)."""
     free = n_ctx - sum(r.held for r in running) - sum(c.held for c in cached)
     lru = sorted(cached, key=lambda c: c.last_used)
     evict: list[int] = []
@@ -99,7 +103,8 @@ def plan_step(running: list[Running], cached: list[Cached], n_ctx: int, n_batch:
             continue
         oldest = r is live[0]
         margin = 0 if oldest else reserve
-        if not oldest and r.held == 0 and r.pending + margin > free + sum(c.held for c in lru):
+        if not oldest and r.held == 0 and (preempt or not may_start
+                                           or r.pending + margin > free + sum(c.held for c in lru)):
             break  # first in, first served: later requests would take the cells it waits for
         take_cached(min(r.pending, budget) + margin)
         n = min(r.pending, budget, free - margin)
@@ -115,7 +120,7 @@ def plan_step(running: list[Running], cached: list[Cached], n_ctx: int, n_batch:
         if holders:
             victim = holders[-1]
             rest = [r for r in live if r is not victim]
-            after = plan_step(rest, [c for c in cached if c.slot not in evict], n_ctx, n_batch)
+            after = plan_step(rest, [c for c in cached if c.slot not in evict], n_ctx, n_batch, may_start=False)
             return Step(tuple(evict) + after.evict, tuple(preempt) + (victim.id,) + after.preempt, after.chunks)
     return Step(tuple(evict), tuple(preempt), tuple(chunks))
 
@@ -137,23 +142,38 @@ class SlotView:
     last_used: int = 0
 
 
-def choose_slot(prompt: list[int], slots: list[SlotView]) -> tuple[int, int] | None:
-    """(slot, cells to keep) for a new request, or None when every slot runs a request.
+@dataclass(frozen=True)
+class Choice:
+    slot: int
+    keep: int                  # cells of the prompt's prefix the request starts with, not evaluated again
+    source: int | None = None  # a cached slot to share them from (it keeps its own); None: the slot's own
 
-    A cached sequence counts as this request's own history when the shared prefix is at least half of
-    the prompt (llama-server's slot_prompt_similarity, 0.5: the same prompt again, however long its
-    reply was) or at least half of the cache (a second chat turn, however long its new message). The
-    longest such wins, its cells kept. Sharing only a few tokens — the BOS, a chat template's header —
-    is not enough to cut another conversation's cache down to them: an empty slot comes first, then the
-    least recently used cache, of which the shared prefix is still kept. At least the prompt's last
-    token is always evaluated again: its logits are what the first sample is drawn from."""
-    best: tuple[tuple, int, int] | None = None
-    for slot in slots:
-        if slot.active:
-            continue
-        keep = min(common_prefix(prompt, list(slot.tokens)), len(prompt) - 1) if slot.tokens else 0
-        continues = keep > 0 and (2 * keep >= len(prompt) or 2 * keep >= len(slot.tokens))
-        rank = (continues, keep if continues else 0, not slot.tokens, -slot.last_used)
-        if best is None or rank > best[0]:
-            best = (rank, slot.index, keep)
-    return None if best is None else (best[1], best[2])
+
+def choose_slot(prompt: list[int], slots: list[SlotView]) -> Choice | None:
+    """Where a new request goes, and what of its prompt is already in the pool; None when every slot
+    runs a request.
+
+    The cache sharing the longest prefix with the prompt is taken over when the request continues most
+    of it (a next chat turn: at least half of the cache is shared). Otherwise the request goes to an
+    empty slot (else the least recently used cache) and shares the prefix from that cache
+    (llama_memory_seq_cp: the cells are not copied, they belong to both), so the other conversation's
+    cache is never cut down for a few shared tokens — a template header, a system prompt — and the same
+    prompt sent again still skips what it shares. At least the prompt's last token is always evaluated
+    again: its logits are what the first sample is drawn from."""
+    idle = [s for s in slots if not s.active]
+    if not idle:
+        return None
+
+    def shared(slot: SlotView) -> int:
+        return min(common_prefix(prompt, list(slot.tokens)), len(prompt) - 1) if slot.tokens else 0
+
+    cached = [s for s in idle if s.tokens]
+    best = max(cached, key=lambda s: (shared(s), s.last_used), default=None)
+    keep = shared(best) if best is not None else 0
+    if best is not None and keep and 2 * keep >= len(best.tokens):
+        return Choice(best.index, keep)
+    empty = [s for s in idle if not s.tokens]
+    target = empty[0] if empty else min(cached, key=lambda s: s.last_used)
+    if best is not None and target.index == best.index:
+        return Choice(target.index, keep)
+    return Choice(target.index, keep, best.index if keep else None)
