@@ -220,8 +220,12 @@ def test_a_request_past_request_timeout_ends_alone_and_the_streams_beside_it_go_
                           env={"TEST_TOKEN_DELAY": "0.03"})
     pid = daemon.worker("tiny").pid
     long = daemon.stub.Generate(pb.GenerateRequest(model="tiny", prompt="hello", options=pb.SamplingOptions(max_tokens=500)))
-    next(long)
-    # Started after the first, so its own request_timeout ends later: it is running when the first's ends.
+    got = 0
+    for chunk in long:  # ~0.45 s of its 1.5 s
+        got += chunk.tokens
+        if got >= 15:
+            break
+    # Started that much later, its own request_timeout ends later: it is running when the first's ends.
     beside = daemon.stub.Generate(pb.GenerateRequest(model="tiny", prompt="world", options=pb.SamplingOptions(max_tokens=500)))
     arrivals: list[float] = []
 
