@@ -158,6 +158,21 @@ def test_a_second_chat_turn_reuses_the_first_turns_cells(start_daemon):
     assert pool(daemon).sequences_cached >= 1
 
 
+def test_penalties_change_what_a_sequence_samples_and_only_that_sequence(start_daemon):
+    daemon = start_daemon(tiny())
+    plain = text_of(request(daemon, "hello world", max_tokens=64))
+    penalised = {name: text_of(request(daemon, "hello world", max_tokens=64, **{name: value}))
+                 for name, value in (("frequency_penalty", 1.5), ("presence_penalty", 1.5), ("repeat_penalty", 1.5))}
+    assert all(text != plain for text in penalised.values()), penalised  # greedy text repeats itself
+    # Beside each other, each sequence keeps its own penalties' history.
+    together = [Stream(request(daemon, "hello world", max_tokens=64, **({name: 1.5} if name else {})))
+                for name in ("frequency_penalty", "presence_penalty", "repeat_penalty", None)]
+    assert [text_of(s.result()) for s in together] == [*penalised.values(), plain]
+    with pytest.raises(grpc.RpcError) as refused:
+        text_of(request(daemon, "x", frequency_penalty=3.0))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "frequency_penalty" in refused.value.details()
+
+
 def test_grammar_and_json_schema_constrain_the_output(start_daemon):
     daemon = start_daemon(tiny())
     schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "color": {"enum": ["red", "green", "blue"]}},

@@ -84,6 +84,9 @@ def default_threads() -> int:
     return max(len(os.sched_getaffinity(0)), 1)
 
 
+PENALTY_LAST_N = 64  # tokens the penalties look back over, as llama.cpp's own default
+
+
 class LlamaSampler:
     """One request's llama.cpp sampler chain: penalties, grammar, top-k, top-p, min-p, temperature, then a
     seeded draw (greedy at temperature 0). Its state — the penalties' recent tokens, the grammar's
@@ -99,8 +102,10 @@ class LlamaSampler:
         add = lambda sampler: llama_cpp.llama_sampler_chain_add(self._chain, sampler)  # noqa: E731
         try:
             if (sampling.repeat_penalty, sampling.frequency_penalty, sampling.presence_penalty) != (1.0, 0.0, 0.0):
-                add(_init_penalties(PENALTY_LAST_N, sampling.repeat_penalty, sampling.frequency_penalty,
-                                    sampling.presence_penalty))
+                # This llama.cpp's penalties take the vocabulary size first (checked on a sampler by hand).
+                add(llama_cpp.llama_sampler_init_penalties(llama_cpp.llama_vocab_n_tokens(vocab), PENALTY_LAST_N,
+                                                           sampling.repeat_penalty, sampling.frequency_penalty,
+                                                           sampling.presence_penalty))
             if sampling.grammar:
                 grammar = llama_cpp.llama_sampler_init_grammar(vocab, sampling.grammar.encode("utf-8"), b"root")
                 if not grammar:
@@ -132,20 +137,6 @@ class LlamaSampler:
         if self._chain:
             llama_cpp.llama_sampler_free(self._chain)
             self._chain = None
-
-
-PENALTY_LAST_N = 64  # tokens the penalties look back over, as llama.cpp's own default
-
-
-def _init_penalties(last_n: int, repeat: float, frequency: float, presence: float):
-    """llama_sampler_init_penalties by its real C signature (last_n, repeat, freq, present): the binding in
-    llama-cpp-python 0.3.x still declares an older one with n_vocab first."""
-    import llama_cpp
-
-    function = llama_cpp.llama_cpp._lib.llama_sampler_init_penalties
-    function.argtypes = [ctypes.c_int32, ctypes.c_float, ctypes.c_float, ctypes.c_float]
-    function.restype = ctypes.c_void_p
-    return function(last_n, repeat, frequency, presence)
 
 
 class LlamaEngine:
