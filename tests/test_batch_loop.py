@@ -118,3 +118,21 @@ def test_a_request_submitted_to_a_stopping_loop_is_told_so(engine):
     with pytest.raises(RuntimeError, match="stopping"):
         text_of(request)
     assert request.freed.is_set()
+
+
+@pytest.mark.parametrize("engine", [{"n_ctx": 1024}], indirect=True)
+def test_a_shared_system_prompt_is_shared_not_cut_out_of_another_conversations_cache(engine):
+    engine, loop = engine
+    system = " ".join(["the supervisor keeps the model worker alive"] * 6)
+    first_turn = system + " hello world"
+    text_of(submit(engine, loop, first_turn, max_tokens=20))
+    other = submit(engine, loop, system + " one two three", max_tokens=20)
+    text_of(other)
+    shared = len(engine.tokenize(system, True)) - 1  # the last token may be merged with what follows
+    assert other.outcome.cached_prompt_tokens >= shared
+    assert_books_match_llama(engine, loop)
+    # The first conversation's cache is whole: its next turn skips all of its first turn.
+    again = submit(engine, loop, first_turn + " and then more", max_tokens=4)
+    text_of(again)
+    assert again.outcome.cached_prompt_tokens >= len(engine.tokenize(first_turn, True)) - 1
+    assert_books_match_llama(engine, loop)

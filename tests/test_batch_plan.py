@@ -94,5 +94,9 @@ def test_a_few_shared_tokens_are_shared_into_another_slot_not_cut_out_of_their_c
     assert choose_slot(prompt, [other, SlotView(1, False, (5, 6), 2)]) == Choice(1, 3, source=0)
     # The best match is itself the least recently used: it is cut down to the shared prefix in place.
     assert choose_slot(prompt, [other, SlotView(1, False, (5, 6), 12)]) == Choice(0, 3)
-    # The same prompt again after a long reply: shared, and the cache with the reply stays as it was.
-    assert choose_slot([1, 2, 3, 10], [other, SlotView(1, False)]) == Choice(1, 3, source=0)
+    # A long shared system prompt is no continuation either: the other conversation's prompt went on.
+    conversation = SlotView(0, False, (1, 2, 3, 4, 5, 6, 10, 11, 20, 21), 9, prompt_len=8)
+    assert choose_slot([1, 2, 3, 4, 5, 6, 30, 31], [conversation, SlotView(1, False)]) == Choice(1, 6, source=0)
+    # Its next turn holds all of its prompt: it takes its cache over; so does the same prompt again.
+    assert choose_slot([1, 2, 3, 4, 5, 6, 10, 11, 20, 40], [conversation, SlotView(1, False)]) == Choice(0, 9)
+    assert choose_slot([1, 2, 3, 4, 5, 6, 10, 11], [conversation, SlotView(1, False)]) == Choice(0, 7)

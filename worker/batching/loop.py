@@ -49,6 +49,7 @@ class Slot:
     index: int
     request: Request | None = None
     cached: list[int] = field(default_factory=list)  # what a finished sequence's cells still hold
+    cached_prompt: int = 0  # how much of that was its prompt
     last_used: int = 0
 
 
@@ -192,7 +193,7 @@ class BatchLoop:
     def _admit(self) -> None:
         while self._waiting:
             request = self._waiting[0]
-            views = [SlotView(s.index, s.request is not None, s.cached, s.last_used) for s in self.slots]
+            views = [SlotView(s.index, s.request is not None, s.cached, s.last_used, s.cached_prompt) for s in self.slots]
             choice = choose_slot(request.tokens, views)
             if choice is None:
                 return
@@ -296,6 +297,7 @@ class BatchLoop:
                 slot.request = None
                 if completed and request.held:
                     slot.cached, slot.last_used = request.tokens[:request.held], next(self._steps)
+                    slot.cached_prompt = len(request.prompt)
                 else:
                     self.engine.forget(slot.index, 0)
             request.sampler.close()

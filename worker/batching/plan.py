@@ -140,6 +140,7 @@ class SlotView:
     active: bool           # a running request holds it
     tokens: tuple[int, ...] | list[int] = ()  # what its cells hold (a cached sequence); () when empty
     last_used: int = 0
+    prompt_len: int = 0    # of the cached sequence, the prompt it began with (0: all of it)
 
 
 @dataclass(frozen=True)
@@ -153,9 +154,10 @@ def choose_slot(prompt: list[int], slots: list[SlotView]) -> Choice | None:
     """Where a new request goes, and what of its prompt is already in the pool; None when every slot
     runs a request.
 
-    The cache sharing the longest prefix with the prompt is taken over when the request continues most
-    of it (a next chat turn: at least half of the cache is shared). Otherwise the request goes to an
-    empty slot (else the least recently used cache) and shares the prefix from that cache
+    The cache sharing the longest prefix with the prompt is taken over when the request continues it:
+    the prompt holds all of that cache's own prompt (a next chat turn, or the same prompt again).
+    Otherwise the request goes to an empty slot (else the least recently used cache) and shares the
+    prefix from that cache
     (llama_memory_seq_cp: the cells are not copied, they belong to both), so the other conversation's
     cache is never cut down for a few shared tokens — a template header, a system prompt — and the same
     prompt sent again still skips what it shares. At least the prompt's last token is always evaluated
@@ -170,7 +172,7 @@ def choose_slot(prompt: list[int], slots: list[SlotView]) -> Choice | None:
     cached = [s for s in idle if s.tokens]
     best = max(cached, key=lambda s: (shared(s), s.last_used), default=None)
     keep = shared(best) if best is not None else 0
-    if best is not None and keep and 2 * keep >= len(best.tokens):
+    if best is not None and keep and keep >= (best.prompt_len or len(best.tokens)) - 1:
         return Choice(best.index, keep)
     empty = [s for s in idle if not s.tokens]
     target = empty[0] if empty else min(cached, key=lambda s: s.last_used)
