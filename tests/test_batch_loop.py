@@ -136,3 +136,26 @@ def test_a_shared_system_prompt_is_shared_not_cut_out_of_another_conversations_c
     text_of(again)
     assert again.outcome.cached_prompt_tokens >= len(engine.tokenize(first_turn, True)) - 1
     assert_books_match_llama(engine, loop)
+
+
+def drop_caches(loop) -> None:
+    loop.call(lambda: [loop._evict(s) for s in loop.slots if s.request is None and s.cached])
+
+
+@pytest.mark.parametrize("engine", [{"n_ctx": 512}], indirect=True)
+def test_a_request_sharing_a_prefix_goes_on_exactly_when_its_source_is_evicted_under_it(engine):
+    engine, loop = engine
+    system = " ".join(["the supervisor keeps the model worker alive"] * 5)
+    sharer_prompt = system + " one two three"
+    alone = text_of(submit(engine, loop, sharer_prompt, max_tokens=100))
+    drop_caches(loop)
+    text_of(submit(engine, loop, system + " hello world", max_tokens=20))  # the cache to share from
+    sharer = submit(engine, loop, sharer_prompt, max_tokens=100)
+    # Two more requests need the cells: the source cache goes while the sharer decodes, then some preempting.
+    others = [submit(engine, loop, p * 12, max_tokens=80) for p in ("memory leak cache context ", "yes no one two ")]
+    assert text_of(sharer) == alone
+    assert sharer.outcome.cached_prompt_tokens >= len(engine.tokenize(system, True)) - 1
+    for other in others:
+        text_of(other)
+    assert_books_match_llama(engine, loop)
+    assert loop.stats.cells <= loop.n_ctx

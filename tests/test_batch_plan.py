@@ -47,6 +47,14 @@ def prompt(id_: int, pending: int, held: int = 0) -> Running:
     # A new request with a one-token prompt starts as prompts do: not on a preempted request's cells.
     ([gen(1, 60), gen(2, 40), prompt(3, 1)], [], 101, 64, Step(preempt=(2,), chunks=((1, 1),))),
     ([gen(1, 60), prompt(3, 1)], [], 101, 64, Step(chunks=((1, 1), (3, 1)))),
+    # Three requests sharing a 1,500-cell prefix from a cache count it once: no one is preempted.
+    ([gen(1, 50), gen(2, 50), gen(3, 50)], [Cached(0, 1600, 1, frees=100)], 4096, 512,
+     Step(chunks=((1, 1), (2, 1), (3, 1)))),
+    # Evicting a cache whose prefix is shared frees only what is its alone.
+    ([gen(1, 60), gen(2, 5)], [Cached(0, 35, 1, frees=1)], 100, 8, Step(evict=(0,), preempt=(2,), chunks=((1, 1),))),
+    # A request that starts with a shared prefix has not started: it waits until all of its prompt fits.
+    ([gen(1, 600), gen(2, 300), Running(3, 20, 380, 3, started=False)], [Cached(0, 50, 1)], 1024, 512,
+     Step(chunks=((1, 1), (2, 1)))),
 ])
 def test_plan(running, cached, n_ctx, n_batch, expected):
     assert plan_step(running, cached, n_ctx, n_batch) == expected

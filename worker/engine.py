@@ -151,6 +151,7 @@ class LlamaEngine:
         self._pieces: dict[int, bytes] = {}
         self._pieces_lock = threading.Lock()
         self._formatter = None
+        self._prefix_reuse = True
 
     def load(self, path: str, options: Mapping[str, Any]) -> EngineInfo:
         import llama_cpp
@@ -178,6 +179,9 @@ class LlamaEngine:
                                   else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         params.no_perf = True
         self._ctx = LlamaContext(model=self._model, params=params, verbose=True)
+        model = self._model.model
+        self._prefix_reuse = not (llama_cpp.llama_model_is_recurrent(model) or llama_cpp.llama_model_is_hybrid(model)
+                                  or llama_cpp.llama_model_n_swa(model) > 0)
         self._n_batch = n_batch
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
 
@@ -273,11 +277,12 @@ class LlamaEngine:
 
     def forget(self, seq: int, keep: int) -> int:
         """Drop the sequence's cells from position `keep` on; the cells it keeps (all of them go when the
-        memory cannot cut a sequence in the middle, as a recurrent model's cannot)."""
+        memory cannot cut a sequence in the middle, as a recurrent model's cannot, or when a prefix may
+        not be reused at all: see `share`)."""
         import llama_cpp
 
         memory = self._ctx.memory
-        if llama_cpp.llama_memory_seq_rm(memory, seq, keep, -1):
+        if keep and self._prefix_reuse and llama_cpp.llama_memory_seq_rm(memory, seq, keep, -1):
             return keep
         llama_cpp.llama_memory_seq_rm(memory, seq, -1, -1)
         return 0
@@ -285,11 +290,12 @@ class LlamaEngine:
     def share(self, source: int, seq: int, n: int) -> int:
         """Make `source`'s first n cells `seq`'s too (no copy: in the unified pool a cell belongs to a
         set of sequences); the cells `seq` starts with. A recurrent model's state cannot be cut at a
-        position, so it shares nothing."""
+        position, and a sliding-window model's cache may have lost the window cells below one (llama.cpp
+        reuses them for other sequences), so neither reuses a prefix: their requests evaluate their whole
+        prompt, as llama-server's own fallback does."""
         import llama_cpp
 
-        model = self._model.model
-        if n <= 0 or llama_cpp.llama_model_is_recurrent(model) or llama_cpp.llama_model_is_hybrid(model):
+        if n <= 0 or not self._prefix_reuse:
             return 0
         llama_cpp.llama_memory_seq_cp(self._ctx.memory, source, seq, 0, n)
         return n

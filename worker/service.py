@@ -28,6 +28,7 @@ from .history import drop_oldest
 
 
 RELEASE_WAIT_S = 10.0  # Released without a deadline waits at most this long
+NO_DEADLINE_S = 1e6  # time_remaining() beyond this means the call has no deadline
 
 
 def grammar_from(options: pb.SamplingOptions) -> str:
@@ -199,8 +200,9 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             freed = self._live.get(request.request_id)
         if freed is None:  # over already, or never arrived (then it is cancelled before it is admitted)
             return worker_pb2.ReleasedReply(freed=True)
-        # time_remaining() is ~9e18 without a deadline: too large for a wait.
-        done = freed.wait(min(context.time_remaining(), RELEASE_WAIT_S))
+        # The caller's deadline bounds the wait; without one, time_remaining() is ~9e18 (too large to wait on).
+        remaining = context.time_remaining()
+        done = freed.wait(remaining if remaining < NO_DEADLINE_S else RELEASE_WAIT_S)
         if done:
             with self._live_lock:
                 self._live.pop(request.request_id, None)

@@ -36,6 +36,9 @@ class Request:
     tokens: list[int] = field(default_factory=list)  # prompt + what it generated: what its cells must hold
     slot: int | None = None
     held: int = 0          # cells its sequence holds (tokens[:held] are evaluated)
+    shared: int = 0        # of those, the first `shared` are also a cache's (shared_from): counted there
+    shared_from: int | None = None
+    held_at_start: int = 0  # what it held when it got its slot: more means it has started
     admitted: bool = False  # it has held a slot once (its cached prefix is counted then)
     freed: threading.Event = field(default_factory=threading.Event)  # over: its sequence holds no cell
 
@@ -118,10 +121,11 @@ class BatchLoop:
             request, kept = slot.request, slot.cached
             if request is not None:
                 active += 1
-                cells += request.held
+                cells += request.held - request.shared
             elif kept:
                 cached += 1
                 cells += len(kept)
+        cells = min(cells, self.n_ctx)  # a prefix shared from a cache that changed since counts twice: never more
         return PoolStats(active, cells, cached, self.preemptions, max(self.cells_high, cells))
 
     # -- the loop ----------------------------------------------------------------------------------------
@@ -152,6 +156,8 @@ class BatchLoop:
     def _turn(self) -> None:
         busy = self._waiting or any(s.request for s in self.slots)
         self._take_inbox(block=not busy)
+        if self._waiting:
+            self.working = True  # before the first step, which may be the one that hangs
         try:
             self._drop_cancelled()
             self._admit()
@@ -202,15 +208,19 @@ class BatchLoop:
             try:
                 held = 0
                 if slot.cached:  # its own cache cut to the shared prefix, or all of it gone for another's
+                    self._cache_changes(slot)
                     held = self.engine.forget(slot.index, choice.keep if choice.source is None else 0)
                     slot.cached = []
                 if choice.source is not None:
                     held = self.engine.share(choice.source, slot.index, choice.keep)
+                    if held:
+                        request.shared, request.shared_from = held, choice.source
+                        self.slots[choice.source].last_used = next(self._steps)  # useful: keep it longest
             except Exception as e:
                 traceback.print_exc()
                 self._finish(request, error=e)
                 continue
-            request.held = held
+            request.held = request.held_at_start = held
             if not request.admitted:
                 request.admitted = True
                 request.outcome.cached_prompt_tokens = held
@@ -218,12 +228,13 @@ class BatchLoop:
 
     def _step(self) -> None:
         by_id = {s.request.id: s.request for s in self.slots if s.request is not None}
-        running = [Running(r.id, r.held, len(r.tokens) - r.held, r.id) for r in by_id.values()]
-        cached = [Cached(s.index, len(s.cached), s.last_used) for s in self.slots if s.request is None and s.cached]
+        running = [Running(r.id, r.held - r.shared, len(r.tokens) - r.held, r.id, r.held > r.held_at_start)
+                   for r in by_id.values()]
+        cached = [Cached(s.index, len(s.cached), s.last_used, len(s.cached) - self._shared_of(s.index))
+                  for s in self.slots if s.request is None and s.cached]
         step = plan_step(running, cached, self.n_ctx, self.n_batch)
         for index in step.evict:
-            self.engine.forget(index, 0)
-            self.slots[index].cached = []
+            self._evict(self.slots[index])
         for id_ in step.preempt:
             self._preempt(by_id[id_])
         if not step.chunks:
@@ -245,8 +256,7 @@ class BatchLoop:
             # free the cached sequences, else the newest running request, and go again next step.
             cached = [s for s in self.slots if s.request is None and s.cached]
             for slot in cached:
-                self.engine.forget(slot.index, 0)
-                slot.cached = []
+                self._evict(slot)
             running = [s.request for s in self.slots if s.request is not None]  # after the plan's preemptions
             if not cached and running:
                 newest = max(running, key=lambda r: r.id)
@@ -279,11 +289,28 @@ class BatchLoop:
         if request.stream.finished:
             self._finish(request)
 
+    def _shared_of(self, index: int) -> int:
+        """Cells of cached slot `index` that running requests share: they stay when it is evicted."""
+        return max((s.request.shared for s in self.slots
+                    if s.request is not None and s.request.shared_from == index), default=0)
+
+    def _cache_changes(self, slot: Slot) -> None:
+        """A cache is about to be evicted or cut: the prefixes shared from it are its sharers' own now."""
+        for other in self.slots:
+            if other.request is not None and other.request.shared_from == slot.index:
+                other.request.shared, other.request.shared_from = 0, None
+
+    def _evict(self, slot: Slot) -> None:
+        self._cache_changes(slot)
+        self.engine.forget(slot.index, 0)
+        slot.cached = []
+
     def _preempt(self, request: Request) -> None:
         """Free its cells and put it back in line; it resumes by evaluating what it had again."""
         self.engine.forget(request.slot, 0)
         self.slots[request.slot].request = None
         request.slot, request.held = None, 0
+        request.shared, request.shared_from = 0, None
         bisect.insort(self._waiting, request, key=lambda r: r.id)
         self.preemptions += 1
 
@@ -292,6 +319,7 @@ class BatchLoop:
         sampler closed, and its stream told — whatever freeing the cells raises."""
         try:
             completed = reason is None and error is None
+            request.shared, request.shared_from = 0, None
             if request.slot is not None:
                 slot, request.slot = self.slots[request.slot], None
                 slot.request = None

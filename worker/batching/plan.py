@@ -31,9 +31,14 @@ class Running:
     """A request that holds a slot (a sequence id)."""
 
     id: int
-    held: int      # KV cells its sequence holds: the tokens already evaluated
+    held: int      # KV cells only its sequence holds (evaluated; a prefix shared from a cache is the cache's)
     pending: int   # tokens to evaluate before it can sample its next one (≥ 1)
     arrived: int   # its place in line (smaller = older); the newest is preempted first
+    started: bool | None = None  # it has evaluated something since it got its slot (None: held > 0)
+
+    @property
+    def has_started(self) -> bool:
+        return self.held > 0 if self.started is None else self.started
 
     @property
     def decoding(self) -> bool:
@@ -49,6 +54,11 @@ class Cached:
     slot: int
     held: int
     last_used: int  # larger = more recent; the least recent goes first
+    frees: int | None = None  # cells its eviction frees: fewer than held when running requests share a prefix
+
+    @property
+    def freed_by_eviction(self) -> int:
+        return self.held if self.frees is None else self.frees
 
 
 @dataclass(frozen=True)
@@ -76,7 +86,7 @@ def plan_step(running: list[Running], cached: list[Cached], n_ctx: int, n_batch:
         while free < need and lru:
             victim = lru.pop(0)
             evict.append(victim.slot)
-            free += victim.held
+            free += victim.freed_by_eviction
 
     # 1–2: one cell per decoding sequence, preempting the newest holder while the pool is short.
     while True:
@@ -103,8 +113,8 @@ def plan_step(running: list[Running], cached: list[Cached], n_ctx: int, n_batch:
             continue
         oldest = r is live[0]
         margin = 0 if oldest else reserve
-        if not oldest and r.held == 0 and (preempt or not may_start
-                                           or r.pending + margin > free + sum(c.held for c in lru)):
+        if not oldest and not r.has_started and (preempt or not may_start
+                                                 or r.pending + margin > free + sum(c.freed_by_eviction for c in lru)):
             break  # first in, first served: later requests would take the cells it waits for
         take_cached(min(r.pending, budget) + margin)
         n = min(r.pending, budget, free - margin)
@@ -172,7 +182,7 @@ def choose_slot(prompt: list[int], slots: list[SlotView]) -> Choice | None:
     cached = [s for s in idle if s.tokens]
     best = max(cached, key=lambda s: (shared(s), s.last_used), default=None)
     keep = shared(best) if best is not None else 0
-    if best is not None and keep and keep >= (best.prompt_len or len(best.tokens)) - 1:
+    if best is not None and keep >= max((best.prompt_len or len(best.tokens)) - 1, 2):
         return Choice(best.index, keep)
     empty = [s for s in idle if not s.tokens]
     target = empty[0] if empty else min(cached, key=lambda s: s.last_used)
