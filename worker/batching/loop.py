@@ -230,7 +230,12 @@ class BatchLoop:
         by_id = {s.request.id: s.request for s in self.slots if s.request is not None}
         running = [Running(r.id, r.held - r.shared, len(r.tokens) - r.held, r.id, r.held > r.held_at_start)
                    for r in by_id.values()]
-        cached = [Cached(s.index, len(s.cached), s.last_used, len(s.cached) - self._shared_of(s.index))
+        shared: dict[int, int] = {}  # cache slot → the longest prefix running requests share from it
+        for r in by_id.values():
+            if r.shared_from is not None:
+                shared[r.shared_from] = max(shared.get(r.shared_from, 0), r.shared)
+        # Evicting a cache frees only what no running request shares.
+        cached = [Cached(s.index, len(s.cached), s.last_used, len(s.cached) - shared.get(s.index, 0))
                   for s in self.slots if s.request is None and s.cached]
         step = plan_step(running, cached, self.n_ctx, self.n_batch)
         for index in step.evict:
@@ -288,11 +293,6 @@ class BatchLoop:
             request.out.put(piece)
         if request.stream.finished:
             self._finish(request)
-
-    def _shared_of(self, index: int) -> int:
-        """Cells of cached slot `index` that running requests share: they stay when it is evicted."""
-        return max((s.request.shared for s in self.slots
-                    if s.request is not None and s.request.shared_from == index), default=0)
 
     def _cache_changes(self, slot: Slot) -> None:
         """A cache is about to be evicted or cut: the prefixes shared from it are its sharers' own now."""
