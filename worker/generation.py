@@ -96,11 +96,12 @@ class TextStream:
     and its usage and timings in `outcome`. Fed one sampled token at a time by the batch loop."""
 
     def __init__(self, engine: TokenEngine, prompt_tokens: int, sampling: Sampling, n_ctx: int,
-                 outcome: Outcome, clock=time.perf_counter) -> None:
+                 outcome: Outcome, clock=time.perf_counter, start: float | None = None) -> None:
+        """`start`: when the request arrived (on `clock`), if before now: timings count from then."""
         self.engine = engine
         self.outcome = outcome
         self.clock = clock
-        self.start = clock()
+        self.start = clock() if start is None else start
         outcome.prompt_tokens = prompt_tokens
         outcome.finish_reason = LENGTH
         room = n_ctx - prompt_tokens

@@ -167,8 +167,9 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 sampler = self.engine.sampler(sampling)
             except EngineError as e:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"model {self.name!r}: {e}")
-            stream = TextStream(self.engine, len(prompt), sampling, self.info.n_ctx, Outcome(messages_dropped=dropped))
-            stream.start = start  # time to first token counts the template's render and the wait for a sequence
+            # Time to first token counts the template's render and the wait for a sequence.
+            stream = TextStream(self.engine, len(prompt), sampling, self.info.n_ctx, Outcome(messages_dropped=dropped),
+                                start=start)
             work = Request(prompt, sampling, sampler, stream, freed=freed)
             # Client gone, cancelled or past its deadline: freed at the next step. add_callback refuses (False)
             # when the call has already ended, as it may have during a long render.
