@@ -48,8 +48,8 @@ def test_metrics_show_requests_tokens_latency_memory_and_recycles(start_daemon):
         return samples if value(samples, "llm_supervisor_worker_private_memory_bytes", model="tiny", pid=str(pid)) else None
 
     samples = wait_for(polled, what="a poll of the fresh worker")
-    assert value(samples, "llm_supervisor_requests_total", model="tiny", code="OK") == 3
-    assert value(samples, "llm_supervisor_requests_total", model="tiny", code="INVALID_ARGUMENT") == 1
+    assert value(samples, "llm_supervisor_requests_total", model="tiny", code="OK", api="grpc") == 3
+    assert value(samples, "llm_supervisor_requests_total", model="tiny", code="INVALID_ARGUMENT", api="grpc") == 1
     assert value(samples, "llm_supervisor_generated_tokens_total", model="tiny") == 12
     assert value(samples, "llm_supervisor_time_to_first_token_seconds_count", model="tiny") == 3
     assert value(samples, "llm_supervisor_tokens_per_second_count", model="tiny") == 3
@@ -92,11 +92,11 @@ def test_an_unloaded_model_leaves_the_scrape_and_the_others_stay(start_daemon):
 
     before = wait_for(polled, what="a poll of extra's worker")
     assert models_in(before) == {"tiny", "extra"}
-    assert value(before, "llm_supervisor_requests_total", model="extra", code="INVALID_ARGUMENT") == 1
+    assert value(before, "llm_supervisor_requests_total", model="extra", code="INVALID_ARGUMENT", api="grpc") == 1
 
     daemon.stub.UnloadModel(pb.UnloadModelRequest(name="extra"))
     after = scrape(port)
     assert models_in(after) == {"tiny"}, sorted(name for name, labels in after if ("model", "extra") in labels)
-    assert value(after, "llm_supervisor_requests_total", model="tiny", code="OK") == 1
+    assert value(after, "llm_supervisor_requests_total", model="tiny", code="OK", api="grpc") == 1
     assert value(after, "llm_supervisor_generated_tokens_total", model="tiny") == 2
     assert value(after, "llm_supervisor_model_serving", model="tiny") == 1

@@ -23,7 +23,7 @@ WORKER_KEYS = frozenset({"path", "engine", "rlimit_data", "rlimit_nofile", "stre
 # sink, the standby pool): a reload reports them as needing a restart and keeps the running values.
 RESTART_KEYS = ("address", "state_dir", "runtime_dir", "standby_workers", "journald", "metrics_address", "insecure",
                 "socket_group", "max_message_size", "max_concurrent_streams", "tls_cert", "tls_key", "tls_client_ca",
-                "health_address")
+                "health_address", "http_address", "http_tls", "http_insecure", "cors_origins")
 # Fields whose config key has another name.
 KEY_NAMES = {"gpu_memory_budget_percent": "gpu_memory_budget"}
 # The rest of SupervisorConfig takes effect at once.

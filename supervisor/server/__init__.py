@@ -1,1 +1,1 @@
-"""The daemon and what it speaks: its main loop, the gRPC API and its checks, security, metrics, systemd notify, logs, liveness."""
+"""The daemon: its main loop, security (tokens, TLS), metrics, systemd notify, logs, liveness. What it speaks is in api/."""

@@ -32,7 +32,7 @@ from grpc_reflection.v1alpha import reflection
 from llm_supervisor.v1 import supervisor_pb2, supervisor_pb2_grpc
 from worker.limits import forbid_ptrace
 
-from supervisor.server.api import SupervisorService
+from supervisor.api.grpc_service import SupervisorService
 from supervisor.settings.config import ConfigError, Host, SupervisorConfig, load_config, split_host_port
 from supervisor.settings.demo_model import write_model
 from supervisor.errors import ApiError

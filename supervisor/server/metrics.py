@@ -36,9 +36,10 @@ class RequestMetrics:
     def __init__(self, registry: CollectorRegistry, loaded: Callable[[], Iterable[str]]) -> None:
         self._loaded = loaded
         self._lock = threading.Lock()  # the label sets change on the loop while a scrape forgets on its thread
-        self._codes: dict[str, set[str]] = {}  # model → the status codes it has series for
-        self.requests = Counter(f"{PREFIX}_requests", "Generate and Chat requests finished, by gRPC status code",
-                                ["model", "code"], registry=None)
+        self._codes: dict[str, set[tuple[str, str]]] = {}  # model → the (status code, API) it has series for
+        # api: "grpc", "openai" or "ollama"; code: the gRPC status code (the HTTP APIs map theirs from it).
+        self.requests = Counter(f"{PREFIX}_requests", "Generate and Chat requests finished, by gRPC status code "
+                                "and the API they came through", ["model", "code", "api"], registry=None)
         self.tokens = Counter(f"{PREFIX}_generated_tokens", "Tokens generated", ["model"], registry=None)
         self.time_to_first_token = Histogram(
             f"{PREFIX}_time_to_first_token_seconds", "From the worker taking the request to its first token",
@@ -63,26 +64,26 @@ class RequestMetrics:
         for metric in self._metrics():
             yield from metric.collect()
 
-    def finished(self, model: str, last: pb.GenerateChunk) -> None:
+    def finished(self, model: str, last: pb.GenerateChunk, api: str = "grpc") -> None:
         with self._lock:
-            self._codes.setdefault(model, set()).add("OK")
-            self.requests.labels(model, "OK").inc()
+            self._codes.setdefault(model, set()).add(("OK", api))
+            self.requests.labels(model, "OK", api).inc()
             self.tokens.labels(model).inc(last.usage.completion_tokens)
             if last.usage.completion_tokens:
                 self.time_to_first_token.labels(model).observe(last.timings.time_to_first_token_s)
                 self.tokens_per_second.labels(model).observe(last.timings.tokens_per_second)
 
-    def failed(self, model: str, code: str) -> None:
+    def failed(self, model: str, code: str, api: str = "grpc") -> None:
         with self._lock:
-            self._codes.setdefault(model, set()).add(code)
-            self.requests.labels(model, code).inc()
+            self._codes.setdefault(model, set()).add((code, api))
+            self.requests.labels(model, code, api).inc()
 
     def forget(self, models: Iterable[str]) -> None:
         """Remove every series of these models."""
         with self._lock:
             for model in models:
-                for code in self._codes.pop(model, ()):
-                    self.requests.remove(model, code)
+                for code, api in self._codes.pop(model, ()):
+                    self.requests.remove(model, code, api)
                 for metric in self._metrics()[1:]:
                     try:
                         metric.remove(model)

@@ -75,6 +75,11 @@ class ModelRuntime:
             return "READY" if any(not replica.queue.full for replica in serving) else "BUSY"
         return self.replicas[0].status
 
+    def keep_alive(self, seconds: float) -> None:
+        """A request's keep_alive: the model's idle time from now on, as in Ollama."""
+        for replica in self.replicas:
+            replica.keep_alive = seconds
+
     def pick(self) -> Replica:
         """The replica for the next request: one that serves (else one that may start), least loaded."""
         return min(self.replicas, key=lambda replica: (not replica.serving, replica.queue.load))

@@ -68,11 +68,13 @@ class ModelConfig:
     temperature_hysteresis: float = 5.0
     stream_interval: float = 0.05  # a stream message at most this often; tokens in between coalesce
     engine: str = DEFAULT_ENGINE
+    # The worker computes embeddings (pooled as the GGUF says, else by mean) instead of generating text.
+    embedding: bool = False
 
     def worker_options(self) -> dict[str, Any]:
         """What the worker process needs to load the model (it knows nothing of policies)."""
         keys = ("n_ctx", "n_batch", "n_threads", "n_gpu_layers", "use_mmap", "use_mlock", "flash_attn", "type_k", "type_v",
-                "parallel")
+                "parallel", "embedding")
         return {k: getattr(self, k) for k in keys}
 
 
@@ -106,6 +108,11 @@ class SupervisorConfig:
     tls_client_ca: Path | None = None  # set: clients must present a certificate it signed (mTLS)
     inference_tokens_file: Path | None = None
     admin_tokens_file: Path | None = None
+    # The OpenAI- and Ollama-compatible HTTP API (supervisor/http/): "" = off.
+    http_address: str = ""
+    http_tls: bool = False  # with the [tls] files; on whenever [tls] is given, unless [http] tls = false
+    http_insecure: bool = False  # plaintext off loopback, written out as for gRPC
+    cors_origins: tuple[str, ...] = ()  # browser origins allowed to call it; "*" = any
     defaults: Mapping[str, Any] = field(default_factory=dict)
     models: tuple[ModelConfig, ...] = ()
 
@@ -244,7 +251,8 @@ _SUPERVISOR_KEYS = {"address", "state_dir", "runtime_dir", "model_dirs", "poll_i
                     "socket_group", "max_message_size", "max_concurrent_streams", "shutdown_delay", "health_address",
                     "max_followers"}
 _SECTION_KEYS = {"logging": {"level", "journald"}, "metrics": {"address"}, "tls": {"cert", "key", "client_ca"},
-                 "auth": {"inference_tokens_file", "admin_tokens_file"}}
+                 "auth": {"inference_tokens_file", "admin_tokens_file"},
+                 "http": {"address", "tls", "insecure", "cors_origins"}}
 
 
 def parse_config(text: str, host: Host, base_dir: Path | None = None) -> SupervisorConfig:
@@ -260,7 +268,7 @@ def parse_config(text: str, host: Host, base_dir: Path | None = None) -> Supervi
         bad = set(data.get(section, {})) - known
         if bad:
             raise ConfigError(f"[{section}]: unknown key(s) {', '.join(sorted(bad))}; known: {', '.join(sorted(known))}")
-    tls, auth = data.get("tls", {}), data.get("auth", {})
+    tls, auth, http = data.get("tls", {}), data.get("auth", {}), data.get("http", {})
     sup = dict(data.get("supervisor", {}))
     bad = set(sup) - _SUPERVISOR_KEYS
     if bad:
@@ -306,6 +314,10 @@ def parse_config(text: str, host: Host, base_dir: Path | None = None) -> Supervi
             tls_client_ca=directory(tls["client_ca"]) if "client_ca" in tls else None,
             inference_tokens_file=directory(auth["inference_tokens_file"]) if "inference_tokens_file" in auth else None,
             admin_tokens_file=directory(auth["admin_tokens_file"]) if "admin_tokens_file" in auth else None,
+            http_address=str(http.get("address", "")),
+            http_tls=http.get("tls", "cert" in tls),
+            http_insecure=http.get("insecure", False),
+            cors_origins=tuple(http.get("cors_origins", ())),
             defaults=dict(data.get("defaults", {})),
         )
     except (ValueError, TypeError) as e:  # TypeError: a table or list where a number belongs
@@ -314,14 +326,21 @@ def parse_config(text: str, host: Host, base_dir: Path | None = None) -> Supervi
         raise ConfigError("[supervisor] poll_interval must be more than 0")
     if not 0 <= cfg.standby_workers <= 8:
         raise ConfigError(f"[supervisor] standby_workers must be between 0 (none) and 8, got {cfg.standby_workers}")
-    for key, value in (("[metrics] address", cfg.metrics_address), ("[supervisor] health_address", cfg.health_address)):
+    for key, value in (("[metrics] address", cfg.metrics_address), ("[supervisor] health_address", cfg.health_address),
+                       ("[http] address", cfg.http_address)):
         try:
             if value:
                 split_host_port(value)
         except ValueError:
             raise ConfigError(f"{key} must be host:port (or :port for every interface), got {value!r}") from None
-    if not isinstance(cfg.insecure, bool):
-        raise ConfigError(f"[supervisor] insecure must be true or false, got {cfg.insecure!r}")
+    for key, value in (("[supervisor] insecure", cfg.insecure), ("[http] insecure", cfg.http_insecure),
+                       ("[http] tls", cfg.http_tls)):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if cfg.http_tls and cfg.tls_cert is None:
+        raise ConfigError("[http] tls = true needs [tls] cert and key")
+    if not all(isinstance(o, str) and o for o in cfg.cors_origins) or isinstance(http.get("cors_origins", ()), str):
+        raise ConfigError('[http] cors_origins must be a list of origins, e.g. ["https://chat.example.com"] or ["*"]')
     if (cfg.tls_cert is None) != (cfg.tls_key is None):
         raise ConfigError("[tls] needs both cert and key")
     if cfg.tls_client_ca is not None and cfg.tls_cert is None:
@@ -368,6 +387,9 @@ EMBEDDED_DEFAULT = """
 # llm-supervisor's embedded default: one tiny generated model, so the whole path can be seen working.
 [supervisor]
 poll_interval = "1s"
+
+[http]
+address = "127.0.0.1:11434"   # Ollama's port: Ollama's and OpenAI's clients find it with no setting
 
 [defaults]
 n_ctx = 2048

@@ -5,19 +5,16 @@ from __future__ import annotations
 import asyncio
 import time
 from contextlib import aclosing
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator
 
 import grpc
 import structlog
 
 from llm_supervisor.v1 import supervisor_pb2 as pb
 from llm_supervisor.v1 import supervisor_pb2_grpc
-from llm_supervisor.v1 import worker_pb2
-
-from worker.history import drop_oldest, strip_thinking
 
 from supervisor import __version__
-from supervisor.settings.config import ConfigError, ModelConfig
+from supervisor.settings.config import ConfigError
 from supervisor.errors import ApiError, exhausted, invalid, precondition
 from supervisor.decide.estimate import Estimate
 from supervisor.observe.fanout import QUEUED, FellBehind, too_many_followers
@@ -34,7 +31,8 @@ from supervisor.server.metrics import RequestMetrics
 from supervisor.process.output import OutputLine
 from supervisor.serving.runtime import ModelRuntime
 from supervisor.catalog.persisted import LoadedModel
-from supervisor.server.validation import check_keep_alive, check_messages, check_model_name, check_options, check_prompt
+from supervisor.api.inference import Inference
+from supervisor.api.validation import check_model_name
 
 log = structlog.get_logger("llm_supervisor.api")
 
@@ -47,63 +45,27 @@ class SupervisorService(supervisor_pb2_grpc.SupervisorServicer):
     def __init__(self, registry: Registry, clock=time.monotonic, metrics: RequestMetrics | None = None,
                  reloader: Reloader | None = None) -> None:
         self.registry = registry
-        self.metrics = metrics
+        self.inference = Inference(registry, metrics)
         self.reloader = reloader
         self._clock = clock
         self._started = clock()
 
-    async def _stream(self, model: str, keep_alive: str, request: worker_pb2.WorkerGenerateRequest,
-                      context: grpc.aio.ServicerContext, check: Callable[[], None],
-                      shape: Callable[[ModelConfig], int] = lambda config: 0) -> AsyncIterator[pb.GenerateChunk]:
-        """Generate and Chat alike: `check` is the request's own validation (prompt or messages); `shape`
-        fits it to the model's settings and says how many chat messages that left out."""
+    async def _relay(self, chunks: AsyncIterator[pb.GenerateChunk], context) -> AsyncIterator[pb.GenerateChunk]:
         try:
-            check()
-            check_model_name(model)
-            runtime = self.registry.get(model)
-            request.options.CopyFrom(check_options(request.options, runtime.config))
-            request.max_prompt_tokens = runtime.config.max_prompt_tokens
-            dropped = shape(runtime.config)
-            if keep_alive:
-                seconds = check_keep_alive(keep_alive)
-                for replica in runtime.replicas:
-                    replica.keep_alive = seconds
             # aclosing: a cancelled client must free the model's slot now, not when the generator is collected.
-            last = None
-            async with aclosing(runtime.generate(request)) as chunks:
-                async for chunk in chunks:
-                    if chunk.finish_reason:
-                        chunk.usage.messages_dropped += dropped  # the worker's own count is for n_ctx
-                    last = chunk
+            async with aclosing(chunks) as stream:
+                async for chunk in stream:
                     yield chunk
-            if last is not None:
-                runtime.last_tokens_per_second = last.timings.tokens_per_second
-                if self.metrics:
-                    self.metrics.finished(model, last)
         except ApiError as e:
-            if self.metrics and model in self.registry.models:  # no label for names nobody loaded
-                self.metrics.failed(model, e.code.name)
             await _abort(context, e)
 
     async def Generate(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateChunk]:
-        work = worker_pb2.WorkerGenerateRequest(prompt=request.prompt, options=request.options)
-        stream = self._stream(request.model, request.keep_alive, work, context, lambda: check_prompt(request.prompt))
-        async with aclosing(stream) as chunks:
+        async with aclosing(self._relay(self.inference.generate(request, "grpc"), context)) as chunks:
             async for chunk in chunks:
                 yield chunk
 
     async def Chat(self, request: pb.ChatRequest, context) -> AsyncIterator[pb.GenerateChunk]:
-        work = worker_pb2.WorkerGenerateRequest(chat=request, options=request.options)
-
-        def shape(config: ModelConfig) -> int:
-            messages, dropped = chat_history(request.messages, config)
-            del work.chat.messages[:]
-            work.chat.messages.extend(messages)
-            return dropped
-
-        stream = self._stream(request.model, request.keep_alive, work, context, lambda: check_messages(request.messages),
-                              shape)
-        async with aclosing(stream) as chunks:
+        async with aclosing(self._relay(self.inference.chat(request, "grpc"), context)) as chunks:
             async for chunk in chunks:
                 yield chunk
 
@@ -255,19 +217,6 @@ class SupervisorService(supervisor_pb2_grpc.SupervisorServicer):
 
 def log_line(line: OutputLine) -> pb.LogLine:
     return pb.LogLine(time_unix=line.time, worker_pid=line.worker_pid, line=line.line)
-
-
-def chat_history(messages, config: ModelConfig) -> tuple[list[pb.ChatMessage], int]:
-    """The history as the model's settings want it: reasoning stripped from earlier assistant turns
-    (strip_thinking), the oldest turns beyond max_history_messages left out; and how many were."""
-    history = [{"role": m.role, "content": m.content} for m in messages]
-    if config.strip_thinking:
-        history = strip_thinking(history)
-    dropped = 0
-    if config.max_history_messages:
-        history, dropped = drop_oldest(
-            history, lambda kept: sum(m["role"] != "system" for m in kept) <= config.max_history_messages)
-    return [pb.ChatMessage(**m) for m in history], dropped
 
 
 def reload_response(change: Plan, errors: dict[str, str], path: str, applied: bool) -> pb.ReloadConfigResponse:

@@ -1,0 +1,89 @@
+"""A generation request, whichever API it came through: checked, fitted to the model's settings, queued
+and run on the model's worker, counted. The gRPC service (server/api.py) and the HTTP APIs (http/) are
+adapters around this: they translate requests and errors, nothing more."""
+
+from __future__ import annotations
+
+from contextlib import aclosing
+from typing import AsyncIterator, Callable
+
+from llm_supervisor.v1 import supervisor_pb2 as pb
+from llm_supervisor.v1 import worker_pb2
+
+from worker.history import drop_oldest, strip_thinking
+
+from supervisor.catalog.registry import Registry
+from supervisor.errors import ApiError
+from supervisor.serving.runtime import ModelRuntime
+from supervisor.server.metrics import RequestMetrics
+from supervisor.api.validation import check_keep_alive, check_messages, check_model_name, check_options, check_prompt
+from supervisor.settings.config import ModelConfig
+
+
+class Inference:
+    def __init__(self, registry: Registry, metrics: RequestMetrics | None = None) -> None:
+        self.registry = registry
+        self.metrics = metrics
+
+    def runtime(self, model: str) -> ModelRuntime:
+        check_model_name(model)
+        return self.registry.get(model)
+
+    def generate(self, request: pb.GenerateRequest, api: str) -> AsyncIterator[pb.GenerateChunk]:
+        work = worker_pb2.WorkerGenerateRequest(prompt=request.prompt, options=request.options)
+        return self._stream(request.model, request.keep_alive, work, api, lambda: check_prompt(request.prompt))
+
+    def chat(self, request: pb.ChatRequest, api: str) -> AsyncIterator[pb.GenerateChunk]:
+        work = worker_pb2.WorkerGenerateRequest(chat=request, options=request.options)
+
+        def shape(config: ModelConfig) -> int:
+            messages, dropped = chat_history(request.messages, config)
+            del work.chat.messages[:]
+            work.chat.messages.extend(messages)
+            return dropped
+
+        return self._stream(request.model, request.keep_alive, work, api, lambda: check_messages(request.messages),
+                            shape)
+
+    async def _stream(self, model: str, keep_alive: str, request: worker_pb2.WorkerGenerateRequest, api: str,
+                      check: Callable[[], None],
+                      shape: Callable[[ModelConfig], int] = lambda config: 0) -> AsyncIterator[pb.GenerateChunk]:
+        """Generate and Chat alike: `check` is the request's own validation (prompt or messages); `shape`
+        fits it to the model's settings and says how many chat messages that left out. Raises ApiError."""
+        try:
+            check()
+            runtime = self.runtime(model)
+            request.options.CopyFrom(check_options(request.options, runtime.config))
+            request.max_prompt_tokens = runtime.config.max_prompt_tokens
+            dropped = shape(runtime.config)
+            if keep_alive:
+                runtime.keep_alive(check_keep_alive(keep_alive))
+            # aclosing: a cancelled client must free the model's slot now, not when the generator is collected.
+            last = None
+            async with aclosing(runtime.generate(request)) as chunks:
+                async for chunk in chunks:
+                    if chunk.finish_reason:
+                        chunk.usage.messages_dropped += dropped  # the worker's own count is for n_ctx
+                    last = chunk
+                    yield chunk
+            if last is not None:
+                runtime.last_tokens_per_second = last.timings.tokens_per_second
+                if self.metrics:
+                    self.metrics.finished(model, last, api)
+        except ApiError as e:
+            if self.metrics and model in self.registry.models:  # no label for names nobody loaded
+                self.metrics.failed(model, e.code.name, api)
+            raise
+
+
+def chat_history(messages, config: ModelConfig) -> tuple[list[pb.ChatMessage], int]:
+    """The history as the model's settings want it: reasoning stripped from earlier assistant turns
+    (strip_thinking), the oldest turns beyond max_history_messages left out; and how many were."""
+    history = [{"role": m.role, "content": m.content} for m in messages]
+    if config.strip_thinking:
+        history = strip_thinking(history)
+    dropped = 0
+    if config.max_history_messages:
+        history, dropped = drop_oldest(
+            history, lambda kept: sum(m["role"] != "system" for m in kept) <= config.max_history_messages)
+    return [pb.ChatMessage(**m) for m in history], dropped
