@@ -60,6 +60,12 @@ class Registry:
             raise not_found(f"unknown model {name!r}; loaded models: {loaded}")
         return runtime
 
+    def resolve(self, name: str) -> str:
+        """The loaded model a client's name means: Ollama's clients add a tag, `demo:latest` for `demo`."""
+        if name not in self.models and name.endswith(":latest") and name[:-len(":latest")] in self.models:
+            return name[:-len(":latest")]
+        return name
+
     def model_config(self, name: str, path: str, options: Mapping[str, str]) -> ModelConfig:
         if "path" in options:
             raise invalid("give the path as the request's path, not as an option")
@@ -101,7 +107,9 @@ class Registry:
         replica = Replica(config, gguf, self._socket_dir, self.monitor, self.events,
                           on_change=lambda: self._on_change(runtime), standby=self.standby, room=self.room,
                           admit=self.admit, index=index, output=output, queue=queue)
-        queue.capacity_from(lambda: replica.config.parallel)  # a reload's new `parallel` holds at once
+        # A reload's new `parallel` holds at once. An embedding worker computes one request at a time: the
+        # others wait here, where max_queue bounds them and the place after a cancel goes to the next.
+        queue.capacity_from(lambda: 1 if replica.config.embedding else replica.config.parallel)
         return replica
 
     async def _whole(self, work: Awaitable[T], name: str) -> T:

@@ -1,6 +1,6 @@
 """llm-supervisord: the daemon's entry point and main loop.
 
-    llm-supervisord [--config FILE] [--address ADDR] [--log-level LEVEL]
+    llm-supervisord [--config FILE] [--address ADDR] [--http-address HOST:PORT] [--log-level LEVEL]
     llm-supervisord --check-build
 
 With no --config it runs the embedded default, which generates (once) and serves a tiny `demo` model.
@@ -33,6 +33,9 @@ from llm_supervisor.v1 import supervisor_pb2, supervisor_pb2_grpc
 from worker.limits import forbid_ptrace
 
 from supervisor.api.grpc_service import SupervisorService
+from supervisor.api.http_server import HttpApi
+from supervisor.api.ollama_api import Ollama
+from supervisor.api.openai_api import OpenAI
 from supervisor.settings.config import ConfigError, Host, SupervisorConfig, load_config, split_host_port
 from supervisor.settings.demo_model import write_model
 from supervisor.errors import ApiError
@@ -226,13 +229,19 @@ async def serve(config: SupervisorConfig, host: Host, stop: asyncio.Event | None
         log.info("metrics_listening", address=config.metrics_address)
     reloader = Reloader(registry, reread or (lambda: config), config_path, notifier,
                         status=lambda: status_line(registry, time.monotonic()), auth=auth)
-    supervisor_pb2_grpc.add_SupervisorServicer_to_server(
-        SupervisorService(registry, metrics=request_metrics, reloader=reloader), server)
+    service = SupervisorService(registry, metrics=request_metrics, reloader=reloader)
+    supervisor_pb2_grpc.add_SupervisorServicer_to_server(service, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
 
     path = listen(server, config)
+    http = None
+    if config.http_address:  # the same request path as the gRPC service, on this loop
+        http = HttpApi(config, lambda: auth.tokens,
+                       [*OpenAI(service.inference).routes(), *Ollama(service.inference).routes()])
+        log.info("http_listening", address=await http.start(), tls=config.http_tls,
+                 cors_origins=list(config.cors_origins), tokens=auth.tokens.required)
     probes = None
     if config.health_address:
         probes = grpc.aio.server()
@@ -295,12 +304,15 @@ async def serve(config: SupervisorConfig, host: Host, stop: asyncio.Event | None
     # New calls are refused from now on. Those queued or in flight get shutdown_timeout to finish; then
     # they fail with UNAVAILABLE saying why. The server's own grace is longer, so that is what they read.
     server_stopped = asyncio.create_task(server.stop(drain + 10))
+    http_stopped = asyncio.create_task(http.stop()) if http is not None else None
     await asyncio.sleep(0)  # let the stop begin: from here no new call is taken
     log.info("draining", models=len(registry.models), queued=sum(rt.waiting for rt in registry.models.values()))
     await asyncio.gather(registry.stop_all(reason=f"was stopped: llm-supervisord is shutting down and "
                                                   f"shutdown_timeout ({drain:g} s) has passed"),
                          standby.close())
     await server_stopped
+    if http_stopped is not None:
+        await http_stopped
     if probes is not None:
         await probes.stop(0)
     await asyncio.gather(loading, return_exceptions=True)
@@ -329,6 +341,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, help="TOML config file (default: the embedded demo config)")
     parser.add_argument("--address", help="listen here instead of the config's address: unix:///path or host:port")
+    parser.add_argument("--http-address", help="serve the OpenAI- and Ollama-compatible HTTP API here (host:port) "
+                                               "instead of the config's [http] address; '' serves none")
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     parser.add_argument("--check-build", action="store_true",
                         help="check that this machine runs this llama.cpp build (quantized models included), then exit")
@@ -352,6 +366,13 @@ def main(argv: list[str] | None = None) -> int:
             config = dataclasses.replace(config, address=args.address)
         if args.log_level:
             config = dataclasses.replace(config, log_level=args.log_level)
+        if args.http_address is not None:
+            if args.http_address:
+                try:
+                    split_host_port(args.http_address, any_port=True)
+                except ValueError:
+                    raise ConfigError(f"--http-address must be host:port, got {args.http_address!r}") from None
+            config = dataclasses.replace(config, http_address=args.http_address)
         return config
 
     try:

@@ -330,7 +330,7 @@ def parse_config(text: str, host: Host, base_dir: Path | None = None) -> Supervi
                        ("[http] address", cfg.http_address)):
         try:
             if value:
-                split_host_port(value)
+                split_host_port(value, any_port=key == "[http] address")
         except ValueError:
             raise ConfigError(f"{key} must be host:port (or :port for every interface), got {value!r}") from None
     for key, value in (("[supervisor] insecure", cfg.insecure), ("[http] insecure", cfg.http_insecure),
@@ -364,10 +364,11 @@ def is_percent(value: Any) -> bool:
     return isinstance(value, str) and value.strip().endswith("%")
 
 
-def split_host_port(address: str) -> tuple[str, int]:
-    """"host:port", "[v6]:port" or ":port" (every interface) → (host, port); ValueError otherwise."""
+def split_host_port(address: str, any_port: bool = False) -> tuple[str, int]:
+    """"host:port", "[v6]:port" or ":port" (every interface) → (host, port); ValueError otherwise.
+    With any_port, port 0 (the kernel picks a free one) is allowed."""
     host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not port.isdigit() or not (0 if any_port else 1) <= int(port) < 65536:
         raise ValueError(f"not host:port: {address!r}")
     return host.strip("[]") or "0.0.0.0", int(port)
 

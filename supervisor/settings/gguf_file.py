@@ -49,6 +49,10 @@ class GGUFInfo:
     n_layer: int
     has_chat_template: bool
     shape: Shape = Shape()
+    # What Ollama's /api/show tells: the template as the GGUF has it, its quantization, how many weights.
+    chat_template: str = ""
+    file_type: str = ""  # "Q4_K_M", "F16" … from general.file_type; "" when the header does not say
+    parameter_count: int = 0
 
 
 def resolve_model_path(path: str, model_dirs: Sequence[Path]) -> Path:
@@ -105,6 +109,7 @@ def read_gguf_info(path: Path) -> GGUFInfo:
 
         arch = value("general.architecture")
         n_tensors = len(reader.tensors)
+        parameters = sum(int(t.n_elements) for t in reader.tensors)
         needed = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
         shape = _shape(reader, lambda key, default=0: value(f"{arch}.{key}", default),
                        int(value(f"{arch}.block_count", 0) or 0)) if arch else None
@@ -128,7 +133,21 @@ def read_gguf_info(path: Path) -> GGUFInfo:
         n_layer=int(value(f"{arch}.block_count", 0) or 0),
         has_chat_template=value("tokenizer.chat_template") is not None,
         shape=shape,
+        chat_template=str(value("tokenizer.chat_template", "")),
+        file_type=file_type_name(value("general.file_type")),
+        parameter_count=parameters,
     )
+
+
+def file_type_name(number) -> str:
+    """general.file_type as the quantization's usual name: 15 → "Q4_K_M"."""
+    from gguf import LlamaFileType
+
+    try:
+        name = LlamaFileType(int(number)).name
+    except (TypeError, ValueError):
+        return ""
+    return name.removeprefix("MOSTLY_").removeprefix("ALL_")
 
 
 def _largest(value) -> int:

@@ -1,0 +1,397 @@
+"""Ollama's API (/api/…) over the daemon's request path: what Open WebUI, the `ollama` package and the
+editors that speak Ollama send, answered as Ollama answers.
+
+Where this daemon differs on purpose (docs/decisions.md, "HTTP APIs"): options that Ollama bakes into
+its runner (num_ctx, num_gpu, num_thread …) never reload a model — they are ignored, with a log line
+naming them, and the model keeps the operator's settings; /api/delete unloads and deletes no file;
+pull, push, create and copy answer 501 with how models get here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+from contextlib import aclosing
+from datetime import datetime, timedelta, timezone
+from typing import Any, AsyncIterator
+
+import structlog
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict
+
+from llm_supervisor.v1 import supervisor_pb2 as pb
+
+from supervisor.api.http_errors import HttpError, bad_request, unsupported
+from supervisor.api.http_server import Frames, json_response, read_body
+from supervisor.api.inference import Inference
+from supervisor.api.openai_api import FINISH, JSON_OBJECT
+from supervisor.api.thinking import ThinkSplit
+from supervisor.api.validation import check_keep_alive
+from supervisor.errors import ApiError
+from supervisor.serving.runtime import ModelRuntime
+
+log = structlog.get_logger("llm_supervisor.ollama")
+
+# The Ollama API version whose behaviour this follows; Open WebUI parses it as a dotted number.
+OLLAMA_VERSION = "0.12.0"
+NOT_HERE = ("llm-supervisor does not download or build models: put a GGUF file in a model directory "
+            "([supervisor] model_dirs) and load it with `llmctl load NAME FILE`, or name it in [models.NAME]")
+NUMBER_OPTIONS = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "frequency_penalty", "presence_penalty")
+IGNORED_LOGGED = 1024  # distinct (model, ignored options) pairs logged before the memory of them starts over
+
+
+class Loose(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class Request(Loose):
+    model: str
+    options: dict[str, Any] | None = None
+    keep_alive: str | float | None = None
+    format: str | dict[str, Any] | None = None
+    stream: bool = True
+    think: bool | str | None = None
+
+
+class GenerateBody(Request):
+    prompt: str = ""
+    system: str = ""
+    suffix: str = ""
+    template: str = ""
+    raw: bool = False
+    images: list[str] | None = None
+    context: list[int] | None = None
+
+
+class Message(Loose):
+    role: str
+    content: str = ""
+    images: list[str] | None = None
+    tool_calls: list[Any] | None = None
+
+
+class ChatBody(Request):
+    messages: list[Message] = []
+    tools: list[Any] | None = None
+
+
+class EmbedBody(Loose):
+    model: str
+    input: str | list[str] = []
+    truncate: bool = True  # Ollama's default: an input longer than the context is cut to fit
+    keep_alive: str | float | None = None
+    dimensions: int | None = None
+
+
+class LegacyEmbedBody(Loose):
+    model: str
+    prompt: str = ""
+    keep_alive: str | float | None = None
+
+
+class NameBody(Loose):
+    model: str = ""
+    name: str = ""  # Ollama's older spelling
+
+    @property
+    def which(self) -> str:
+        return self.model or self.name
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def tagged(name: str) -> str:
+    """Ollama's names carry a tag: `demo` is listed as `demo:latest`."""
+    return name if ":" in name else f"{name}:latest"
+
+
+def keep_alive_text(value: str | float | None) -> str:
+    """Ollama's keep_alive: seconds as a number, a duration ("5m"), any negative meaning forever."""
+    if value is None or value == "":
+        return ""
+    if isinstance(value, (int, float)):
+        return "-1" if value < 0 else f"{value}"
+    return "-1" if value.strip().startswith("-") else value
+
+
+def human_count(n: int) -> str:
+    for unit, size in (("B", 10**9), ("M", 10**6), ("K", 10**3)):
+        if n >= size:
+            return f"{n / size:.2f}".rstrip("0").rstrip(".") + unit
+    return str(n)
+
+
+def sampling(options: dict[str, Any] | None, fmt: str | dict | None) -> tuple[pb.SamplingOptions, list[str]]:
+    """Ollama's options as ours, and the keys that have no effect here (runner settings, mirostat …)."""
+    out, ignored = pb.SamplingOptions(), []
+    for key, value in (options or {}).items():
+        if value is None:
+            continue
+        if key in NUMBER_OPTIONS or key in ("seed", "num_predict"):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise bad_request(f"options.{key} must be a number, got {value!r}", f"options.{key}")
+            if key == "seed":
+                if value >= 0:  # negative: a random seed, as Ollama does
+                    out.seed = int(value) % (1 << 32)
+            elif key == "num_predict":
+                out.max_tokens = max(int(value), 0)  # -1 (no limit) and -2 (fill the context): ours is 0
+            else:
+                setattr(out, key, value)
+        elif key == "stop":
+            stops = [value] if isinstance(value, str) else value
+            if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+                raise bad_request("options.stop must be a list of strings", "options.stop")
+            out.stop.extend(stops)
+        else:
+            ignored.append(key)
+    if fmt == "json":
+        out.json_schema = JSON_OBJECT
+    elif isinstance(fmt, dict):
+        out.json_schema = json.dumps(fmt)
+    elif fmt:
+        raise bad_request(f'format must be "json" or a JSON schema, got {fmt!r}', "format")
+    return out, ignored
+
+
+def stats(last: pb.GenerateChunk, started: float) -> dict:
+    """The closing line's figures, in nanoseconds. The worker's time splits into prompt evaluation (up
+    to the first token) and generation; what the request spent before the worker took it (a start on
+    demand, the queue) is its load_duration."""
+    total = time.monotonic() - started
+    t = last.timings
+    return {"total_duration": int(total * 1e9), "load_duration": int(max(total - t.total_s, 0.0) * 1e9),
+            "prompt_eval_count": last.usage.prompt_tokens, "prompt_eval_duration": int(t.time_to_first_token_s * 1e9),
+            "eval_count": last.usage.completion_tokens,
+            "eval_duration": int(max(t.total_s - t.time_to_first_token_s, 0.0) * 1e9)}
+
+
+def digest(runtime: ModelRuntime) -> str:
+    """A stable stand-in for Ollama's manifest digest, cheap on a file of many GB: path, size, mtime."""
+    info = runtime.gguf.path.stat()
+    return hashlib.sha256(f"{runtime.gguf.path}:{info.st_size}:{info.st_mtime_ns}".encode()).hexdigest()
+
+
+def details(runtime: ModelRuntime) -> dict:
+    gguf = runtime.gguf
+    return {"parent_model": "", "format": "gguf", "family": gguf.architecture, "families": [gguf.architecture],
+            "parameter_size": human_count(gguf.parameter_count), "quantization_level": gguf.file_type}
+
+
+class Ollama:
+    def __init__(self, inference: Inference) -> None:
+        self.inference = inference
+        self._ignored_logged: set[tuple[str, tuple[str, ...]]] = set()
+
+    @property
+    def registry(self):
+        return self.inference.registry
+
+    def routes(self) -> list[web.RouteDef]:
+        return [web.get("/", self.root), web.get("/api/version", self.version), web.get("/api/tags", self.tags),
+                web.get("/api/ps", self.ps), web.post("/api/show", self.show), web.post("/api/generate", self.generate),
+                web.post("/api/chat", self.chat), web.post("/api/embed", self.embed),
+                web.post("/api/embeddings", self.legacy_embed), web.delete("/api/delete", self.delete),
+                *(web.post(f"/api/{verb}", self.not_here) for verb in ("pull", "push", "create", "copy")),
+                web.route("*", "/api/blobs/{digest}", self.not_here)]
+
+    def runtime(self, name: str) -> ModelRuntime:
+        return self.inference.runtime(self.registry.resolve(name))
+
+    # -- looking -------------------------------------------------------------------------------------
+    async def root(self, request: web.Request) -> web.Response:
+        return web.Response(text="Ollama is running")  # what Ollama's clients look for; /api/version says who
+
+    async def version(self, request: web.Request) -> web.Response:
+        return json_response({"version": OLLAMA_VERSION})
+
+    async def tags(self, request: web.Request) -> web.Response:
+        models = []
+        for runtime in list(self.registry.models.values()):
+            stat = runtime.gguf.path.stat()
+            models.append({"name": tagged(runtime.name), "model": tagged(runtime.name),
+                           "modified_at": datetime.fromtimestamp(stat.st_mtime, timezone.utc).isoformat(),
+                           "size": stat.st_size, "digest": digest(runtime), "details": details(runtime)})
+        return json_response({"models": models})
+
+    async def ps(self, request: web.Request) -> web.Response:
+        models = []
+        for runtime in list(self.registry.models.values()):
+            live = [replica for replica in runtime.replicas if replica.serving]  # not one draining to unload
+            if not live:
+                continue
+            until = max(replica.unload_in() for replica in live) if all(r.unload_in() >= 0 for r in live) else -1
+            expires = (datetime.now(timezone.utc) + timedelta(seconds=until)).isoformat() if until >= 0 \
+                else "9999-12-31T23:59:59Z"  # keep_alive forever
+            e = runtime.estimate
+            models.append({"name": tagged(runtime.name), "model": tagged(runtime.name),
+                           "size": e.weights_mapped + e.total_private + e.total_gpu, "size_vram": e.total_gpu,
+                           "digest": digest(runtime), "details": details(runtime), "expires_at": expires,
+                           "context_length": runtime.config.n_ctx})
+        return json_response({"models": models})
+
+    async def show(self, request: web.Request) -> web.Response:
+        body = await read_body(request, NameBody)
+        runtime = self.runtime(body.which)
+        gguf, config = runtime.gguf, runtime.config
+        arch = gguf.architecture
+        info = {"general.architecture": arch, "general.name": gguf.name, "general.parameter_count": gguf.parameter_count,
+                f"{arch}.context_length": gguf.n_ctx_train, f"{arch}.block_count": gguf.n_layer,
+                f"{arch}.embedding_length": gguf.shape.n_embd}
+        return json_response({
+            "license": "", "modelfile": f"# served by llm-supervisor\nFROM {gguf.path}\n",
+            # What this daemon runs it with: the operator's settings, not the file's maximum.
+            "parameters": f"num_ctx {config.n_ctx}", "template": gguf.chat_template, "details": details(runtime),
+            "model_info": info, "capabilities": ["embedding"] if config.embedding else ["completion"],
+            "modified_at": datetime.fromtimestamp(gguf.path.stat().st_mtime, timezone.utc).isoformat()})
+
+    # -- generating ----------------------------------------------------------------------------------
+    async def generate(self, request: web.Request) -> web.StreamResponse:
+        body = await read_body(request, GenerateBody)
+        for field in ("suffix", "template", "images", "context"):
+            if getattr(body, field):
+                raise unsupported(field, {"suffix": "fill-in-the-middle is not supported",
+                                          "template": "the model's own chat template is used",
+                                          "images": "this daemon serves text models",
+                                          "context": "send the conversation with /api/chat"}[field])
+        runtime = self.runtime(body.model)
+        if not body.prompt and not body.system:
+            return await self._load_or_unload(runtime, body, {"response": ""})
+        options = self._options(runtime, body)
+        if body.raw:
+            chunks = self.inference.generate(pb.GenerateRequest(model=runtime.name, prompt=body.prompt, options=options,
+                                                                keep_alive=keep_alive_text(body.keep_alive)), "ollama")
+        else:  # as Ollama: the prompt is the user's turn in the model's chat template
+            messages = ([pb.ChatMessage(role="system", content=body.system)] if body.system else []) + \
+                       [pb.ChatMessage(role="user", content=body.prompt)]
+            chunks = self.inference.chat(pb.ChatRequest(model=runtime.name, messages=messages, options=options,
+                                                        keep_alive=keep_alive_text(body.keep_alive)), "ollama")
+        return await self._respond(request, body, chunks, lambda text, thinking: {
+            "response": text, **({"thinking": thinking} if thinking else {})})
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        body = await read_body(request, ChatBody)
+        if body.tools:
+            raise unsupported("tools", "tool calling is not supported yet")
+        runtime = self.runtime(body.model)
+        if not body.messages:
+            return await self._load_or_unload(runtime, body, {"message": {"role": "assistant", "content": ""}})
+        for i, message in enumerate(body.messages):
+            if message.images:
+                raise unsupported(f"messages[{i}].images", "this daemon serves text models")
+            if message.tool_calls:
+                raise unsupported(f"messages[{i}].tool_calls", "tool calling is not supported yet")
+        chat = pb.ChatRequest(model=runtime.name, options=self._options(runtime, body),
+                              messages=[pb.ChatMessage(role=m.role, content=m.content) for m in body.messages],
+                              keep_alive=keep_alive_text(body.keep_alive))
+        return await self._respond(request, body, self.inference.chat(chat, "ollama"), lambda text, thinking: {
+            "message": {"role": "assistant", "content": text, **({"thinking": thinking} if thinking else {})}})
+
+    def _options(self, runtime: ModelRuntime, body: Request) -> pb.SamplingOptions:
+        options, ignored = sampling(body.options, body.format)
+        if ignored:
+            key = (runtime.name, tuple(sorted(ignored)))
+            if key not in self._ignored_logged:
+                if len(self._ignored_logged) >= IGNORED_LOGGED:
+                    self._ignored_logged.clear()
+                self._ignored_logged.add(key)
+                log.info("ollama_options_ignored", model=runtime.name, options=sorted(ignored),
+                         reason="runner settings come from the config ([models.NAME]) and never reload a model; "
+                                "the rest have no counterpart here")
+        return options
+
+    async def _load_or_unload(self, runtime: ModelRuntime, body: Request, empty: dict) -> web.Response:
+        """Ollama's empty request: load the model (a worker ready on each replica), or with keep_alive 0
+        unload it (once the requests in flight are done)."""
+        keep = keep_alive_text(body.keep_alive)
+        seconds = check_keep_alive(keep) if keep else None
+        if seconds is not None:
+            runtime.keep_alive(seconds)
+        if seconds == 0:
+            for replica in runtime.replicas:
+                replica.watchdog.unload_if_idle()
+            reason = "unload"
+        else:
+            await asyncio.gather(*(replica.ready_worker() for replica in runtime.replicas))
+            reason = "load"
+        return json_response({"model": body.model, "created_at": now_iso(), **empty, "done": True, "done_reason": reason})
+
+    async def _respond(self, request: web.Request, body: Request, chunks: AsyncIterator[pb.GenerateChunk],
+                       shape) -> web.StreamResponse:
+        started = time.monotonic()
+        split = ThinkSplit() if body.think else None
+
+        def line(text: str, last: pb.GenerateChunk | None = None) -> dict:
+            thinking, content = split.feed(text) if split else ("", text)
+            if last is not None and split:
+                more_thinking, more_content = split.end()
+                thinking, content = thinking + more_thinking, content + more_content
+            done = {"done": True, "done_reason": FINISH.get(last.finish_reason, "stop"), **stats(last, started)} \
+                if last is not None else {"done": False}
+            return {"model": body.model, "created_at": now_iso(), **shape(content, thinking), **done}
+
+        async with aclosing(chunks):
+            if not body.stream:
+                text, last = [], pb.GenerateChunk()
+                async for chunk in chunks:
+                    text.append(chunk.text)
+                    last = chunk
+                return json_response(line("".join(text), last))
+            first = await anext(chunks, None)  # before the headers: a 404 or a 429 is still one
+            frames = await Frames.start(request, sse=False)
+            chunk = first
+            try:
+                while chunk is not None:
+                    following = await anext(chunks, None)
+                    if following is None:
+                        await frames.send(line(chunk.text, chunk))  # the last chunk: done, with the figures
+                    elif chunk.text:
+                        await frames.send(line(chunk.text))
+                    chunk = following
+            except ApiError as e:
+                await frames.send(HttpError.of(e).ollama())  # the ollama package raises it as ResponseError
+            return await frames.end()
+
+    # -- embeddings ----------------------------------------------------------------------------------
+    async def embed(self, request: web.Request) -> web.Response:
+        body = await read_body(request, EmbedBody)
+        runtime = self.runtime(body.model)
+        inputs = [body.input] if isinstance(body.input, str) else body.input
+        started = time.monotonic()
+        if not inputs or inputs == [""]:  # as Ollama: nothing to embed loads the model
+            await self._load_or_unload(runtime, body, {})
+            return json_response({"model": body.model, "embeddings": []})
+        if body.dimensions is not None and body.dimensions != runtime.gguf.shape.n_embd:
+            raise unsupported("dimensions", f"model {body.model!r} makes vectors of {runtime.gguf.shape.n_embd}")
+        reply = await self.inference.embed(pb.EmbedRequest(model=runtime.name, input=inputs, truncate=body.truncate,
+                                                           keep_alive=keep_alive_text(body.keep_alive)), "ollama")
+        total = time.monotonic() - started
+        return json_response({"model": body.model, "embeddings": [list(e.values) for e in reply.embeddings],
+                              "total_duration": int(total * 1e9),
+                              "load_duration": int(max(total - reply.total_s, 0.0) * 1e9),
+                              "prompt_eval_count": reply.prompt_tokens})
+
+    async def legacy_embed(self, request: web.Request) -> web.Response:
+        body = await read_body(request, LegacyEmbedBody)
+        runtime = self.runtime(body.model)
+        if not body.prompt:
+            raise bad_request("prompt is empty", "prompt")
+        reply = await self.inference.embed(pb.EmbedRequest(model=runtime.name, input=[body.prompt], truncate=True,
+                                                           keep_alive=keep_alive_text(body.keep_alive)), "ollama")
+        return json_response({"embedding": list(reply.embeddings[0].values)})
+
+    # -- changing ------------------------------------------------------------------------------------
+    async def delete(self, request: web.Request) -> web.Response:
+        body = await read_body(request, NameBody)
+        name = self.registry.resolve(body.which)
+        await self.registry.unload(name)  # the file stays: this daemon never deletes a model
+        log.info("model_unloaded", model=name, source="ollama /api/delete")
+        return web.Response(status=200)
+
+    async def not_here(self, request: web.Request) -> web.Response:
+        raise HttpError(501, NOT_HERE)
+
+
