@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -95,6 +96,14 @@ class Daemon:
     def log(self) -> str:
         return self.log_path.read_text()
 
+    @property
+    def http_url(self) -> str:
+        """http://host:port of the HTTP API, as its http_listening line says (the port may have been 0)."""
+        for line in self.log().splitlines():
+            if '"http_listening"' in line:
+                return f"http://{json.loads(line)['address']}"
+        raise AssertionError(f"the daemon serves no HTTP API:\n{self.log()}")
+
     def worker(self, model: str) -> pb.WorkerStatus:
         return next(w for w in self.stub.Status(pb.StatusRequest()).workers if w.model == model)
 
@@ -132,11 +141,12 @@ def model_table(name: str, path: Path | str, **options) -> str:
 def launch(model_dir: Path, models: str = "", env: dict[str, str] | None = None, extra: str = "",
            config: bool = True, address_flag: bool = False, state_dir: Path | None = None,
            prefix: tuple[str, ...] = (), address: str = "",
-           credentials: grpc.ChannelCredentials | None = None) -> Daemon:
+           credentials: grpc.ChannelCredentials | None = None, http_address: str | None = None) -> Daemon:
     """Start llm-supervisord in a fresh directory and wait until it serves (with --address if asked).
     Give `state_dir` to keep state across daemons (it is not removed with the daemon's directory);
     `prefix` runs it under a command such as prlimit; `address` (--address) listens elsewhere, e.g. on TCP
-    with `credentials` for TLS."""
+    with `credentials` for TLS; `http_address` is --http-address (the embedded default's 127.0.0.1:11434 is
+    replaced by a free port unless a test asks for it)."""
     # Unix socket paths must stay under 108 bytes: pytest's tmp_path can be too deep.
     base = Path(tempfile.mkdtemp(prefix="llms-"))
     run_dir, state_dir = base / "run", state_dir or base / "state"
@@ -156,6 +166,10 @@ def launch(model_dir: Path, models: str = "", env: dict[str, str] | None = None,
         process_env.update(STATE_DIRECTORY=str(state_dir), RUNTIME_DIRECTORY=str(run_dir))
     if address_flag:
         cmd += ["--address", address]
+    if http_address is None and not config:
+        http_address = "127.0.0.1:0"
+    if http_address is not None:
+        cmd += ["--http-address", http_address]
     with log_path.open("w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=process_env, cwd=ROOT)
     daemon = Daemon(proc, address, run_dir, state_dir, log_path, base, credentials)
