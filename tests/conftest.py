@@ -141,12 +141,13 @@ def model_table(name: str, path: Path | str, **options) -> str:
 def launch(model_dir: Path, models: str = "", env: dict[str, str] | None = None, extra: str = "",
            config: bool = True, address_flag: bool = False, state_dir: Path | None = None,
            prefix: tuple[str, ...] = (), address: str = "",
-           credentials: grpc.ChannelCredentials | None = None, http_address: str | None = None) -> Daemon:
+           credentials: grpc.ChannelCredentials | None = None, http_address: str | None = None,
+           embedded_http: bool = False) -> Daemon:
     """Start llm-supervisord in a fresh directory and wait until it serves (with --address if asked).
     Give `state_dir` to keep state across daemons (it is not removed with the daemon's directory);
     `prefix` runs it under a command such as prlimit; `address` (--address) listens elsewhere, e.g. on TCP
     with `credentials` for TLS; `http_address` is --http-address (the embedded default's 127.0.0.1:11434 is
-    replaced by a free port unless a test asks for it)."""
+    replaced by a free port unless `embedded_http`)."""
     # Unix socket paths must stay under 108 bytes: pytest's tmp_path can be too deep.
     base = Path(tempfile.mkdtemp(prefix="llms-"))
     run_dir, state_dir = base / "run", state_dir or base / "state"
@@ -166,7 +167,7 @@ def launch(model_dir: Path, models: str = "", env: dict[str, str] | None = None,
         process_env.update(STATE_DIRECTORY=str(state_dir), RUNTIME_DIRECTORY=str(run_dir))
     if address_flag:
         cmd += ["--address", address]
-    if http_address is None and not config:
+    if http_address is None and not config and not embedded_http:
         http_address = "127.0.0.1:0"
     if http_address is not None:
         cmd += ["--http-address", http_address]
