@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -46,12 +47,19 @@ def daemon(base: Path, models_toml: str, supervisor_toml: str = "", timeout: flo
         proc.wait(60)
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @contextmanager
-def bench_daemon(settings: str):
-    """A daemon serving the generated ~100 MB model as `bench`, with `settings` (TOML lines) for it:
-    yields (the model's path, a Supervisor stub)."""
+def bench_daemon(settings: str, http_port: int = 0):
+    """A daemon serving the generated ~100 MB model as `bench`, with `settings` (TOML lines) for it,
+    and the HTTP API on 127.0.0.1:`http_port` if one is given: yields (the model's path, a Supervisor stub)."""
     with tempfile.TemporaryDirectory(prefix="llms-bench-") as tmp:
         base = Path(tmp)
         model = write_model(base / "models" / "bench.gguf", BENCH)
-        with daemon(base, f'[models.bench]\npath = "bench.gguf"\n{settings}\n') as (address, _):
+        http = f'[http]\naddress = "127.0.0.1:{http_port}"\n' if http_port else ""
+        with daemon(base, f'{http}[models.bench]\npath = "bench.gguf"\n{settings}\n') as (address, _):
             yield model, supervisor_pb2_grpc.SupervisorStub(grpc.insecure_channel(address))
