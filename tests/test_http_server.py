@@ -13,7 +13,6 @@ import time
 
 import pytest
 
-from llm_supervisor.v1 import supervisor_pb2 as pb
 from tests.conftest import launch, model_table, wait_for
 from tests.pki import make_pki
 
@@ -269,5 +268,31 @@ def test_the_embedded_default_serves_ollamas_port(model_dir):
         assert daemon.http_url == "http://127.0.0.1:11434"
         status, _, body = call(daemon.http_url, "GET", "/api/tags")
         assert [m["name"] for m in json.loads(body)["models"]] == ["demo:latest"]
+    finally:
+        daemon.stop()
+
+
+def test_a_worker_that_dies_mid_stream_ends_it_with_an_error_frame(model_dir):
+    import os
+    import signal
+
+    daemon = launch(model_dir, model_table("tiny", "tiny.gguf", n_ctx=2048, engine=SLOW), extra=HTTP,
+                    env={"TEST_TOKEN_DELAY": "0.05"})
+    try:
+        for path, body, sse in (("/v1/chat/completions", {**CHAT, "max_tokens": 1000, "stream": True}, True),
+                                ("/api/chat", {**CHAT, "options": {"num_predict": 1000}}, False)):
+            wait_for(lambda: daemon.worker("tiny").state == "READY", 60, what="a serving worker")
+            conn = connect(daemon.http_url)
+            conn.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"})
+            response = conn.getresponse()
+            assert response.status == 200 and response.readline().strip()  # generating
+            os.kill(daemon.worker("tiny").pid, signal.SIGKILL)
+            rest = response.read().decode()
+            conn.close()
+            last = [line for line in rest.splitlines() if line.strip()][-1]
+            error = json.loads(last.removeprefix("data: "))["error"]
+            message = error["message"] if sse else error
+            assert "died mid-request" in message and "SIGKILL" in message
+            assert "[DONE]" not in rest and '"done":true' not in rest
     finally:
         daemon.stop()

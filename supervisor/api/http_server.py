@@ -90,7 +90,8 @@ class Frames:
             **request.get("cors", {}),  # sent with the first frame: the CORS middleware comes too late
         })
         await response.prepare(request)
-        return cls(response, sse)
+        request["frames"] = frames = cls(response, sse)
+        return frames
 
     async def send(self, body: Any) -> None:
         await self.response.write(b"data: " + dumps(body) + b"\n\n" if self.sse else dumps(body) + b"\n")
@@ -166,10 +167,18 @@ class HttpApi:
             if e.status < 400:
                 raise
             error = HttpError(e.status, f"{request.method} {request.path}: {e.reason}")
+        except ConnectionResetError:  # written to a client that had gone: nobody to answer
+            return web.Response(status=499)
         except Exception:
             log.exception("http_handler_failed", method=request.method, path=request.path)
             error = HttpError(500, "internal error; the daemon's log has the details")
         body = error.openai() if api_of(request.path) == "openai" else error.ollama()
+        frames: Frames | None = request.get("frames")
+        if frames is not None:
+            # Mid-stream, the status has gone out: the error is the last frame, which clients raise,
+            # rather than a stream that merely stops.
+            await frames.send(body)
+            return await frames.end(done=False)
         return json_response(body, error.status, error.headers())
 
     @web.middleware

@@ -29,7 +29,6 @@ from supervisor.api.inference import Inference
 from supervisor.api.openai_api import FINISH, JSON_OBJECT
 from supervisor.api.thinking import ThinkSplit
 from supervisor.api.validation import check_keep_alive
-from supervisor.errors import ApiError
 from supervisor.serving.runtime import ModelRuntime
 
 log = structlog.get_logger("llm_supervisor.ollama")
@@ -171,8 +170,11 @@ def stats(last: pb.GenerateChunk, started: float) -> dict:
 
 def digest(runtime: ModelRuntime) -> str:
     """A stable stand-in for Ollama's manifest digest, cheap on a file of many GB: path, size, mtime."""
-    info = runtime.gguf.path.stat()
-    return hashlib.sha256(f"{runtime.gguf.path}:{info.st_size}:{info.st_mtime_ns}".encode()).hexdigest()
+    return hashlib.sha256(f"{runtime.gguf.path}:{runtime.gguf.file_size}:{runtime.gguf.modified_ns}".encode()).hexdigest()
+
+
+def iso(ns: int) -> str:
+    return datetime.fromtimestamp(ns / 1e9, timezone.utc).isoformat()
 
 
 def details(runtime: ModelRuntime) -> dict:
@@ -211,10 +213,9 @@ class Ollama:
     async def tags(self, request: web.Request) -> web.Response:
         models = []
         for runtime in list(self.registry.models.values()):
-            stat = runtime.gguf.path.stat()
             models.append({"name": tagged(runtime.name), "model": tagged(runtime.name),
-                           "modified_at": datetime.fromtimestamp(stat.st_mtime, timezone.utc).isoformat(),
-                           "size": stat.st_size, "digest": digest(runtime), "details": details(runtime)})
+                           "modified_at": iso(runtime.gguf.modified_ns), "size": runtime.gguf.file_size,
+                           "digest": digest(runtime), "details": details(runtime)})
         return json_response({"models": models})
 
     async def ps(self, request: web.Request) -> web.Response:
@@ -246,7 +247,7 @@ class Ollama:
             # What this daemon runs it with: the operator's settings, not the file's maximum.
             "parameters": f"num_ctx {config.n_ctx}", "template": gguf.chat_template, "details": details(runtime),
             "model_info": info, "capabilities": ["embedding"] if config.embedding else ["completion"],
-            "modified_at": datetime.fromtimestamp(gguf.path.stat().st_mtime, timezone.utc).isoformat()})
+            "modified_at": iso(runtime.gguf.modified_ns)})
 
     # -- generating ----------------------------------------------------------------------------------
     async def generate(self, request: web.Request) -> web.StreamResponse:
@@ -342,17 +343,16 @@ class Ollama:
                 return json_response(line("".join(text), last))
             first = await anext(chunks, None)  # before the headers: a 404 or a 429 is still one
             frames = await Frames.start(request, sse=False)
+            # An error from here on becomes the last line, {"error": …}, which the ollama package raises as
+            # ResponseError (http_server's middleware writes it).
             chunk = first
-            try:
-                while chunk is not None:
-                    following = await anext(chunks, None)
-                    if following is None:
-                        await frames.send(line(chunk.text, chunk))  # the last chunk: done, with the figures
-                    elif chunk.text:
-                        await frames.send(line(chunk.text))
-                    chunk = following
-            except ApiError as e:
-                await frames.send(HttpError.of(e).ollama())  # the ollama package raises it as ResponseError
+            while chunk is not None:
+                following = await anext(chunks, None)
+                if following is None:
+                    await frames.send(line(chunk.text, chunk))  # the last chunk: done, with the figures
+                elif chunk.text:
+                    await frames.send(line(chunk.text))
+                chunk = following
             return await frames.end()
 
     # -- embeddings ----------------------------------------------------------------------------------

@@ -19,10 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from llm_supervisor.v1 import supervisor_pb2 as pb
 
-from supervisor.api.http_errors import HttpError, bad_request, unsupported
+from supervisor.api.http_errors import bad_request, unsupported
 from supervisor.api.http_server import Frames, json_response, read_body
 from supervisor.api.inference import Inference
-from supervisor.errors import ApiError
 
 FINISH = {pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_END_OF_TEXT: "stop"}
 JSON_OBJECT = '{"type": "object"}'  # response_format json_object: any JSON object, through the grammar
@@ -180,8 +179,7 @@ class OpenAI:
 
     def _card(self, name: str) -> dict:
         runtime = self.inference.registry.models[name]
-        return {"id": name, "object": "model", "created": int(runtime.gguf.path.stat().st_mtime),
-                "owned_by": "llm-supervisor"}
+        return {"id": name, "object": "model", "created": runtime.gguf.modified_ns // 10**9, "owned_by": "llm-supervisor"}
 
     async def models(self, request: web.Request) -> web.Response:
         return json_response({"object": "list", "data": [self._card(name) for name in list(self.inference.registry.models)]})
@@ -246,18 +244,14 @@ class OpenAI:
 
             if chat:
                 await frames.send(frame("", None, role=True))
-            last = None
-            try:
-                chunk = first
-                while chunk is not None:
-                    if chunk.text:
-                        await frames.send(frame(chunk.text, None))
-                    last = chunk
-                    chunk = await anext(chunks, None)
-            except ApiError as e:
-                # Headers are gone: the error travels as an event, which the openai package raises.
-                await frames.send(HttpError.of(e).openai())
-                return await frames.end(done=False)
+            # An error from here on (a worker that died mid-stream) becomes the last frame, an error event
+            # the openai package raises (http_server's middleware writes it).
+            last, chunk = None, first
+            while chunk is not None:
+                if chunk.text:
+                    await frames.send(frame(chunk.text, None))
+                last = chunk
+                chunk = await anext(chunks, None)
             await frames.send(frame(None, FINISH.get(last.finish_reason) if last else None))
             if body.include_usage and last is not None:
                 await frames.send({**head, "choices": [], "usage": usage(last)})

@@ -53,6 +53,7 @@ class GGUFInfo:
     chat_template: str = ""
     file_type: str = ""  # "Q4_K_M", "F16" … from general.file_type; "" when the header does not say
     parameter_count: int = 0
+    modified_ns: int = 0  # the file's mtime when it was read
 
 
 def resolve_model_path(path: str, model_dirs: Sequence[Path]) -> Path:
@@ -136,6 +137,7 @@ def read_gguf_info(path: Path) -> GGUFInfo:
         chat_template=str(value("tokenizer.chat_template", "")),
         file_type=file_type_name(value("general.file_type")),
         parameter_count=parameters,
+        modified_ns=path.stat().st_mtime_ns,
     )
 
 
