@@ -19,6 +19,7 @@ import struct
 import time
 from typing import Sequence
 
+from worker.embedding import LlamaEmbedder
 from worker.engine import Chunk, LlamaEngine
 from worker.generation import Sampling
 
@@ -37,6 +38,16 @@ class SlowEngine(LlamaEngine):
     def decode(self, chunks: Sequence[Chunk]) -> None:
         super().decode(chunks)
         time.sleep(float(os.environ.get("TEST_TOKEN_DELAY", "0.02")))
+
+
+class SlowEmbedder(LlamaEmbedder):
+    """llama.cpp's embedder, TEST_EMBED_DELAY seconds slower per input (after it, so the heartbeat stamped
+    before the input is all that proves progress meanwhile)."""
+
+    def embed(self, tokens: Sequence[int]) -> list[float]:
+        vector = super().embed(tokens)
+        time.sleep(float(os.environ.get("TEST_EMBED_DELAY", "0")))
+        return vector
 
 
 MiB = 1 << 20

@@ -52,6 +52,7 @@ CALLS = [
     ("Chat", pb.ChatRequest(model="tiny", messages=[pb.ChatMessage(role="user", content="hi")],
                             options=pb.SamplingOptions(max_tokens=1)), INFERENCE),
     ("Tokenize", pb.TokenizeRequest(model="tiny", text="hi"), INFERENCE),
+    ("Embed", pb.EmbedRequest(model="tiny", input=["hi"]), INFERENCE),
     ("ListModels", pb.ListModelsRequest(), INFERENCE),
     ("Status", pb.StatusRequest(), INFERENCE),
     ("EstimateModel", pb.EstimateModelRequest(path="tiny.gguf"), INFERENCE),

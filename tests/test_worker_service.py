@@ -122,6 +122,13 @@ def test_info_reports_the_context(worker):
     assert code == grpc.StatusCode.OK and (info.n_ctx, info.architecture) == (64, "fake")
 
 
+def test_a_generating_worker_refuses_embed_naming_the_setting(worker):
+    server, _ = worker
+    rpc = server.invoke_unary_unary(SERVICE.methods_by_name["Embed"], (), pb.EmbedRequest(input=["hi"]), None)
+    _, _, code, details = rpc.termination()
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "`embedding = true` in [models.fake]" in details
+
+
 def test_messages_coalesce_within_the_stream_interval_without_delaying_the_end():
     service = service_of(CharEngine(), stream_interval=30.0)
     server = grpc_testing.server_from_dictionary({SERVICE: service}, grpc_testing.strict_real_time())

@@ -84,6 +84,48 @@ def default_threads() -> int:
     return max(len(os.sched_getaffinity(0)), 1)
 
 
+def threads(options: Mapping[str, Any]) -> int:
+    return int(options.get("n_threads") or 0) or default_threads()
+
+
+def load_model(path: str, options: Mapping[str, Any]):
+    """The model (llama-cpp-python's LlamaModel), placed and mapped as the options say: what a generating
+    and an embedding worker load alike."""
+    import llama_cpp
+    from llama_cpp._internals import LlamaModel  # pinned version: see pyproject
+
+    llama_cpp.llama_backend_init()
+    params = llama_cpp.llama_model_default_params()
+    params.n_gpu_layers = int(options.get("n_gpu_layers", 0))
+    params.use_mmap = bool(options.get("use_mmap", True))
+    params.use_mlock = bool(options.get("use_mlock", False))
+    return LlamaModel(path_model=path, params=params, verbose=True)
+
+
+def context_params(options: Mapping[str, Any], n_batch: int, n_threads: int):
+    """A context's parameters from the options both kinds of worker share; one physical batch of n_batch."""
+    import llama_cpp
+
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx = int(options["n_ctx"])
+    params.n_batch = params.n_ubatch = n_batch
+    params.n_threads = params.n_threads_batch = n_threads
+    params.type_k = KV_TYPE_IDS[options.get("type_k", "f16")]
+    params.type_v = KV_TYPE_IDS[options.get("type_v", "f16")]
+    params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if options.get("flash_attn")
+                              else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+    params.no_perf = True
+    return params
+
+
+def log_metadata(model) -> dict[str, str]:
+    """The model's GGUF header; printed whole, as llama-cpp-python's Llama does, chat template included, for
+    the worker's log."""
+    metadata = model.metadata()
+    print(f"Model metadata: {metadata}", file=sys.stderr, flush=True)
+    return metadata
+
+
 PENALTY_LAST_N = 64  # tokens the penalties look back over, as llama.cpp's own default
 
 
@@ -139,14 +181,35 @@ class LlamaSampler:
             self._chain = None
 
 
-class LlamaEngine:
-    """One llama.cpp model and context: the KV cache is a pool of n_ctx cells shared by `parallel`
-    sequences (kv_unified), allocated once at load, like the compute buffers."""
+class LlamaHandles:
+    """A llama.cpp model, its context and a batch: what a generating and an embedding engine hold alike."""
 
     def __init__(self) -> None:
         self._model = None
         self._ctx = None
         self._batch = None
+
+    def close(self) -> None:
+        """Free them, the batch and the context before the model they use; once."""
+        import llama_cpp
+
+        if self._batch is not None:
+            llama_cpp.llama_batch_free(self._batch)
+            self._batch = None
+        if self._ctx is not None:
+            self._ctx.close()
+            self._ctx = None
+        if self._model is not None:
+            self._model.close()
+            self._model = None
+
+
+class LlamaEngine(LlamaHandles):
+    """One llama.cpp model and context: the KV cache is a pool of n_ctx cells shared by `parallel`
+    sequences (kv_unified), allocated once at load, like the compute buffers."""
+
+    def __init__(self) -> None:
+        super().__init__()
         self._n_batch = 0
         self._pieces: dict[int, bytes] = {}
         self._pieces_lock = threading.Lock()
@@ -155,29 +218,15 @@ class LlamaEngine:
 
     def load(self, path: str, options: Mapping[str, Any]) -> EngineInfo:
         import llama_cpp
-        from llama_cpp._internals import LlamaContext, LlamaModel  # pinned version: see pyproject
+        from llama_cpp._internals import LlamaContext  # pinned version: see pyproject
 
-        llama_cpp.llama_backend_init()
-        model_params = llama_cpp.llama_model_default_params()
-        model_params.n_gpu_layers = int(options.get("n_gpu_layers", 0))
-        model_params.use_mmap = bool(options.get("use_mmap", True))
-        model_params.use_mlock = bool(options.get("use_mlock", False))
-        self._model = LlamaModel(path_model=path, params=model_params, verbose=True)
-
-        n_threads = int(options.get("n_threads") or 0) or default_threads()
+        self._model = load_model(path, options)
+        n_threads = threads(options)
         n_batch = int(options["n_batch"])
         parallel = max(1, int(options.get("parallel", 1)))
-        params = llama_cpp.llama_context_default_params()
-        params.n_ctx = int(options["n_ctx"])
-        params.n_batch = params.n_ubatch = n_batch
+        params = context_params(options, n_batch, n_threads)
         params.n_seq_max = parallel
         params.kv_unified = True  # one pool of n_ctx cells for all sequences, not n_ctx / parallel each
-        params.n_threads = params.n_threads_batch = n_threads
-        params.type_k = KV_TYPE_IDS[options.get("type_k", "f16")]
-        params.type_v = KV_TYPE_IDS[options.get("type_v", "f16")]
-        params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if options.get("flash_attn")
-                                  else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
-        params.no_perf = True
         self._ctx = LlamaContext(model=self._model, params=params, verbose=True)
         model = self._model.model
         self._prefix_reuse = not (llama_cpp.llama_model_is_recurrent(model) or llama_cpp.llama_model_is_hybrid(model)
@@ -185,9 +234,7 @@ class LlamaEngine:
         self._n_batch = n_batch
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
 
-        metadata = self._model.metadata()
-        # As llama-cpp-python's Llama says it: the model's whole header, chat template included, in its log.
-        print(f"Model metadata: {metadata}", file=sys.stderr, flush=True)
+        metadata = log_metadata(self._model)
         template = metadata.get("tokenizer.chat_template")
         if template:
             from llama_cpp.llama_chat_format import Jinja2ChatFormatter
@@ -329,18 +376,6 @@ class LlamaEngine:
     def idle(self) -> None:
         malloc_trim()
 
-    def close(self) -> None:
-        import llama_cpp
-
-        if self._batch is not None:
-            llama_cpp.llama_batch_free(self._batch)
-            self._batch = None
-        if self._ctx is not None:
-            self._ctx.close()
-            self._ctx = None
-        if self._model is not None:
-            self._model.close()
-            self._model = None
 
 
 def malloc_trim() -> None:

@@ -61,13 +61,32 @@ def standby(argv: list[str]) -> int:
 
     from llm_supervisor.v1 import worker_pb2_grpc  # noqa: F401
 
-    from . import engine, heartbeat, service  # noqa: F401
+    from . import embedding, embedding_service, engine, heartbeat, service  # noqa: F401
 
     line = sys.stdin.readline()
     if not line.strip():  # the supervisor no longer needs a spare
         return 0
     args = parse_args(json.loads(line))
     return serve(args)
+
+
+def generation_service(args: argparse.Namespace, options: dict, beat):
+    from .engine import load_engine_class
+    from .service import WorkerService
+
+    engine = load_engine_class(args.engine)()
+    info = engine.load(args.model, options)
+    return engine, info, WorkerService(args.name, engine, info, args.stream_interval, beat)
+
+
+def embedding_service(args: argparse.Namespace, options: dict, beat):
+    """`embedding = true`: llama.cpp in embedding mode, instead of the generation engine's batch loop."""
+    from .embedding import embedder_class
+    from .embedding_service import EmbeddingService
+
+    engine = embedder_class(args.engine)()
+    info = engine.load(args.model, options)
+    return engine, info, EmbeddingService(args.name, engine, info, beat)
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -77,14 +96,12 @@ def serve(args: argparse.Namespace) -> int:
 
         from llm_supervisor.v1 import worker_pb2_grpc
 
-        from .engine import load_engine_class
         from .heartbeat import Heartbeat
-        from .service import WorkerService
 
-        engine = load_engine_class(args.engine)()
-        info = engine.load(args.model, json.loads(args.options))
+        options = json.loads(args.options)
         beat = Heartbeat(args.heartbeat).beat if args.heartbeat else (lambda pool=None: None)
-        service = WorkerService(args.name, engine, info, args.stream_interval, beat)
+        start = embedding_service if options.get("embedding") else generation_service
+        engine, info, service = start(args, options, beat)
         # No warm-up here: the supervisor asks for it (WarmUp) when it will not compete for the cores.
     except MemoryError:
         limit = f" (rlimit_data = {args.rlimit_data} bytes)" if args.rlimit_data else ""

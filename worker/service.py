@@ -66,6 +66,16 @@ def sampling_from(options: pb.SamplingOptions) -> Sampling:
     )
 
 
+def warm_up_or_abort(name: str, warm_up: Callable[[], None], context) -> None:
+    try:
+        warm_up()
+    except MemoryError:
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"model {name!r}: out of memory in the warm-up pass")
+    except Exception as e:  # the supervisor reports it as a failed load
+        context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                      f"model {name!r}: the warm-up pass failed: {type(e).__name__}: {e}")
+
+
 class WorkerService(worker_pb2_grpc.WorkerServicer):
     def __init__(self, name: str, engine: Engine, info: EngineInfo, stream_interval: float = 0.0,
                  beat: Callable[[PoolStats | None], None] = lambda stats=None: None) -> None:
@@ -91,13 +101,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self.loop.stop()
 
     def WarmUp(self, request, context) -> worker_pb2.WorkerInfo:
-        try:
-            self.warm_up()
-        except MemoryError:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"model {self.name!r}: out of memory in the warm-up pass")
-        except Exception as e:  # the supervisor reports it as a failed load
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                          f"model {self.name!r}: the warm-up pass failed: {type(e).__name__}: {e}")
+        warm_up_or_abort(self.name, self.warm_up, context)
         return self.Info(request, context)
 
     def Info(self, request, context) -> worker_pb2.WorkerInfo:
@@ -114,6 +118,11 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
     def Tokenize(self, request: pb.TokenizeRequest, context) -> pb.TokenizeResponse:
         tokens = self.engine.tokenize(request.text, request.add_special)
         return pb.TokenizeResponse(tokens=tokens, count=len(tokens), n_ctx=self.info.n_ctx)
+
+    def Embed(self, request: pb.EmbedRequest, context) -> pb.EmbedResponse:
+        context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                      f"model {self.name!r} generates text and does not embed: set `embedding = true` in "
+                      f"[models.{self.name}] for a model that serves Embed")
 
     def _prompt(self, request: worker_pb2.WorkerGenerateRequest, context) -> tuple[list[int], int]:
         """The prompt's tokens, and how many chat messages were left out to fit it in the context."""

@@ -76,6 +76,12 @@ class SupervisorService(supervisor_pb2_grpc.SupervisorServicer):
         except ApiError as e:
             await _abort(context, e)
 
+    async def Embed(self, request: pb.EmbedRequest, context) -> pb.EmbedResponse:
+        try:
+            return await self.inference.embed(request, "grpc")
+        except ApiError as e:
+            await _abort(context, e)
+
     async def LoadModel(self, request: pb.LoadModelRequest, context) -> pb.LoadModelResponse:
         try:
             if not request.path:
@@ -260,7 +266,7 @@ def model_info(runtime: ModelRuntime) -> pb.ModelInfo:
         name=c.name, path=str(g.path), state=runtime.state, n_ctx=n_ctx, n_gpu_layers=c.n_gpu_layers,
         use_mmap=c.use_mmap, source=runtime.source, architecture=g.architecture, file_size_bytes=g.file_size,
         has_chat_template=g.has_chat_template, estimate=estimate_message(runtime.estimate),
-        memory_lines=memory_lines_message(runtime.replicas[0].lines),
+        memory_lines=memory_lines_message(runtime.replicas[0].lines), embedding=c.embedding,
     )
 
 

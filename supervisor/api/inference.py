@@ -1,6 +1,6 @@
-"""A generation request, whichever API it came through: checked, fitted to the model's settings, queued
-and run on the model's worker, counted. The gRPC service (server/api.py) and the HTTP APIs (http/) are
-adapters around this: they translate requests and errors, nothing more."""
+"""A generation or embedding request, whichever API it came through: checked, fitted to the model's
+settings, queued and run on the model's worker, counted. The gRPC service (server/api.py) and the HTTP
+APIs (http/) are adapters around this: they translate requests and errors, nothing more."""
 
 from __future__ import annotations
 
@@ -13,10 +13,11 @@ from llm_supervisor.v1 import worker_pb2
 from worker.history import drop_oldest, strip_thinking
 
 from supervisor.catalog.registry import Registry
-from supervisor.errors import ApiError
+from supervisor.errors import ApiError, precondition
 from supervisor.serving.runtime import ModelRuntime
 from supervisor.server.metrics import RequestMetrics
-from supervisor.api.validation import check_keep_alive, check_messages, check_model_name, check_options, check_prompt
+from supervisor.api.validation import (check_inputs, check_keep_alive, check_messages, check_model_name, check_options,
+                                       check_prompt)
 from supervisor.settings.config import ModelConfig
 
 
@@ -45,6 +46,29 @@ class Inference:
         return self._stream(request.model, request.keep_alive, work, api, lambda: check_messages(request.messages),
                             shape)
 
+    async def embed(self, request: pb.EmbedRequest, api: str) -> pb.EmbedResponse:
+        """A vector per input, from a model loaded with `embedding = true`. Raises ApiError."""
+        model = request.model
+        try:
+            check_inputs(request.input)
+            runtime = self.runtime(model)
+            if not runtime.config.embedding:
+                raise precondition(f"model {model!r} generates text and does not embed: set `embedding = true` in "
+                                   f"[models.{model}] for a model that serves Embed")
+            if request.keep_alive:
+                runtime.keep_alive(check_keep_alive(request.keep_alive))
+            response = await runtime.embed(request)
+            if self.metrics:
+                self.metrics.embedded(model, api)
+            return response
+        except ApiError as e:
+            self._failed(model, e, api)
+            raise
+
+    def _failed(self, model: str, error: ApiError, api: str) -> None:
+        if self.metrics and model in self.registry.models:  # no label for names nobody loaded
+            self.metrics.failed(model, error.code.name, api)
+
     async def _stream(self, model: str, keep_alive: str, request: worker_pb2.WorkerGenerateRequest, api: str,
                       check: Callable[[], None],
                       shape: Callable[[ModelConfig], int] = lambda config: 0) -> AsyncIterator[pb.GenerateChunk]:
@@ -53,6 +77,8 @@ class Inference:
         try:
             check()
             runtime = self.runtime(model)
+            if runtime.config.embedding:  # its worker would refuse it too: say so before it queues
+                raise precondition(f"model {model!r} is an embedding model: use Embed (/v1/embeddings, /api/embed)")
             request.options.CopyFrom(check_options(request.options, runtime.config))
             request.max_prompt_tokens = runtime.config.max_prompt_tokens
             dropped = shape(runtime.config)
@@ -71,8 +97,7 @@ class Inference:
                 if self.metrics:
                     self.metrics.finished(model, last, api)
         except ApiError as e:
-            if self.metrics and model in self.registry.models:  # no label for names nobody loaded
-                self.metrics.failed(model, e.code.name, api)
+            self._failed(model, e, api)
             raise
 
 

@@ -84,6 +84,20 @@ def check_prompt(prompt: str) -> None:
         raise invalid("prompt is empty")
 
 
+MAX_EMBED_INPUTS = 2048  # OpenAI's own limit on one embeddings request
+
+
+def check_inputs(inputs) -> None:
+    """Embed's texts: at least one, none empty. Whether each fits the context, the worker says (it tokenizes)."""
+    if not inputs:
+        raise invalid("input is empty: give at least one text to embed")
+    if len(inputs) > MAX_EMBED_INPUTS:
+        raise invalid(f"at most {MAX_EMBED_INPUTS} inputs a request, got {len(inputs)}")
+    for i, text in enumerate(inputs):
+        if not text:
+            raise invalid(f"input[{i}] is empty")
+
+
 def check_messages(messages) -> None:
     if not messages:
         raise invalid("messages is empty: a chat needs at least one message")

@@ -274,6 +274,20 @@ def cmd_chat(args, stub, out: Output) -> int:
         history.append(pb.ChatMessage(role="assistant", content=reply))
 
 
+def cmd_embed(args, stub, out: Output) -> int:
+    """Plain: the vectors, one JSON array a line, in the order of the texts. --json: an object a text, then
+    one with the request's figures."""
+    reply = stub.Embed(pb.EmbedRequest(model=args.model, input=args.text, truncate=args.truncate,
+                                       keep_alive=args.keep_alive))
+    for i, embedding in enumerate(reply.embeddings):
+        values = list(embedding.values)
+        out.result({"index": i, "embedding": values}, json.dumps(values) + "\n")
+    if out.as_json:
+        out.json({"model": reply.model, "prompt_tokens": reply.prompt_tokens, "worker_pid": reply.worker_pid,
+                  "total_s": reply.total_s})
+    return 0
+
+
 def cmd_tokenize(args, stub, out: Output) -> int:
     reply = stub.Tokenize(pb.TokenizeRequest(model=args.model, text=args.text, add_special=not args.no_special))
     out.result(as_dict(reply), f"{reply.count} tokens (context {reply.n_ctx}): {' '.join(map(str, reply.tokens))}\n")

@@ -123,6 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("events", help="follow the supervisor's decisions and state changes as they happen")
     p.add_argument("model", nargs="?", default="", help="only this model's")
 
+    p = sub.add_parser("embed", help="a vector per TEXT from an embedding MODEL, one JSON array a line")
+    p.add_argument("model")
+    p.add_argument("text", nargs="+")
+    p.add_argument("--truncate", action="store_true", help="cut a text longer than the context instead of failing")
+    p.add_argument("--keep-alive", default="", metavar="DURATION",
+                   help="keep the model loaded this long after the request: 5m, 0 (unload), -1 (forever)")
+
     p = sub.add_parser("tokenize", help="count (and list) the tokens of TEXT for MODEL")
     p.add_argument("model")
     p.add_argument("text")

@@ -15,6 +15,9 @@ The parts, as llama.cpp allocates them:
   whatever the number of sequences in them;
 - the worker's own runtime (Python, llama_cpp, gRPC), and on a GPU the CUDA context.
 
+An embedding worker (`embedding = true`) evaluates each input whole, in one physical batch of n_ctx tokens
+every one of which is an output: its compute and output buffers are sized for that (see `estimate`).
+
 Figures measured on this project's generated models (CPU build, llama-cpp-python 0.3.36) are in
 docs/decisions.md; the test suite checks the estimate at load against measured private memory.
 """
@@ -115,11 +118,24 @@ def estimate(shape: Shape, config: ModelConfig) -> Estimate:
     gpu_layers = range(first_gpu_layer, n_layer)
     weights_host = shape.input_bytes + sum(shape.layer_bytes[i] for i in host_layers) + (0 if output_on_gpu else shape.output_bytes)
     weights_gpu = sum(shape.layer_bytes[i] for i in gpu_layers) + (shape.output_bytes if output_on_gpu else 0)
-    n_ubatch = config.n_batch  # the worker sets n_ubatch = n_batch: one physical batch of that size
+    # The worker sets n_ubatch = n_batch: one physical batch of that size. An embedding worker evaluates a
+    # whole input in one, so its batch is the context (worker/embedding.py).
+    n_ubatch = n_ctx if config.embedding else config.n_batch
     warm = min(n_ctx, padded_ctx(config.n_batch))  # the warm-up pass fills one n_batch of context
     full = compute_bytes(shape, n_ubatch, n_ctx, config.flash_attn)
     logits = 4 * n_ubatch * (shape.n_embd + shape.n_vocab)
     all_on_gpu = on_gpu > 0 and first_gpu_layer == 0
+    warm_ubatch = warm if config.embedding else n_ubatch  # the embedding warm-up is one input of n_batch tokens
+    at_load = logits if all_on_gpu else compute_bytes(shape, warm_ubatch, warm, config.flash_attn)
+    peak = logits if all_on_gpu else full
+    outputs = 4 * shape.n_vocab * config.parallel
+    if config.embedding:
+        # Every token of an input is an output: llama.cpp keeps its logits and its vector on the host (checked:
+        # the logits are there after an embedding decode). That buffer grows with the longest input, as the
+        # touched compute buffers do, so it is counted with them: the leak rule forgives its growth.
+        outputs = 0
+        at_load += 4 * warm * (shape.n_vocab + shape.n_embd)
+        peak += 4 * n_ctx * (shape.n_vocab + shape.n_embd)
     # Repacked matrices leave the mapping for a private buffer; with use_mmap off everything is private anyway.
     repacked = sum(shape.layer_repacked[i] for i in host_layers if i < len(shape.layer_repacked))
     repacked += 0 if output_on_gpu else shape.output_repacked
@@ -133,13 +149,13 @@ def estimate(shape: Shape, config: ModelConfig) -> Estimate:
         kv_cpu=sum(kv(i) for i in host_layers),
         kv_gpu=sum(kv(i) for i in gpu_layers),
         # With every layer on the GPU the host keeps only the input and output staging.
-        compute_cpu_at_load=logits if all_on_gpu else compute_bytes(shape, n_ubatch, warm, config.flash_attn),
-        compute_cpu_peak=logits if all_on_gpu else full,
+        compute_cpu_at_load=at_load,
+        compute_cpu_peak=peak,
         compute_gpu=full if on_gpu else 0,
         runtime=RUNTIME_BYTES,
         gpu_runtime=GPU_RUNTIME_BYTES if on_gpu else 0,
-        outputs=4 * shape.n_vocab * config.parallel,
-        parallel=config.parallel,
+        outputs=outputs,
+        parallel=1 if config.embedding else config.parallel,
     )
 
 

@@ -37,6 +37,9 @@ from supervisor.process.states import ALLOWED, ALIVE_STATES, WorkerState, descri
 log = structlog.get_logger("llm_supervisor.manager")
 
 STDERR_TAIL_LINES = 50
+# The largest reply taken from a worker: an Embed of 2,048 inputs (validation.MAX_EMBED_INPUTS) of 4,096
+# dimensions is 32 MiB, past gRPC's default 4 MiB.
+WORKER_REPLY_LIMIT = 128 << 20
 # Words by which llama.cpp's log lines name a failure (for load-failure messages), and those worth a
 # warning in the supervisor's log (llama.cpp says hundreds of routine lines at load).
 FAILURE_WORDS = ("fail", "error", "insufficient")
@@ -186,7 +189,8 @@ class WorkerProcess:
         self._tasks.append(asyncio.create_task(self._watch_exit(), name=f"exit-{self.pid}"))
         # The model loads before the worker's socket exists; the worker says when it listens.
         await self._while_alive(asyncio.wait_for(self.listening.wait(), self.spawn.model.load_timeout))
-        self._channel = grpc.aio.insecure_channel(f"unix://{self.spawn.socket_path}")
+        self._channel = grpc.aio.insecure_channel(f"unix://{self.spawn.socket_path}",
+                                                  options=[("grpc.max_receive_message_length", WORKER_REPLY_LIMIT)])
         self.stub = worker_pb2_grpc.WorkerStub(self._channel)
         self.info = await self._while_alive(
             self.stub.Info(worker_pb2.WorkerInfoRequest(), wait_for_ready=True, timeout=self.spawn.model.load_timeout))

@@ -38,7 +38,7 @@ class RequestMetrics:
         self._lock = threading.Lock()  # the label sets change on the loop while a scrape forgets on its thread
         self._codes: dict[str, set[tuple[str, str]]] = {}  # model → the (status code, API) it has series for
         # api: "grpc", "openai" or "ollama"; code: the gRPC status code (the HTTP APIs map theirs from it).
-        self.requests = Counter(f"{PREFIX}_requests", "Generate and Chat requests finished, by gRPC status code "
+        self.requests = Counter(f"{PREFIX}_requests", "Generate, Chat and Embed requests finished, by gRPC status code "
                                 "and the API they came through", ["model", "code", "api"], registry=None)
         self.tokens = Counter(f"{PREFIX}_generated_tokens", "Tokens generated", ["model"], registry=None)
         self.time_to_first_token = Histogram(
@@ -66,12 +66,20 @@ class RequestMetrics:
 
     def finished(self, model: str, last: pb.GenerateChunk, api: str = "grpc") -> None:
         with self._lock:
-            self._codes.setdefault(model, set()).add(("OK", api))
-            self.requests.labels(model, "OK", api).inc()
+            self._ok(model, api)
             self.tokens.labels(model).inc(last.usage.completion_tokens)
             if last.usage.completion_tokens:
                 self.time_to_first_token.labels(model).observe(last.timings.time_to_first_token_s)
                 self.tokens_per_second.labels(model).observe(last.timings.tokens_per_second)
+
+    def embedded(self, model: str, api: str = "grpc") -> None:
+        """An Embed request served: an OK request that generated no token."""
+        with self._lock:
+            self._ok(model, api)
+
+    def _ok(self, model: str, api: str) -> None:
+        self._codes.setdefault(model, set()).add(("OK", api))
+        self.requests.labels(model, "OK", api).inc()
 
     def failed(self, model: str, code: str, api: str = "grpc") -> None:
         with self._lock:

@@ -20,7 +20,8 @@ from supervisor.settings.config import ConfigError, SupervisorConfig
 
 INFERENCE, ADMIN = "inference", "admin"
 SUPERVISOR_SERVICE = "/llm_supervisor.v1.Supervisor/"
-INFERENCE_METHODS = frozenset({"Generate", "Chat", "Tokenize", "ListModels", "Status", "EstimateModel", "WatchEvents"})
+INFERENCE_METHODS = frozenset({"Generate", "Chat", "Tokenize", "Embed", "ListModels", "Status", "EstimateModel",
+                               "WatchEvents"})
 MIN_TOKEN_LENGTH = 16
 
 

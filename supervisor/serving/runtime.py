@@ -120,8 +120,7 @@ class ModelRuntime:
         unfinished: WorkerProcess | None = None  # a live worker still holding this request's sequence
         request_id = 0
         try:
-            if not replica.thermal.cool.is_set():  # a GPU past temperature_throttle: wait here, first in line
-                await replica.queue.counted(replica.thermal.wait("not admitting requests", self.config.request_timeout))
+            await self._until_cool(replica)
             for attempt in (1, 2):
                 if unfinished is not None:  # the first attempt's worker was killed: it frees nothing more
                     replica.keep(self._release(replica, unfinished, request_id, leave=False),
@@ -144,18 +143,11 @@ class ModelRuntime:
                                                       chunk.usage.prompt_tokens + chunk.usage.completion_tokens,
                                                       pool.cells_high if pool else 0)
                         yield chunk
-                    worker.requests_served += 1
-                    try:
-                        replica.watchdog.after_request(worker)
-                    except Exception:  # the watchdog's trouble must never fail a request that succeeded
-                        log.exception("after_request_failed", model=self.name)
+                    self._served(replica, worker)
                     completed = True
                     return
                 except (grpc.aio.AioRpcError, asyncio.CancelledError) as e:
-                    if isinstance(e, asyncio.CancelledError) and asyncio.current_task().cancelling():
-                        raise  # our own client went away
-                    # A CancelledError we did not ask for means the call's channel closed: the worker is gone.
-                    error, died = await self._explain(replica, worker, e if isinstance(e, grpc.aio.AioRpcError) else None)
+                    error, died = await self._failed(replica, worker, e)
                     if died and not sent and attempt == 1:
                         log.warning("request_retried", model=self.name, worker_pid=worker.pid, reason=error.message)
                         continue
@@ -177,6 +169,53 @@ class ModelRuntime:
                 replica.keep(self._release(replica, unfinished, request_id), f"release-{unfinished.pid}-{request_id}")
             else:
                 self._leave(replica)
+
+    async def embed(self, request: pb.EmbedRequest) -> pb.EmbedResponse:
+        """Every input's vector, through the same queue, thermal gate and retry as `generate`. A call that
+        ends early (cancelled, past request_timeout) gives its place up at once: the worker stops before its
+        next input, and the request after it waits on the worker's one embedding thread meanwhile."""
+        replica = self.pick()
+        await self._enter_queue(replica)
+        try:
+            await self._until_cool(replica)
+            for attempt in (1, 2):
+                worker = await replica.ready_worker()
+                worker.begin_request()
+                try:
+                    response = await worker.stub.Embed(request, timeout=self.config.request_timeout)
+                except (grpc.aio.AioRpcError, asyncio.CancelledError) as e:
+                    error, died = await self._failed(replica, worker, e)
+                    if died and attempt == 1:  # a unary call: nothing reached the client
+                        log.warning("request_retried", model=self.name, worker_pid=worker.pid, reason=error.message)
+                        continue
+                    raise error from None
+                finally:
+                    pool = worker.pool()  # its longest input so far: how far the compute buffers were touched
+                    worker.context_high = max(worker.context_high, pool.cells_high if pool else 0)
+                    worker.end_request()
+                self._served(replica, worker)
+                return response
+        finally:
+            self._leave(replica)
+
+    async def _until_cool(self, replica: Replica) -> None:
+        if not replica.thermal.cool.is_set():  # a GPU past temperature_throttle: wait here, first in line
+            await replica.queue.counted(replica.thermal.wait("not admitting requests", self.config.request_timeout))
+
+    def _served(self, replica: Replica, worker: WorkerProcess) -> None:
+        worker.requests_served += 1
+        try:
+            replica.watchdog.after_request(worker)
+        except Exception:  # the watchdog's trouble must never fail a request that succeeded
+            log.exception("after_request_failed", model=self.name)
+
+    async def _failed(self, replica: Replica, worker: WorkerProcess,
+                      e: grpc.aio.AioRpcError | asyncio.CancelledError) -> tuple[ApiError, bool]:
+        """A call to the worker raised `e`: our own cancellation goes on up; anything else is explained."""
+        if isinstance(e, asyncio.CancelledError) and asyncio.current_task().cancelling():
+            raise e  # our own client went away
+        # A CancelledError we did not ask for means the call's channel closed: the worker is gone.
+        return await self._explain(replica, worker, e if isinstance(e, grpc.aio.AioRpcError) else None)
 
     @staticmethod
     def _leave(replica: Replica) -> None:

@@ -140,6 +140,38 @@ class TokenizeResponse(_message.Message):
     n_ctx: int
     def __init__(self, tokens: _Optional[_Iterable[int]] = ..., count: _Optional[int] = ..., n_ctx: _Optional[int] = ...) -> None: ...
 
+class EmbedRequest(_message.Message):
+    __slots__ = ("model", "input", "truncate", "keep_alive")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    INPUT_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATE_FIELD_NUMBER: _ClassVar[int]
+    KEEP_ALIVE_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    input: _containers.RepeatedScalarFieldContainer[str]
+    truncate: bool
+    keep_alive: str
+    def __init__(self, model: _Optional[str] = ..., input: _Optional[_Iterable[str]] = ..., truncate: _Optional[bool] = ..., keep_alive: _Optional[str] = ...) -> None: ...
+
+class Embedding(_message.Message):
+    __slots__ = ("values",)
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, values: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class EmbedResponse(_message.Message):
+    __slots__ = ("model", "embeddings", "prompt_tokens", "worker_pid", "total_s")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    WORKER_PID_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_S_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    embeddings: _containers.RepeatedCompositeFieldContainer[Embedding]
+    prompt_tokens: int
+    worker_pid: int
+    total_s: float
+    def __init__(self, model: _Optional[str] = ..., embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., prompt_tokens: _Optional[int] = ..., worker_pid: _Optional[int] = ..., total_s: _Optional[float] = ...) -> None: ...
+
 class LoadModelRequest(_message.Message):
     __slots__ = ("name", "path", "options")
     class OptionsEntry(_message.Message):
@@ -178,7 +210,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "path", "state", "n_ctx", "n_gpu_layers", "use_mmap", "source", "architecture", "file_size_bytes", "has_chat_template", "estimate", "memory_lines")
+    __slots__ = ("name", "path", "state", "n_ctx", "n_gpu_layers", "use_mmap", "source", "architecture", "file_size_bytes", "has_chat_template", "estimate", "memory_lines", "embedding")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -191,6 +223,7 @@ class ModelInfo(_message.Message):
     HAS_CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     ESTIMATE_FIELD_NUMBER: _ClassVar[int]
     MEMORY_LINES_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_FIELD_NUMBER: _ClassVar[int]
     name: str
     path: str
     state: str
@@ -203,7 +236,8 @@ class ModelInfo(_message.Message):
     has_chat_template: bool
     estimate: MemoryEstimate
     memory_lines: MemoryLines
-    def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., state: _Optional[str] = ..., n_ctx: _Optional[int] = ..., n_gpu_layers: _Optional[int] = ..., use_mmap: _Optional[bool] = ..., source: _Optional[str] = ..., architecture: _Optional[str] = ..., file_size_bytes: _Optional[int] = ..., has_chat_template: _Optional[bool] = ..., estimate: _Optional[_Union[MemoryEstimate, _Mapping]] = ..., memory_lines: _Optional[_Union[MemoryLines, _Mapping]] = ...) -> None: ...
+    embedding: bool
+    def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., state: _Optional[str] = ..., n_ctx: _Optional[int] = ..., n_gpu_layers: _Optional[int] = ..., use_mmap: _Optional[bool] = ..., source: _Optional[str] = ..., architecture: _Optional[str] = ..., file_size_bytes: _Optional[int] = ..., has_chat_template: _Optional[bool] = ..., estimate: _Optional[_Union[MemoryEstimate, _Mapping]] = ..., memory_lines: _Optional[_Union[MemoryLines, _Mapping]] = ..., embedding: _Optional[bool] = ...) -> None: ...
 
 class MemoryEstimate(_message.Message):
     __slots__ = ("n_ctx", "replicas", "weights_mapped_bytes", "weights_private_bytes", "weights_gpu_bytes", "kv_cache_cpu_bytes", "kv_cache_gpu_bytes", "compute_cpu_at_load_bytes", "compute_cpu_peak_bytes", "compute_gpu_bytes", "runtime_bytes", "gpu_runtime_bytes", "private_at_load_bytes", "private_peak_bytes", "gpu_bytes", "total_private_bytes", "total_gpu_bytes", "weights_repacked_bytes", "outputs_bytes", "parallel")

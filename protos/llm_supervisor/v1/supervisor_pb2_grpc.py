@@ -49,6 +49,11 @@ class SupervisorStub:
                 request_serializer=llm__supervisor_dot_v1_dot_supervisor__pb2.TokenizeRequest.SerializeToString,
                 response_deserializer=llm__supervisor_dot_v1_dot_supervisor__pb2.TokenizeResponse.FromString,
                 _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/llm_supervisor.v1.Supervisor/Embed',
+                request_serializer=llm__supervisor_dot_v1_dot_supervisor__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=llm__supervisor_dot_v1_dot_supervisor__pb2.EmbedResponse.FromString,
+                _registered_method=True)
         self.LoadModel = channel.unary_unary(
                 '/llm_supervisor.v1.Supervisor/LoadModel',
                 request_serializer=llm__supervisor_dot_v1_dot_supervisor__pb2.LoadModelRequest.SerializeToString,
@@ -123,6 +128,13 @@ class SupervisorServicer:
 
     def Tokenize(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Embed(self, request, context):
+        """A vector per input, from a model loaded with `embedding = true` (others answer FAILED_PRECONDITION).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -213,6 +225,11 @@ def add_SupervisorServicer_to_server(servicer, server):
                     servicer.Tokenize,
                     request_deserializer=llm__supervisor_dot_v1_dot_supervisor__pb2.TokenizeRequest.FromString,
                     response_serializer=llm__supervisor_dot_v1_dot_supervisor__pb2.TokenizeResponse.SerializeToString,
+            ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=llm__supervisor_dot_v1_dot_supervisor__pb2.EmbedRequest.FromString,
+                    response_serializer=llm__supervisor_dot_v1_dot_supervisor__pb2.EmbedResponse.SerializeToString,
             ),
             'LoadModel': grpc.unary_unary_rpc_method_handler(
                     servicer.LoadModel,
@@ -351,6 +368,33 @@ class Supervisor:
             '/llm_supervisor.v1.Supervisor/Tokenize',
             llm__supervisor_dot_v1_dot_supervisor__pb2.TokenizeRequest.SerializeToString,
             llm__supervisor_dot_v1_dot_supervisor__pb2.TokenizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llm_supervisor.v1.Supervisor/Embed',
+            llm__supervisor_dot_v1_dot_supervisor__pb2.EmbedRequest.SerializeToString,
+            llm__supervisor_dot_v1_dot_supervisor__pb2.EmbedResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -41,7 +41,7 @@ class WarmUpRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("pid", "n_ctx", "n_batch", "n_threads", "requests_served", "architecture", "has_chat_template", "parallel", "pool")
+    __slots__ = ("pid", "n_ctx", "n_batch", "n_threads", "requests_served", "architecture", "has_chat_template", "parallel", "pool", "embedding")
     PID_FIELD_NUMBER: _ClassVar[int]
     N_CTX_FIELD_NUMBER: _ClassVar[int]
     N_BATCH_FIELD_NUMBER: _ClassVar[int]
@@ -51,6 +51,7 @@ class WorkerInfo(_message.Message):
     HAS_CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     PARALLEL_FIELD_NUMBER: _ClassVar[int]
     POOL_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_FIELD_NUMBER: _ClassVar[int]
     pid: int
     n_ctx: int
     n_batch: int
@@ -60,4 +61,5 @@ class WorkerInfo(_message.Message):
     has_chat_template: bool
     parallel: int
     pool: _supervisor_pb2.PoolStatus
-    def __init__(self, pid: _Optional[int] = ..., n_ctx: _Optional[int] = ..., n_batch: _Optional[int] = ..., n_threads: _Optional[int] = ..., requests_served: _Optional[int] = ..., architecture: _Optional[str] = ..., has_chat_template: _Optional[bool] = ..., parallel: _Optional[int] = ..., pool: _Optional[_Union[_supervisor_pb2.PoolStatus, _Mapping]] = ...) -> None: ...
+    embedding: bool
+    def __init__(self, pid: _Optional[int] = ..., n_ctx: _Optional[int] = ..., n_batch: _Optional[int] = ..., n_threads: _Optional[int] = ..., requests_served: _Optional[int] = ..., architecture: _Optional[str] = ..., has_chat_template: _Optional[bool] = ..., parallel: _Optional[int] = ..., pool: _Optional[_Union[_supervisor_pb2.PoolStatus, _Mapping]] = ..., embedding: _Optional[bool] = ...) -> None: ...

@@ -45,6 +45,11 @@ class WorkerStub:
                 request_serializer=llm__supervisor_dot_v1_dot_supervisor__pb2.TokenizeRequest.SerializeToString,
                 response_deserializer=llm__supervisor_dot_v1_dot_supervisor__pb2.TokenizeResponse.FromString,
                 _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/llm_supervisor.v1.Worker/Embed',
+                request_serializer=llm__supervisor_dot_v1_dot_supervisor__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=llm__supervisor_dot_v1_dot_supervisor__pb2.EmbedResponse.FromString,
+                _registered_method=True)
         self.Info = channel.unary_unary(
                 '/llm_supervisor.v1.Worker/Info',
                 request_serializer=llm__supervisor_dot_v1_dot_worker__pb2.WorkerInfoRequest.SerializeToString,
@@ -73,6 +78,13 @@ class WorkerServicer:
 
     def Tokenize(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Embed(self, request, context):
+        """Embedding mode only: every input's vector, computed one input at a time on one thread.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -114,6 +126,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.Tokenize,
                     request_deserializer=llm__supervisor_dot_v1_dot_supervisor__pb2.TokenizeRequest.FromString,
                     response_serializer=llm__supervisor_dot_v1_dot_supervisor__pb2.TokenizeResponse.SerializeToString,
+            ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=llm__supervisor_dot_v1_dot_supervisor__pb2.EmbedRequest.FromString,
+                    response_serializer=llm__supervisor_dot_v1_dot_supervisor__pb2.EmbedResponse.SerializeToString,
             ),
             'Info': grpc.unary_unary_rpc_method_handler(
                     servicer.Info,
@@ -185,6 +202,33 @@ class Worker:
             '/llm_supervisor.v1.Worker/Tokenize',
             llm__supervisor_dot_v1_dot_supervisor__pb2.TokenizeRequest.SerializeToString,
             llm__supervisor_dot_v1_dot_supervisor__pb2.TokenizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llm_supervisor.v1.Worker/Embed',
+            llm__supervisor_dot_v1_dot_supervisor__pb2.EmbedRequest.SerializeToString,
+            llm__supervisor_dot_v1_dot_supervisor__pb2.EmbedResponse.FromString,
             options,
             channel_credentials,
             insecure,
