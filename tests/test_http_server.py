@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from llm_supervisor.v1 import supervisor_pb2 as pb
 from tests.conftest import launch, model_table, wait_for
 from tests.pki import make_pki
 
@@ -294,5 +295,30 @@ def test_a_worker_that_dies_mid_stream_ends_it_with_an_error_frame(model_dir):
             message = error["message"] if sse else error
             assert "died mid-request" in message and "SIGKILL" in message
             assert "[DONE]" not in rest and '"done":true' not in rest
+    finally:
+        daemon.stop()
+
+
+def test_metrics_and_logs_label_requests_by_api(model_dir):
+    from tests.test_metrics import free_port, scrape, value
+
+    port = free_port()
+    daemon = launch(model_dir, model_table("tiny", "tiny.gguf", n_ctx=512),
+                    extra=HTTP + f'[metrics]\naddress = "127.0.0.1:{port}"\n')
+    try:
+        list(daemon.stub.Generate(pb.GenerateRequest(model="tiny", prompt="hi", options=pb.SamplingOptions(max_tokens=2))))
+        assert call(daemon.http_url, "POST", "/v1/chat/completions", {**CHAT, "max_tokens": 2})[0] == 200
+        assert call(daemon.http_url, "POST", "/v1/chat/completions", {**CHAT, "temperature": -1})[0] == 400
+        for _ in range(2):
+            assert call(daemon.http_url, "POST", "/api/chat", {**CHAT, "options": {"num_predict": 2}})[0] == 200
+        samples = scrape(port)
+        requests = "llm_supervisor_requests_total"
+        assert value(samples, requests, model="tiny", code="OK", api="grpc") == 1
+        assert value(samples, requests, model="tiny", code="OK", api="openai") == 1
+        assert value(samples, requests, model="tiny", code="INVALID_ARGUMENT", api="openai") == 1
+        assert value(samples, requests, model="tiny", code="OK", api="ollama") == 2
+        logged = [json.loads(line) for line in daemon.log().splitlines() if '"http_request"' in line]
+        assert {(entry["api"], entry["path"], entry["status"]) for entry in logged} >= {
+            ("openai", "/v1/chat/completions", 200), ("openai", "/v1/chat/completions", 400), ("ollama", "/api/chat", 200)}
     finally:
         daemon.stop()

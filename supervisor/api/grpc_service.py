@@ -51,6 +51,7 @@ class SupervisorService(supervisor_pb2_grpc.SupervisorServicer):
         self._started = clock()
 
     async def _relay(self, chunks: AsyncIterator[pb.GenerateChunk], context) -> AsyncIterator[pb.GenerateChunk]:
+        label_api()
         try:
             # aclosing: a cancelled client must free the model's slot now, not when the generator is collected.
             async with aclosing(chunks) as stream:
@@ -77,6 +78,7 @@ class SupervisorService(supervisor_pb2_grpc.SupervisorServicer):
             await _abort(context, e)
 
     async def Embed(self, request: pb.EmbedRequest, context) -> pb.EmbedResponse:
+        label_api()
         try:
             return await self.inference.embed(request, "grpc")
         except ApiError as e:
@@ -219,6 +221,12 @@ class SupervisorService(supervisor_pb2_grpc.SupervisorServicer):
             cpu_temperature_c=monitor.last_cpu_temperature,
             gpu_note=monitor.gpu_note,
         )
+
+
+def label_api() -> None:
+    """Every log line this call causes says it came through gRPC. Each call runs in a task of its own,
+    whose context goes with it: nothing to undo."""
+    structlog.contextvars.bind_contextvars(api="grpc")
 
 
 def log_line(line: OutputLine) -> pb.LogLine:
