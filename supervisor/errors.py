@@ -30,3 +30,11 @@ def unavailable(message: str) -> ApiError:
 
 def precondition(message: str) -> ApiError:
     return ApiError(grpc.StatusCode.FAILED_PRECONDITION, message)
+
+
+class QueueFull(ApiError):
+    """RESOURCE_EXHAUSTED because the model's queue is full: worth retrying soon (HTTP's 429), unlike a
+    worker start the memory budgets cannot hold."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(grpc.StatusCode.RESOURCE_EXHAUSTED, message)

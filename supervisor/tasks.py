@@ -7,6 +7,7 @@ its exception is then never seen. Whatever starts work it does not await keeps i
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from typing import Awaitable
 
 import structlog
@@ -21,7 +22,10 @@ class Background:
         self._tasks: set[asyncio.Task] = set()
 
     def keep(self, work: Awaitable, name: str = "") -> asyncio.Task:
-        task = asyncio.ensure_future(work)
+        # A coroutine runs in a context of its own: work that outlives a request is not that request's
+        # (its log lines would carry the request's labels).
+        task = (asyncio.get_running_loop().create_task(work, context=contextvars.Context())
+                if asyncio.iscoroutine(work) else asyncio.ensure_future(work))
         if name:
             task.set_name(name)
         self._tasks.add(task)

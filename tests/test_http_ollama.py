@@ -69,6 +69,13 @@ def test_chat_and_generate_match_grpc_streaming_or_not(client, daemon):
     assert "".join(p.response for p in streamed) == expected and streamed[-1].done_reason == "length"
 
 
+def test_think_on_a_model_that_does_not_think_leaves_the_reply_whole(client, daemon):
+    reply = client.chat(model="tiny", messages=MESSAGES, options=GREEDY, think=True)
+    assert reply.message.content == grpc_chat(daemon, MESSAGES, 10) and not reply.message.thinking
+    parts = list(client.chat(model="tiny", messages=MESSAGES, options=GREEDY, think=True, stream=True))
+    assert "".join(p.message.content for p in parts) == reply.message.content
+
+
 def test_generate_with_system_and_raw(client, daemon):
     with_system = client.generate(model="tiny", prompt="Say hello", system="Be brief.", options=GREEDY)
     assert with_system.response == grpc_chat(daemon, [{"role": "system", "content": "Be brief."}, *MESSAGES], 10)

@@ -104,6 +104,16 @@ def test_embeddings_as_the_openai_package_asks_for_them(client, daemon):
     assert floats.data[0].embedding == pytest.approx(reply.data[0].embedding, abs=1e-6)
 
 
+@pytest.mark.parametrize("extra", [{"max_tokens": 10**10}, {"extra_body": {"top_k": 2**40}},
+                                   {"temperature": 1000}, {"stop": ["a"] * 17}, {"seed": -(2**70)}])
+def test_values_out_of_range_are_bad_requests_never_server_errors(client, extra):
+    if "seed" in extra:  # any integer seed is taken (modulo 2**32), as OpenAI's are 64-bit
+        assert client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=2, **extra).usage
+        return
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=extra.pop("max_tokens", 2), **extra)
+
+
 def test_unknown_model_is_not_found(client):
     with pytest.raises(openai.NotFoundError) as e:
         client.chat.completions.create(model="nope", messages=MESSAGES)
@@ -134,6 +144,9 @@ def test_a_missing_or_wrong_token_is_refused(model_dir, tmp_path):
         url = f"{daemon.http_url}/v1"
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=url, api_key="wrong-token-0123456789", max_retries=0).models.list()
+        with pytest.raises(openai.AuthenticationError):  # the package always sends a key: none, by hand
+            openai.OpenAI(base_url=url, api_key="unused", max_retries=0).models.list(
+                extra_headers={"Authorization": ""})
         good = openai.OpenAI(base_url=url, api_key="inference-token-0123456789", max_retries=0)
         assert [m.id for m in good.models.list()] == ["tiny"]
         assert good.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=3).usage.completion_tokens == 3

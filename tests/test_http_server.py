@@ -80,7 +80,7 @@ def test_ndjson_framing_byte_by_byte_as_open_webui_streams_a_chat(daemon):
 
 
 def test_open_webui_unloads_with_keep_alive_0(model_dir):
-    daemon = launch(model_dir, model_table("tiny", "tiny.gguf", n_ctx=256), extra=HTTP)
+    daemon = launch(model_dir, model_table("tiny", "tiny.gguf", n_ctx=256, keep_alive="-1"), extra=HTTP)
     try:
         status, _, body = call(daemon.http_url, "POST", "/api/generate", {"model": "tiny:latest", "keep_alive": 0})
         assert status == 200 and json.loads(body)["done_reason"] == "unload"
@@ -89,6 +89,9 @@ def test_open_webui_unloads_with_keep_alive_0(model_dir):
         status, _, body = call(daemon.http_url, "POST", "/api/generate",  # the next request starts it again
                                {"model": "tiny:latest", "prompt": "hi", "stream": False, "options": {"num_predict": 2}})
         assert status == 200 and json.loads(body)["eval_count"] == 2
+        # …and keep_alive 0 was that request's, not the model's from then on: the model's own applies.
+        worker = daemon.worker("tiny")
+        assert worker.pid != 0 and worker.unload_in_s == -1  # the config's keep_alive: never
     finally:
         daemon.stop()
 
@@ -102,6 +105,22 @@ def test_malformed_json_and_bad_fields_are_400_with_the_reason(daemon, path, sha
     status, _, body = call(daemon.http_url, "POST", path, {"model": "tiny", "messages": "hello"})
     error = json.loads(body)["error"]
     assert status == 400 and "messages" in (error["message"] if shape == "openai" else error)
+
+
+@pytest.mark.parametrize("body", [
+    b'{"model": "tiny", "prompt": "hi", "options": {"top_k": -1}}',
+    b'{"model": "tiny", "prompt": "hi", "options": {"top_k": 3.5}}',
+    b'{"model": "tiny", "prompt": "hi", "options": {"seed": Infinity}}',
+    b'{"model": "tiny", "prompt": "hi", "options": {"num_predict": NaN}}',
+    b'{"model": "tiny", "prompt": "hi", "options": {"temperature": NaN}}',
+    b'{"model": "tiny", "prompt": "hi", "options": {"stop": 3}}',
+    b'{"model": "tiny", "prompt": "hi", "format": "yaml"}',
+    b"[" * 100_000,
+])
+def test_bad_values_are_400_never_500(daemon, body):
+    status, _, reply = call(daemon.http_url, "POST", "/api/generate", body)
+    assert status == 400, reply
+    assert "http_handler_failed" not in daemon.log()
 
 
 def test_a_body_over_max_message_size_is_413(model_dir):
@@ -149,8 +168,20 @@ def test_cors_answers_allowed_origins_only(model_dir):
         status, headers, _ = call(daemon.http_url, "POST", "/api/chat", {**CHAT, "options": {"num_predict": 2}},
                                   headers={"Origin": "https://chat.example.com"})  # streamed: headers go early
         assert status == 200 and headers["access-control-allow-origin"] == "https://chat.example.com"
-        _, headers, _ = call(daemon.http_url, "GET", "/api/tags", headers={"Origin": "https://evil.example.com"})
+        # An origin not allowed is refused outright: a page's "simple" POST needs no preflight.
+        status, headers, body = call(daemon.http_url, "POST", "/api/generate",
+                                     b'{"model": "tiny", "prompt": "hi", "keep_alive": 0}',
+                                     headers={"Origin": "https://evil.example.com", "Content-Type": "text/plain"})
+        assert status == 403 and "cors_origins" in json.loads(body)["error"]
         assert "access-control-allow-origin" not in headers
+        assert daemon.worker("tiny").state == "READY"  # nothing ran: the model is still loaded
+        # This machine's own origins (a local web UI, an editor's webview) need no setting, as in Ollama.
+        status, headers, _ = call(daemon.http_url, "GET", "/api/tags", headers={"Origin": "http://localhost:3000"})
+        assert status == 200 and headers["access-control-allow-origin"] == "http://localhost:3000"
+        # DNS rebinding: a page whose name now resolves to 127.0.0.1 still sends its own name as Host.
+        status, _, body = call(daemon.http_url, "GET", "/api/tags", headers={"Host": "evil.example.com:11434"})
+        assert status == 403 and "not this machine" in json.loads(body)["error"]
+        assert call(daemon.http_url, "GET", "/api/tags", headers={"Host": "localhost:11434"})[0] == 200
     finally:
         daemon.stop()
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from supervisor.errors import ApiError
+from supervisor.errors import ApiError, QueueFull
 
 Code = grpc.StatusCode
 
@@ -23,7 +23,7 @@ HTTP_STATUS = {
     Code.NOT_FOUND: 404,
     Code.ALREADY_EXISTS: 409,
     Code.ABORTED: 409,
-    Code.RESOURCE_EXHAUSTED: 429,  # the model's queue is full
+    Code.RESOURCE_EXHAUSTED: 503,  # a worker start the memory budgets cannot hold; a full queue is 429
     Code.CANCELLED: 499,
     Code.UNIMPLEMENTED: 501,
     Code.UNAVAILABLE: 503,  # the model is FATAL, stopped, too hot, or its worker died mid-request
@@ -47,10 +47,16 @@ class HttpError(Exception):
 
     @classmethod
     def of(cls, error: ApiError) -> HttpError:
-        return cls(HTTP_STATUS.get(error.code, 500), error.message)
+        return cls(429 if isinstance(error, QueueFull) else HTTP_STATUS.get(error.code, 500), error.message)
 
     def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(RETRY_AFTER_S)} if self.status == 429 else {}
+        if self.status == 429:
+            return {"Retry-After": str(RETRY_AFTER_S)}
+        if self.status in (500, 504):
+            # The openai package retries these twice by itself: a request that ran past request_timeout
+            # would run three times over.
+            return {"x-should-retry": "false"}
+        return {}
 
     def openai(self) -> dict:
         """{"error": {"message", "type", "param", "code"}}, as api.openai.com answers."""

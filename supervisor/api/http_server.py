@@ -2,7 +2,8 @@
 loop, in front of the same request path as the gRPC service (inference.py), never a gRPC hop.
 
 What every request passes here, in order: the access log (and the `api` label on every log line the
-request causes), CORS, errors in the caller's API's shape, bearer tokens (the gRPC API's, same roles).
+request causes), the guard against web pages (Origin, Host) and CORS, errors in the caller's API's
+shape, bearer tokens (the gRPC API's, same roles).
 Bodies are read through `read_body`: bounded by max_message_size (413), parsed as JSON (400 with the
 parser's reason) and validated by a pydantic model (400 naming the field). A client that disconnects
 cancels its handler (handler_cancellation), and with it the worker's sequence.
@@ -10,8 +11,10 @@ cancels its handler (handler_cancellation), and with it the worker's sequence.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
+import re
 import socket
 import ssl
 import time
@@ -55,6 +58,8 @@ async def read_body(request: web.Request, model: type[Model]) -> Model:
         data = json.loads(raw or b"{}")
     except ValueError as e:
         raise bad_request(f"the request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise bad_request("the request body is not valid JSON: nested too deeply") from None
     if not isinstance(data, dict):
         raise bad_request(f"the request body must be a JSON object, got {type(data).__name__}")
     try:
@@ -71,6 +76,13 @@ def dumps(body: Any) -> bytes:
 
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(body=dumps(body), status=status, headers=headers, content_type="application/json")
+
+
+async def json_response_off_loop(make: Callable[[], Any]) -> web.Response:
+    """For replies that may be tens of MB (2,048 vectors of 4,096 floats): built and encoded on a thread,
+    so every stream and the watch loop go on meanwhile."""
+    body = await asyncio.to_thread(lambda: dumps(make()))
+    return web.Response(body=body, content_type="application/json")
 
 
 class Frames:
@@ -112,8 +124,9 @@ class HttpApi:
         self._tokens = tokens  # read per request: a reload replaces the token files' contents
         self._runner: web.AppRunner | None = None
         self.app = web.Application(client_max_size=config.max_message_size,
-                                    middlewares=[self._logged, self._cors, self._errors, self._auth])
+                                    middlewares=[self._logged, self._browsers, self._errors, self._auth])
         self.app["max_body"] = config.max_message_size
+        self._loopback = is_loopback(split_host_port(config.http_address, any_port=True)[0])
         self.app.add_routes(routes)
 
     async def start(self) -> str:
@@ -172,23 +185,28 @@ class HttpApi:
         except Exception:
             log.exception("http_handler_failed", method=request.method, path=request.path)
             error = HttpError(500, "internal error; the daemon's log has the details")
-        body = error.openai() if api_of(request.path) == "openai" else error.ollama()
         frames: Frames | None = request.get("frames")
         if frames is not None:
             # Mid-stream, the status has gone out: the error is the last frame, which clients raise,
             # rather than a stream that merely stops.
-            await frames.send(body)
+            await frames.send(body_of(request, error))
             return await frames.end(done=False)
-        return json_response(body, error.status, error.headers())
+        return render(request, error)
 
     @web.middleware
-    async def _cors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+    async def _browsers(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """What keeps web pages out, as Ollama does: a browser sends any page's requests here, preflight or
+        not (a text/plain POST needs none), so an Origin that is not allowed is refused outright rather
+        than only denied the reply; and on loopback a Host that is not this machine is refused, which a
+        page that rebinds its DNS name to 127.0.0.1 cannot help sending. CORS headers go to allowed origins."""
+        if self._loopback and not local_host(request.host):
+            return render(request, HttpError(403, f"Host {request.host!r} is not this machine: the HTTP API listens "
+                                                  f"on loopback and answers requests addressed to it only"))
         origins = self.config.cors_origins
         origin = request.headers.get("Origin")
-        allowed = origin is not None and ("*" in origins or origin in origins)
-        if request.method == "OPTIONS" and request.headers.get("Access-Control-Request-Method"):
-            if not allowed:
-                return web.Response(status=403, text="origin not allowed ([http] cors_origins)")
+        if origin is not None and not origin_allowed(origin, origins):
+            return render(request, HttpError(403, f"origin {origin!r} is not allowed: add it to [http] cors_origins"))
+        if request.method == "OPTIONS" and origin is not None and request.headers.get("Access-Control-Request-Method"):
             return web.Response(status=204, headers={
                 **cors_headers(origin, origins),
                 "Access-Control-Allow-Methods": "GET, HEAD, POST, DELETE, OPTIONS",
@@ -196,11 +214,11 @@ class HttpApi:
                                                                     "Authorization, Content-Type"),
                 "Access-Control-Max-Age": "600",
             })
-        if allowed:
+        if origin is not None:
             # Set before the handler runs: a streamed response sends its headers with its first frame.
             request["cors"] = cors_headers(origin, origins)
         response = await handler(request)
-        if allowed and not response.prepared:
+        if origin is not None and not response.prepared:
             response.headers.update(request["cors"])
         return response
 
@@ -217,6 +235,35 @@ class HttpApi:
             raise HttpError(403, f"{request.method} {request.path} needs an {needed} token; this one is an "
                                  f"{granted} token")
         return await handler(request)
+
+
+def body_of(request: web.Request, error: HttpError) -> dict:
+    return error.openai() if api_of(request.path) == "openai" else error.ollama()
+
+
+def render(request: web.Request, error: HttpError) -> web.Response:
+    """The error in the shape of the API the request was for."""
+    return json_response(body_of(request, error), error.status, error.headers())
+
+
+# Origins a browser on this machine sends, allowed by default as Ollama allows them: local web UIs,
+# desktop apps and editors (Electron's app://, Tauri, VS Code's webviews).
+LOCAL_ORIGIN = re.compile(r"(https?://(localhost|127\.0\.0\.1|\[::1\]|0\.0\.0\.0)(:\d+)?"
+                          r"|(app|file|tauri|vscode-webview|vscode-file)://.*)")
+
+
+def origin_allowed(origin: str, configured: tuple[str, ...]) -> bool:
+    return "*" in configured or origin in configured or LOCAL_ORIGIN.fullmatch(origin) is not None
+
+
+def local_host(host: str | None) -> bool:
+    """Whether a Host header names this machine: localhost or a loopback address, any port."""
+    if not host:
+        return True  # HTTP/1.0 sends none: no browser does that
+    name = host[1:host.index("]")] if host.startswith("[") and "]" in host else host.rpartition(":")[0] or host
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    return is_loopback(name)
 
 
 def cors_headers(origin: str, origins: tuple[str, ...]) -> dict[str, str]:

@@ -55,8 +55,7 @@ class Inference:
             if not runtime.config.embedding:
                 raise precondition(f"model {model!r} generates text and does not embed: set `embedding = true` in "
                                    f"[models.{model}] for a model that serves Embed")
-            if request.keep_alive:
-                runtime.keep_alive(check_keep_alive(request.keep_alive))
+            runtime.keep_alive(request_keep_alive(request.keep_alive, runtime.config))
             response = await runtime.embed(request)
             if self.metrics:
                 self.metrics.embedded(model, api)
@@ -82,8 +81,7 @@ class Inference:
             request.options.CopyFrom(check_options(request.options, runtime.config))
             request.max_prompt_tokens = runtime.config.max_prompt_tokens
             dropped = shape(runtime.config)
-            if keep_alive:
-                runtime.keep_alive(check_keep_alive(keep_alive))
+            runtime.keep_alive(request_keep_alive(keep_alive, runtime.config))
             # aclosing: a cancelled client must free the model's slot now, not when the generator is collected.
             last = None
             async with aclosing(runtime.generate(request)) as chunks:
@@ -99,6 +97,12 @@ class Inference:
         except ApiError as e:
             self._failed(model, e, api)
             raise
+
+
+def request_keep_alive(text: str, config: ModelConfig) -> float:
+    """Ollama's meaning: a request's keep_alive is how long the model stays after it; a request that
+    gives none goes back to the model's own, so one client's keep_alive 0 does not stick for all."""
+    return check_keep_alive(text) if text else config.keep_alive
 
 
 def chat_history(messages, config: ModelConfig) -> tuple[list[pb.ChatMessage], int]:

@@ -9,9 +9,9 @@ pull, push, create and copy answer 501 with how models get here.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
+import math
 import time
 from contextlib import aclosing
 from datetime import datetime, timedelta, timezone
@@ -24,11 +24,10 @@ from pydantic import BaseModel, ConfigDict
 from llm_supervisor.v1 import supervisor_pb2 as pb
 
 from supervisor.api.http_errors import HttpError, bad_request, unsupported
-from supervisor.api.http_server import Frames, json_response, read_body
-from supervisor.api.inference import Inference
+from supervisor.api.http_server import Frames, json_response, json_response_off_loop, read_body
+from supervisor.api.inference import Inference, request_keep_alive
 from supervisor.api.openai_api import FINISH, JSON_OBJECT
 from supervisor.api.thinking import ThinkSplit
-from supervisor.api.validation import check_keep_alive
 from supervisor.serving.runtime import ModelRuntime
 
 log = structlog.get_logger("llm_supervisor.ollama")
@@ -37,7 +36,8 @@ log = structlog.get_logger("llm_supervisor.ollama")
 OLLAMA_VERSION = "0.12.0"
 NOT_HERE = ("llm-supervisor does not download or build models: put a GGUF file in a model directory "
             "([supervisor] model_dirs) and load it with `llmctl load NAME FILE`, or name it in [models.NAME]")
-NUMBER_OPTIONS = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "frequency_penalty", "presence_penalty")
+NUMBER_OPTIONS = ("temperature", "top_p", "min_p", "repeat_penalty", "frequency_penalty", "presence_penalty")
+UINT32 = (1 << 32) - 1
 IGNORED_LOGGED = 1024  # distinct (model, ignored options) pairs logged before the memory of them starts over
 
 
@@ -66,7 +66,7 @@ class GenerateBody(Request):
 
 class Message(Loose):
     role: str
-    content: str = ""
+    content: str | None = ""  # null from some clients for an assistant turn that only called tools
     images: list[str] | None = None
     tool_calls: list[Any] | None = None
 
@@ -124,22 +124,36 @@ def human_count(n: int) -> str:
     return str(n)
 
 
+def whole(key: str, value: Any) -> int:
+    """An integer option: JSON numbers with no fraction, finite (the parser takes NaN and Infinity)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+            isinstance(value, float) and not (math.isfinite(value) and value.is_integer())):
+        raise bad_request(f"options.{key} must be a whole number, got {value!r}", f"options.{key}")
+    return int(value)
+
+
 def sampling(options: dict[str, Any] | None, fmt: str | dict | None) -> tuple[pb.SamplingOptions, list[str]]:
-    """Ollama's options as ours, and the keys that have no effect here (runner settings, mirostat …)."""
+    """Ollama's options as ours, and the keys that have no effect here (runner settings, mirostat …).
+    Ranges are checked where every API's are (validation.check_options); here, only what a field holds."""
     out, ignored = pb.SamplingOptions(), []
     for key, value in (options or {}).items():
         if value is None:
             continue
-        if key in NUMBER_OPTIONS or key in ("seed", "num_predict"):
+        if key == "seed":
+            seed = whole(key, value)
+            if seed >= 0:  # negative: a random seed, as Ollama does
+                out.seed = seed % (1 << 32)
+        elif key == "num_predict":
+            out.max_tokens = min(max(whole(key, value), 0), UINT32)  # -1 (no limit), -2 (fill the context): 0
+        elif key == "top_k":
+            top_k = whole(key, value)
+            if not 0 <= top_k <= UINT32:
+                raise bad_request(f"options.top_k must be 0 (off) or more, got {top_k}", "options.top_k")
+            out.top_k = top_k
+        elif key in NUMBER_OPTIONS:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise bad_request(f"options.{key} must be a number, got {value!r}", f"options.{key}")
-            if key == "seed":
-                if value >= 0:  # negative: a random seed, as Ollama does
-                    out.seed = int(value) % (1 << 32)
-            elif key == "num_predict":
-                out.max_tokens = max(int(value), 0)  # -1 (no limit) and -2 (fill the context): ours is 0
-            else:
-                setattr(out, key, value)
+            setattr(out, key, value)  # NaN, ±inf and out-of-range values are refused by check_options
         elif key == "stop":
             stops = [value] if isinstance(value, str) else value
             if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
@@ -243,7 +257,8 @@ class Ollama:
                 f"{arch}.context_length": gguf.n_ctx_train, f"{arch}.block_count": gguf.n_layer,
                 f"{arch}.embedding_length": gguf.shape.n_embd}
         return json_response({
-            "license": "", "modelfile": f"# served by llm-supervisor\nFROM {gguf.path}\n",
+            # The file's name, not its path: inference clients have no business with the server's layout.
+            "license": "", "modelfile": f"# served by llm-supervisor\nFROM {gguf.path.name}\n",
             # What this daemon runs it with: the operator's settings, not the file's maximum.
             "parameters": f"num_ctx {config.n_ctx}", "template": gguf.chat_template, "details": details(runtime),
             "model_info": info, "capabilities": ["embedding"] if config.embedding else ["completion"],
@@ -286,7 +301,7 @@ class Ollama:
             if message.tool_calls:
                 raise unsupported(f"messages[{i}].tool_calls", "tool calling is not supported yet")
         chat = pb.ChatRequest(model=runtime.name, options=self._options(runtime, body),
-                              messages=[pb.ChatMessage(role=m.role, content=m.content) for m in body.messages],
+                              messages=[pb.ChatMessage(role=m.role, content=m.content or "") for m in body.messages],
                               keep_alive=keep_alive_text(body.keep_alive))
         return await self._respond(request, body, self.inference.chat(chat, "ollama"), lambda text, thinking: {
             "message": {"role": "assistant", "content": text, **({"thinking": thinking} if thinking else {})}})
@@ -307,16 +322,14 @@ class Ollama:
     async def _load_or_unload(self, runtime: ModelRuntime, body: Request, empty: dict) -> web.Response:
         """Ollama's empty request: load the model (a worker ready on each replica), or with keep_alive 0
         unload it (once the requests in flight are done)."""
-        keep = keep_alive_text(body.keep_alive)
-        seconds = check_keep_alive(keep) if keep else None
-        if seconds is not None:
-            runtime.keep_alive(seconds)
+        seconds = request_keep_alive(keep_alive_text(body.keep_alive), runtime.config)
+        runtime.keep_alive(seconds)
         if seconds == 0:
             for replica in runtime.replicas:
                 replica.watchdog.unload_if_idle()
             reason = "unload"
         else:
-            await asyncio.gather(*(replica.ready_worker() for replica in runtime.replicas))
+            await runtime.warm()
             reason = "load"
         return json_response({"model": body.model, "created_at": now_iso(), **empty, "done": True, "done_reason": reason})
 
@@ -347,12 +360,11 @@ class Ollama:
             # ResponseError (http_server's middleware writes it).
             chunk = first
             while chunk is not None:
-                following = await anext(chunks, None)
-                if following is None:
-                    await frames.send(line(chunk.text, chunk))  # the last chunk: done, with the figures
-                elif chunk.text:
-                    await frames.send(line(chunk.text))
-                chunk = following
+                if chunk.text:
+                    await frames.send(line(chunk.text))  # at once: a line held for the next costs a token's time
+                if chunk.HasField("usage"):  # the last: a line of its own, done, with the figures, as Ollama's
+                    await frames.send(line("", chunk))
+                chunk = await anext(chunks, None)
             return await frames.end()
 
     # -- embeddings ----------------------------------------------------------------------------------
@@ -369,16 +381,17 @@ class Ollama:
         reply = await self.inference.embed(pb.EmbedRequest(model=runtime.name, input=inputs, truncate=body.truncate,
                                                            keep_alive=keep_alive_text(body.keep_alive)), "ollama")
         total = time.monotonic() - started
-        return json_response({"model": body.model, "embeddings": [list(e.values) for e in reply.embeddings],
-                              "total_duration": int(total * 1e9),
-                              "load_duration": int(max(total - reply.total_s, 0.0) * 1e9),
-                              "prompt_eval_count": reply.prompt_tokens})
+        return await json_response_off_loop(lambda: {
+            "model": body.model, "embeddings": [list(e.values) for e in reply.embeddings],
+            "total_duration": int(total * 1e9), "load_duration": int(max(total - reply.total_s, 0.0) * 1e9),
+            "prompt_eval_count": reply.prompt_tokens})
 
     async def legacy_embed(self, request: web.Request) -> web.Response:
         body = await read_body(request, LegacyEmbedBody)
         runtime = self.runtime(body.model)
-        if not body.prompt:
-            raise bad_request("prompt is empty", "prompt")
+        if not body.prompt:  # as Ollama: nothing to embed loads the model
+            await self._load_or_unload(runtime, body, {})
+            return json_response({"embedding": []})
         reply = await self.inference.embed(pb.EmbedRequest(model=runtime.name, input=[body.prompt], truncate=True,
                                                            keep_alive=keep_alive_text(body.keep_alive)), "ollama")
         return json_response({"embedding": list(reply.embeddings[0].values)})

@@ -20,11 +20,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from llm_supervisor.v1 import supervisor_pb2 as pb
 
 from supervisor.api.http_errors import bad_request, unsupported
-from supervisor.api.http_server import Frames, json_response, read_body
+from supervisor.api.http_server import Frames, json_response, json_response_off_loop, read_body
 from supervisor.api.inference import Inference
 
 FINISH = {pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_END_OF_TEXT: "stop"}
 JSON_OBJECT = '{"type": "object"}'  # response_format json_object: any JSON object, through the grammar
+UINT32 = (1 << 32) - 1  # the protos' counts
 
 
 class Loose(BaseModel):
@@ -60,8 +61,8 @@ class Sampling(Loose):
     """What /v1/chat/completions and /v1/completions share."""
 
     model: str
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=UINT32)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=UINT32)
     temperature: float | None = None
     top_p: float | None = None
     seed: int | None = None
@@ -74,7 +75,7 @@ class Sampling(Loose):
     logprobs: bool | int | None = None
     logit_bias: dict[str, float] | None = None
     # llama-server's extensions, which llama.cpp's clients send.
-    top_k: int | None = Field(default=None, ge=0)
+    top_k: int | None = Field(default=None, ge=0, le=UINT32)
     min_p: float | None = None
     repeat_penalty: float | None = None
 
@@ -261,18 +262,21 @@ class OpenAI:
         body = await read_body(request, EmbeddingRequest)
         inputs = [body.input] if isinstance(body.input, str) else body.input
         if not inputs or not all(isinstance(item, str) for item in inputs):
-            raise unsupported("input", "give text (a string or a list of strings), not token ids") if inputs else \
+            raise unsupported("input", "give text (a string or a list of strings), not token ids: they are another "
+                                       "tokenizer's (LangChain: OpenAIEmbeddings(check_embedding_ctx_length=False))") \
+                if inputs else \
                 bad_request("input is empty", "input")
         name = self.name(body.model)
         size = self.inference.runtime(name).gguf.shape.n_embd
         if body.dimensions is not None and body.dimensions != size:
             raise unsupported("dimensions", f"model {body.model!r} makes vectors of {size}, no other size")
         reply = await self.inference.embed(pb.EmbedRequest(model=name, input=inputs), "openai")
-        data = [{"object": "embedding", "index": i,
-                 "embedding": encoded(e.values) if body.encoding_format == "base64" else list(e.values)}
-                for i, e in enumerate(reply.embeddings)]
-        return json_response({"object": "list", "data": data, "model": body.model,
-                              "usage": {"prompt_tokens": reply.prompt_tokens, "total_tokens": reply.prompt_tokens}})
+        return await json_response_off_loop(lambda: {
+            "object": "list", "model": body.model,
+            "data": [{"object": "embedding", "index": i,
+                      "embedding": encoded(e.values) if body.encoding_format == "base64" else list(e.values)}
+                     for i, e in enumerate(reply.embeddings)],
+            "usage": {"prompt_tokens": reply.prompt_tokens, "total_tokens": reply.prompt_tokens}})
 
 
 def encoded(values) -> str:

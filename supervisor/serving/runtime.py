@@ -19,7 +19,7 @@ from llm_supervisor.v1 import supervisor_pb2 as pb
 from llm_supervisor.v1 import worker_pb2
 
 from supervisor.settings.config import ModelConfig
-from supervisor.errors import ApiError, exhausted, unavailable
+from supervisor.errors import ApiError, QueueFull, unavailable
 from supervisor.decide.estimate import Estimate
 from supervisor.settings.gguf_file import GGUFInfo
 from supervisor.process.output import OutputLog
@@ -76,7 +76,7 @@ class ModelRuntime:
         return self.replicas[0].status
 
     def keep_alive(self, seconds: float) -> None:
-        """A request's keep_alive: the model's idle time from now on, as in Ollama."""
+        """How long the model stays after the request now coming (Ollama's keep_alive)."""
         for replica in self.replicas:
             replica.keep_alive = seconds
 
@@ -110,7 +110,7 @@ class ModelRuntime:
     # -- requests ------------------------------------------------------------------------------------
     async def _enter_queue(self, replica: Replica) -> None:
         if replica.queue.full and self.waiting >= self.config.max_queue:
-            raise exhausted(f"model {self.name!r}: queue is full ({self.waiting} waiting, max_queue = "
+            raise QueueFull(f"model {self.name!r}: queue is full ({self.waiting} waiting, max_queue = "
                             f"{self.config.max_queue}); retry later or raise max_queue")
         await replica.queue.enter()
 
@@ -126,7 +126,7 @@ class ModelRuntime:
                     replica.keep(self._release(replica, unfinished, request_id, leave=False),
                                  f"release-{unfinished.pid}-{request_id}")
                     unfinished = None
-                worker = await replica.ready_worker()
+                worker = await self._ready(replica)
                 sent = measured = completed = False
                 request_id = request.request_id = worker.new_request_id()
                 worker.begin_request()
@@ -179,7 +179,7 @@ class ModelRuntime:
         try:
             await self._until_cool(replica)
             for attempt in (1, 2):
-                worker = await replica.ready_worker()
+                worker = await self._ready(replica)
                 worker.begin_request()
                 try:
                     response = await worker.stub.Embed(request, timeout=self.config.request_timeout)
@@ -197,6 +197,21 @@ class ModelRuntime:
                 return response
         finally:
             self._leave(replica)
+
+    async def warm(self) -> None:
+        """A worker ready on every replica, as Ollama's empty request asks."""
+        await asyncio.gather(*(self._ready(replica) for replica in self.replicas))
+
+    async def _ready(self, replica: Replica) -> WorkerProcess:
+        """The replica's serving worker, started for this request if need be. A start that fails to load
+        is the model being unavailable to the request (UNAVAILABLE, HTTP 503), not the request being
+        wrong, whatever code the load's own caller (LoadModel) gets for it."""
+        try:
+            return await replica.ready_worker()
+        except ApiError as e:
+            if e.code == grpc.StatusCode.FAILED_PRECONDITION:
+                raise unavailable(f"model {self.name!r} cannot start: {e.message}") from None
+            raise
 
     async def _until_cool(self, replica: Replica) -> None:
         if not replica.thermal.cool.is_set():  # a GPU past temperature_throttle: wait here, first in line

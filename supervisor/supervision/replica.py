@@ -11,6 +11,7 @@ replaces it, the thermal gate (supervision/thermal.py) keeps the GPU's door.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import itertools
 import random
 import time
@@ -104,7 +105,7 @@ class Replica:
         self.restarts = 0
         self.last_exit = ""
         self.memory_note = ""  # set at admission: e.g. weights larger than the free RAM, read from the file
-        self.keep_alive = config.keep_alive  # a request may change it for the model, as in Ollama
+        self.keep_alive = config.keep_alive  # each request may set it for the time after it, as in Ollama
         self.last_used = clock()
         self.thermal = ThermalGate(config.name)
         self.recycles = Recycles(self, room, clock)
@@ -246,8 +247,10 @@ class Replica:
             # FATAL and STOPPED are left only by hand (start_by_hand) or a reload: the start then refuses.
             if self.state == ReplicaState.UNLOADED:
                 self.change_state(ReplicaState.STARTING, "starting")
+            # A context of its own: the request that asked for the start is not the start's (its log lines
+            # would carry that request's labels, api=… and all).
             self._starting = asyncio.create_task(self._start(after, after_exit, warm_after),
-                                                 name=f"start-{self.label}")
+                                                 name=f"start-{self.label}", context=contextvars.Context())
         return self._starting
 
     async def start(self) -> WorkerProcess:
