@@ -9,6 +9,7 @@ import ollama
 import pytest
 
 from llm_supervisor.v1 import supervisor_pb2 as pb
+from supervisor.settings.demo_model import write_model
 from tests.conftest import launch, model_table, wait_for
 
 HTTP = '[http]\naddress = "127.0.0.1:0"\n'
@@ -29,8 +30,8 @@ def client(daemon) -> ollama.Client:
     return ollama.Client(host=daemon.http_url)
 
 
-def grpc_chat(daemon, messages, max_tokens: int) -> str:
-    chunks = daemon.stub.Chat(pb.ChatRequest(model="tiny", messages=[pb.ChatMessage(**m) for m in messages],
+def grpc_chat(daemon, messages, max_tokens: int, model: str = "tiny") -> str:
+    chunks = daemon.stub.Chat(pb.ChatRequest(model=model, messages=[pb.ChatMessage(**m) for m in messages],
                                              options=pb.SamplingOptions(max_tokens=max_tokens, temperature=0.0)))
     return "".join(c.text for c in chunks)
 
@@ -74,6 +75,31 @@ def test_think_on_a_model_that_does_not_think_leaves_the_reply_whole(client, dae
     assert reply.message.content == grpc_chat(daemon, MESSAGES, 10) and not reply.message.thinking
     parts = list(client.chat(model="tiny", messages=MESSAGES, options=GREEDY, think=True, stream=True))
     assert "".join(p.message.content for p in parts) == reply.message.content
+
+
+# A template whose generation prompt opens the reasoning, as DeepSeek-R1's newer ones and QwQ's do.
+THINKER = ("{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}</s>\n{% endfor %}"
+           "{% if add_generation_prompt %}<|assistant|>\n<think>\n{% endif %}")
+
+
+def test_think_puts_a_thinking_models_reasoning_in_thinking(model_dir):
+    write_model(model_dir / "thinker.gguf", chat_template=THINKER)
+    daemon = launch(model_dir, model_table("thinker", "thinker.gguf", n_ctx=512), extra=HTTP)
+    try:
+        client = ollama.Client(host=daemon.http_url)
+        said = grpc_chat(daemon, MESSAGES, 10, model="thinker")
+        assert "</think>" not in said  # random weights never close it: all of the reply is reasoning
+        thought = client.chat(model="thinker", messages=MESSAGES, options=GREEDY, think=True)
+        assert thought.message.thinking == said and thought.message.content == ""
+        parts = list(client.chat(model="thinker", messages=MESSAGES, options=GREEDY, think=True, stream=True))
+        assert "".join(p.message.thinking or "" for p in parts) == said
+        assert "".join(p.message.content for p in parts) == ""
+        generated = client.generate(model="thinker", prompt="Say hello", options=GREEDY, think=True)
+        assert generated.thinking == said and generated.response == ""
+        plain = client.chat(model="thinker", messages=MESSAGES, options=GREEDY)  # no think: as the model writes it
+        assert plain.message.content == said and not plain.message.thinking
+    finally:
+        daemon.stop()
 
 
 def test_generate_with_system_and_raw(client, daemon):
@@ -139,6 +165,10 @@ def test_empty_prompt_loads_and_keep_alive_0_unloads(model_dir):
         (running,) = client.ps().models
         assert running.model == "tiny:latest" and running.size > 0 and running.size_vram == 0
         assert 500 < (running.expires_at.timestamp() - time.time()) <= 600  # keep_alive 10m
+        # Preloading a model already loaded counts keep_alive from now, in Go's spelling too.
+        client.chat(model="tiny", messages=MESSAGES, options={"num_predict": 2}, keep_alive="1h0m0s")
+        assert client.generate(model="tiny", prompt="", keep_alive="2h30m").done_reason == "load"
+        assert 2.4 * 3600 < daemon.worker("tiny").unload_in_s <= 2.5 * 3600
     finally:
         daemon.stop()
 

@@ -153,7 +153,7 @@ def test_a_full_queue_is_429_with_retry_after(model_dir):
 
 def test_cors_answers_allowed_origins_only(model_dir):
     daemon = launch(model_dir, model_table("tiny", "tiny.gguf", n_ctx=256),
-                    extra=HTTP + 'cors_origins = ["https://chat.example.com"]\n')
+                    extra=HTTP + 'cors_origins = ["https://chat.example.com", "chrome-extension://*"]\n')
     try:
         preflight = {"Origin": "https://chat.example.com", "Access-Control-Request-Method": "POST",
                      "Access-Control-Request-Headers": "authorization, content-type"}
@@ -174,7 +174,9 @@ def test_cors_answers_allowed_origins_only(model_dir):
                                      headers={"Origin": "https://evil.example.com", "Content-Type": "text/plain"})
         assert status == 403 and "cors_origins" in json.loads(body)["error"]
         assert "access-control-allow-origin" not in headers
-        assert daemon.worker("tiny").state == "READY"  # nothing ran: the model is still loaded
+        assert daemon.worker("tiny").requests_served == 1  # nothing ran: only the streamed chat above
+        status, headers, _ = call(daemon.http_url, "GET", "/api/tags", headers={"Origin": "chrome-extension://abcdef"})
+        assert status == 200 and headers["access-control-allow-origin"] == "chrome-extension://abcdef"
         # This machine's own origins (a local web UI, an editor's webview) need no setting, as in Ollama.
         status, headers, _ = call(daemon.http_url, "GET", "/api/tags", headers={"Origin": "http://localhost:3000"})
         assert status == 200 and headers["access-control-allow-origin"] == "http://localhost:3000"
@@ -182,6 +184,7 @@ def test_cors_answers_allowed_origins_only(model_dir):
         status, _, body = call(daemon.http_url, "GET", "/api/tags", headers={"Host": "evil.example.com:11434"})
         assert status == 403 and "not this machine" in json.loads(body)["error"]
         assert call(daemon.http_url, "GET", "/api/tags", headers={"Host": "localhost:11434"})[0] == 200
+        assert call(daemon.http_url, "GET", "/api/tags", headers={"Host": "LOCALHOST."})[0] == 200
     finally:
         daemon.stop()
 
@@ -238,7 +241,8 @@ def test_tokens_apply_to_http_with_the_same_roles(model_dir, tmp_path):
                     extra=HTTP + f'[auth]\ninference_tokens_file = "{tmp_path / "inference"}"\n')
     try:
         assert call(daemon.http_url, "GET", "/api/version")[0] == 200  # open, as the health service is
-        assert call(daemon.http_url, "GET", "/")[0] == 200
+        assert call(daemon.http_url, "GET", "/")[2] == b"Ollama is running"
+        assert call(daemon.http_url, "HEAD", "/")[0] == 200
         status, _, body = call(daemon.http_url, "GET", "/api/tags")
         assert status == 401 and "Bearer" in json.loads(body)["error"]
         good = {"Authorization": "Bearer inference-token-0123456789"}

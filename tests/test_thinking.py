@@ -42,3 +42,21 @@ def test_an_unfinished_tag_or_reasoning_is_kept():
     assert split(["<thi"]) == ("", "<thi")
     assert split(["<think>still going"]) == ("still going", "")
     assert split(["<think>a</th"]) == ("a</th", "")
+
+
+def test_a_prompt_that_opened_the_reasoning_starts_in_it():
+    s = ThinkSplit(opened=True)
+    assert s.feed("Okay, the user wants") == ("Okay, the user wants", "")
+    assert s.feed(" a greeting.\n</th") == (" a greeting.\n", "")
+    assert s.feed("ink>\n\nHello!") == ("", "Hello!")
+
+
+def test_which_templates_open_the_reasoning():
+    from supervisor.api.thinking import opens_thinking
+
+    deepseek = "{% if add_generation_prompt %}{{'<｜Assistant｜><think>\\n'}}{% endif %}"
+    qwen3_hybrid = ("{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- if enable_thinking is "
+                    "defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}{%- endif %}")
+    chatml = "{% if add_generation_prompt %}<|im_start|>assistant\\n{% endif %}"
+    assert opens_thinking(deepseek) and not opens_thinking(qwen3_hybrid) and not opens_thinking(chatml)
+    assert not opens_thinking("")

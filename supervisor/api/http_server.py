@@ -12,6 +12,7 @@ cancels its handler (handler_cancellation), and with it the worker's sequence.
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import ipaddress
 import json
 import re
@@ -78,10 +79,20 @@ def json_response(body: Any, status: int = 200, headers: dict[str, str] | None =
     return web.Response(body=dumps(body), status=status, headers=headers, content_type="application/json")
 
 
+def dumps_in_pieces(value: Any) -> bytes:
+    """JSON in many small encoder calls, one per vector: the C encoder holds the GIL for a whole call,
+    so a single call over tens of MB would stop the event loop's thread however it was started."""
+    if isinstance(value, dict):
+        return b"{" + b",".join(dumps(k) + b":" + dumps_in_pieces(v) for k, v in value.items()) + b"}"
+    if isinstance(value, list) and value and isinstance(value[0], (list, dict)):
+        return b"[" + b",".join(dumps_in_pieces(item) for item in value) + b"]"
+    return dumps(value)
+
+
 async def json_response_off_loop(make: Callable[[], Any]) -> web.Response:
     """For replies that may be tens of MB (2,048 vectors of 4,096 floats): built and encoded on a thread,
-    so every stream and the watch loop go on meanwhile."""
-    body = await asyncio.to_thread(lambda: dumps(make()))
+    a vector at a time, so every stream and the watch loop go on meanwhile."""
+    body = await asyncio.to_thread(lambda: dumps_in_pieces(make()))
     return web.Response(body=body, content_type="application/json")
 
 
@@ -199,9 +210,11 @@ class HttpApi:
         not (a text/plain POST needs none), so an Origin that is not allowed is refused outright rather
         than only denied the reply; and on loopback a Host that is not this machine is refused, which a
         page that rebinds its DNS name to 127.0.0.1 cannot help sending. CORS headers go to allowed origins."""
-        if self._loopback and not local_host(request.host):
-            return render(request, HttpError(403, f"Host {request.host!r} is not this machine: the HTTP API listens "
-                                                  f"on loopback and answers requests addressed to it only"))
+        host = request.headers.get("Host")  # as sent: aiohttp fills a missing one in from the socket
+        if self._loopback and not local_host(host):
+            return render(request, HttpError(403, f"Host {host!r} is not this machine: the HTTP API listens on "
+                                                  f"loopback and answers requests addressed to it only (a proxy in "
+                                                  f"front: send Host localhost)"))
         origins = self.config.cors_origins
         origin = request.headers.get("Origin")
         if origin is not None and not origin_allowed(origin, origins):
@@ -253,15 +266,19 @@ LOCAL_ORIGIN = re.compile(r"(https?://(localhost|127\.0\.0\.1|\[::1\]|0\.0\.0\.0
 
 
 def origin_allowed(origin: str, configured: tuple[str, ...]) -> bool:
-    return "*" in configured or origin in configured or LOCAL_ORIGIN.fullmatch(origin) is not None
+    """This machine's own origins, or one the config allows; `*` in a configured origin matches anything,
+    as in OLLAMA_ORIGINS (`chrome-extension://*`, `https://*.example.com`)."""
+    return LOCAL_ORIGIN.fullmatch(origin) is not None or any(fnmatch.fnmatchcase(origin, o) for o in configured)
 
 
 def local_host(host: str | None) -> bool:
-    """Whether a Host header names this machine: localhost or a loopback address, any port."""
+    """Whether a Host header names this machine: localhost, a loopback address or its own hostname, any port."""
     if not host:
         return True  # HTTP/1.0 sends none: no browser does that
+    host = host.lower()
     name = host[1:host.index("]")] if host.startswith("[") and "]" in host else host.rpartition(":")[0] or host
-    if name == "localhost" or name.endswith(".localhost"):
+    name = name.rstrip(".")
+    if name == "localhost" or name.endswith(".localhost") or name == socket.gethostname().lower():
         return True
     return is_loopback(name)
 

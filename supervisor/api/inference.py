@@ -55,8 +55,7 @@ class Inference:
             if not runtime.config.embedding:
                 raise precondition(f"model {model!r} generates text and does not embed: set `embedding = true` in "
                                    f"[models.{model}] for a model that serves Embed")
-            runtime.keep_alive(request_keep_alive(request.keep_alive, runtime.config))
-            response = await runtime.embed(request)
+            response = await runtime.embed(request, request_keep_alive(request.keep_alive, runtime.config))
             if self.metrics:
                 self.metrics.embedded(model, api)
             return response
@@ -81,10 +80,10 @@ class Inference:
             request.options.CopyFrom(check_options(request.options, runtime.config))
             request.max_prompt_tokens = runtime.config.max_prompt_tokens
             dropped = shape(runtime.config)
-            runtime.keep_alive(request_keep_alive(keep_alive, runtime.config))
+            keep = request_keep_alive(keep_alive, runtime.config)
             # aclosing: a cancelled client must free the model's slot now, not when the generator is collected.
             last = None
-            async with aclosing(runtime.generate(request)) as chunks:
+            async with aclosing(runtime.generate(request, keep)) as chunks:
                 async for chunk in chunks:
                     if chunk.finish_reason:
                         chunk.usage.messages_dropped += dropped  # the worker's own count is for n_ctx

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import time
 from contextlib import aclosing
 from datetime import datetime, timedelta, timezone
@@ -27,7 +28,7 @@ from supervisor.api.http_errors import HttpError, bad_request, unsupported
 from supervisor.api.http_server import Frames, json_response, json_response_off_loop, read_body
 from supervisor.api.inference import Inference, request_keep_alive
 from supervisor.api.openai_api import FINISH, JSON_OBJECT
-from supervisor.api.thinking import ThinkSplit
+from supervisor.api.thinking import ThinkSplit, opens_thinking
 from supervisor.serving.runtime import ModelRuntime
 
 log = structlog.get_logger("llm_supervisor.ollama")
@@ -108,13 +109,25 @@ def tagged(name: str) -> str:
     return name if ":" in name else f"{name}:latest"
 
 
+GO_DURATION = re.compile(r"((\d+(\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h))+")
+GO_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
 def keep_alive_text(value: str | float | None) -> str:
-    """Ollama's keep_alive: seconds as a number, a duration ("5m"), any negative meaning forever."""
+    """Ollama's keep_alive as ours: seconds as a number, or a Go duration ("5m", "1h30m", "5m0s" — how Go
+    prints them), any negative meaning forever. What is neither is passed on for the usual check to refuse."""
     if value is None or value == "":
         return ""
-    if isinstance(value, (int, float)):
-        return "-1" if value < 0 else f"{value}"
-    return "-1" if value.strip().startswith("-") else value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return "-1" if value < 0 else f"{float(value):f}"
+    text = str(value).strip()
+    if text.startswith("-"):
+        return "-1"
+    if GO_DURATION.fullmatch(text) and not text.replace(".", "").isdigit():
+        seconds = sum(float(n) * GO_UNITS[unit] for n, _, _, unit in
+                      re.findall(r"((\d+(\.\d*)?|\.\d+))(ns|us|µs|ms|s|m|h)", text))
+        return f"{seconds:f}"
+    return text
 
 
 def human_count(n: int) -> str:
@@ -286,7 +299,8 @@ class Ollama:
             chunks = self.inference.chat(pb.ChatRequest(model=runtime.name, messages=messages, options=options,
                                                         keep_alive=keep_alive_text(body.keep_alive)), "ollama")
         return await self._respond(request, body, chunks, lambda text, thinking: {
-            "response": text, **({"thinking": thinking} if thinking else {})})
+            "response": text, **({"thinking": thinking} if thinking else {})},
+            opened=not body.raw and opens_thinking(runtime.gguf.chat_template))
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await read_body(request, ChatBody)
@@ -304,7 +318,8 @@ class Ollama:
                               messages=[pb.ChatMessage(role=m.role, content=m.content or "") for m in body.messages],
                               keep_alive=keep_alive_text(body.keep_alive))
         return await self._respond(request, body, self.inference.chat(chat, "ollama"), lambda text, thinking: {
-            "message": {"role": "assistant", "content": text, **({"thinking": thinking} if thinking else {})}})
+            "message": {"role": "assistant", "content": text, **({"thinking": thinking} if thinking else {})}},
+            opened=opens_thinking(runtime.gguf.chat_template))
 
     def _options(self, runtime: ModelRuntime, body: Request) -> pb.SamplingOptions:
         options, ignored = sampling(body.options, body.format)
@@ -334,9 +349,10 @@ class Ollama:
         return json_response({"model": body.model, "created_at": now_iso(), **empty, "done": True, "done_reason": reason})
 
     async def _respond(self, request: web.Request, body: Request, chunks: AsyncIterator[pb.GenerateChunk],
-                       shape) -> web.StreamResponse:
+                       shape, opened: bool) -> web.StreamResponse:
+        """`opened`: the prompt ends inside <think>, so the reply starts with reasoning (opens_thinking)."""
         started = time.monotonic()
-        split = ThinkSplit() if body.think else None
+        split = ThinkSplit(opened) if body.think else None
 
         def line(text: str, last: pb.GenerateChunk | None = None) -> dict:
             thinking, content = split.feed(text) if split else ("", text)

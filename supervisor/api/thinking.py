@@ -15,9 +15,24 @@ def held_back(text: str, tag: str) -> int:
     return 0
 
 
+def opens_thinking(template: str) -> bool:
+    """Whether a chat template's generation prompt ends inside an opened <think> (DeepSeek-R1's newer
+    templates, QwQ, Qwen3's thinking-only models): the reply then starts with reasoning and only closes
+    it. Qwen3's hybrid template, which writes `<think>\n\n</think>` to turn thinking off, does not."""
+    at = template.rfind("add_generation_prompt")
+    if at < 0:
+        return False
+    part = template[at:]
+    end = part.find("endif")
+    part = part[:end] if end >= 0 else part
+    return OPEN in part and CLOSE not in part
+
+
 class ThinkSplit:
-    def __init__(self) -> None:
-        self._state = "start"  # → "thinking" → "content", or "start" → "content" for a reply without it
+    def __init__(self, opened: bool = False) -> None:
+        # "start" → "thinking" → "content", or "start" → "content" for a reply without reasoning;
+        # "thinking" at once when the prompt opened the reasoning itself (opens_thinking).
+        self._state = "thinking" if opened else "start"
         self._held = ""
         self._strip = False  # the whitespace after </think> is the template's, not the answer's
 

@@ -108,15 +108,20 @@ class ModelRuntime:
             queue.reopen()  # a request that queued after the drain now learns the model is gone
 
     # -- requests ------------------------------------------------------------------------------------
-    async def _enter_queue(self, replica: Replica) -> None:
+    async def _enter_queue(self, replica: Replica, keep_alive: float | None = None) -> None:
         if replica.queue.full and self.waiting >= self.config.max_queue:
             raise QueueFull(f"model {self.name!r}: queue is full ({self.waiting} waiting, max_queue = "
                             f"{self.config.max_queue}); retry later or raise max_queue")
+        if keep_alive is not None:
+            self.keep_alive(keep_alive)
         await replica.queue.enter()
 
-    async def generate(self, request: worker_pb2.WorkerGenerateRequest) -> AsyncIterator[pb.GenerateChunk]:
+    async def generate(self, request: worker_pb2.WorkerGenerateRequest,
+                       keep_alive: float | None = None) -> AsyncIterator[pb.GenerateChunk]:
+        """The request's chunks. `keep_alive`: how long the model stays after it, set once it is admitted
+        (a request refused at the queue changes nothing)."""
         replica = self.pick()
-        await self._enter_queue(replica)
+        await self._enter_queue(replica, keep_alive)
         unfinished: WorkerProcess | None = None  # a live worker still holding this request's sequence
         request_id = 0
         try:
@@ -170,12 +175,12 @@ class ModelRuntime:
             else:
                 self._leave(replica)
 
-    async def embed(self, request: pb.EmbedRequest) -> pb.EmbedResponse:
+    async def embed(self, request: pb.EmbedRequest, keep_alive: float | None = None) -> pb.EmbedResponse:
         """Every input's vector, through the same queue, thermal gate and retry as `generate`. A call that
         ends early (cancelled, past request_timeout) gives its place up at once: the worker stops before its
         next input, and the request after it waits on the worker's one embedding thread meanwhile."""
         replica = self.pick()
-        await self._enter_queue(replica)
+        await self._enter_queue(replica, keep_alive)
         try:
             await self._until_cool(replica)
             for attempt in (1, 2):
@@ -199,8 +204,10 @@ class ModelRuntime:
             self._leave(replica)
 
     async def warm(self) -> None:
-        """A worker ready on every replica, as Ollama's empty request asks."""
+        """A worker ready on every replica, as Ollama's empty request asks; keep_alive counts from now."""
         await asyncio.gather(*(self._ready(replica) for replica in self.replicas))
+        for replica in self.replicas:
+            replica.used()
 
     async def _ready(self, replica: Replica) -> WorkerProcess:
         """The replica's serving worker, started for this request if need be. A start that fails to load
