@@ -197,6 +197,18 @@ def start_daemon(model_dir: Path):
         daemon.stop()
 
 
+HTTP = '[http]\naddress = "127.0.0.1:0"\n'  # the HTTP API on a free port (Daemon.http_url finds it)
+
+
+@pytest.fixture(scope="module")
+def http_daemon(model_dir: Path):
+    """One daemon with the HTTP API serving `tiny` (text) and `emb` (embeddings, the same GGUF)."""
+    daemon = launch(model_dir, model_table("tiny", "tiny.gguf", n_ctx=1024) + "\n"
+                    + model_table("emb", "tiny.gguf", n_ctx=512, embedding=True), extra=HTTP)
+    yield daemon
+    daemon.stop()
+
+
 @pytest.fixture(scope="module")
 def shared_daemon(model_dir: Path):
     """One daemon serving `tiny` for the read-mostly tests of a module (starting one costs ~1 s)."""

@@ -10,19 +10,15 @@ import pytest
 
 from llm_supervisor.v1 import supervisor_pb2 as pb
 from supervisor.settings.demo_model import write_model
-from tests.conftest import launch, model_table, wait_for
+from tests.conftest import HTTP, launch, model_table, wait_for
 
-HTTP = '[http]\naddress = "127.0.0.1:0"\n'
 MESSAGES = [{"role": "user", "content": "Say hello"}]
 GREEDY = {"num_predict": 10, "temperature": 0}
 
 
 @pytest.fixture(scope="module")
-def daemon(model_dir):
-    daemon = launch(model_dir, model_table("tiny", "tiny.gguf", n_ctx=1024) + "\n"
-                    + model_table("emb", "tiny.gguf", n_ctx=512, embedding=True), extra=HTTP)
-    yield daemon
-    daemon.stop()
+def daemon(http_daemon):
+    return http_daemon
 
 
 @pytest.fixture

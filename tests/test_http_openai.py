@@ -9,18 +9,14 @@ import openai
 import pytest
 
 from llm_supervisor.v1 import supervisor_pb2 as pb
-from tests.conftest import launch, model_table
+from tests.conftest import HTTP, launch, model_table
 
-HTTP = '[http]\naddress = "127.0.0.1:0"\n'
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say hello"}]
 
 
 @pytest.fixture(scope="module")
-def daemon(model_dir):
-    daemon = launch(model_dir, model_table("tiny", "tiny.gguf", n_ctx=1024) + "\n"
-                    + model_table("emb", "tiny.gguf", n_ctx=512, embedding=True), extra=HTTP)
-    yield daemon
-    daemon.stop()
+def daemon(http_daemon):
+    return http_daemon
 
 
 @pytest.fixture

@@ -14,10 +14,9 @@ import time
 import pytest
 
 from llm_supervisor.v1 import supervisor_pb2 as pb
-from tests.conftest import launch, model_table, wait_for
+from tests.conftest import HTTP, launch, model_table, wait_for
 from tests.pki import make_pki
 
-HTTP = '[http]\naddress = "127.0.0.1:0"\n'
 SLOW = "tests.engines:SlowEngine"
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "Say hello"}]}
 
@@ -189,17 +188,31 @@ def test_cors_answers_allowed_origins_only(model_dir):
         daemon.stop()
 
 
+# Streams of 1,000 tokens at 50 ms each (SlowEngine): 50 s, unless something ends them. (path, body, SSE?)
+LONG_STREAMS = (("/v1/chat/completions", {**CHAT, "max_tokens": 1000, "stream": True}, True),
+                ("/api/chat", {**CHAT, "options": {"num_predict": 1000}}, False))
+
+
+def slow_daemon(model_dir):
+    return launch(model_dir, model_table("tiny", "tiny.gguf", n_ctx=2048, engine=SLOW), extra=HTTP,
+                  env={"TEST_TOKEN_DELAY": "0.05"})
+
+
+def open_stream(daemon, path: str, body: dict) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+    """A long stream, once its first frame has come: it is generating."""
+    conn = connect(daemon.http_url)
+    conn.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    assert response.status == 200 and response.readline().strip()
+    return conn, response
+
+
 def test_a_client_that_disconnects_frees_its_sequence(model_dir):
-    daemon = launch(model_dir, model_table("tiny", "tiny.gguf", n_ctx=2048, engine=SLOW), extra=HTTP,
-                    env={"TEST_TOKEN_DELAY": "0.05"})
+    daemon = slow_daemon(model_dir)
     try:
-        for path, body in (("/v1/chat/completions", {**CHAT, "max_tokens": 1000, "stream": True}),
-                           ("/api/chat", {**CHAT, "options": {"num_predict": 1000}})):
+        for path, body, _ in LONG_STREAMS:
             served = daemon.worker("tiny").requests_served
-            conn = connect(daemon.http_url)
-            conn.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"})
-            response = conn.getresponse()
-            assert response.status == 200 and response.read1(65536)  # the first frame: it generates
+            conn, _ = open_stream(daemon, path, body)
             assert daemon.worker("tiny").pool.sequences_active == 1
             gone = time.monotonic()
             conn.sock.shutdown(socket.SHUT_RDWR)
@@ -312,16 +325,11 @@ def test_a_worker_that_dies_mid_stream_ends_it_with_an_error_frame(model_dir):
     import os
     import signal
 
-    daemon = launch(model_dir, model_table("tiny", "tiny.gguf", n_ctx=2048, engine=SLOW), extra=HTTP,
-                    env={"TEST_TOKEN_DELAY": "0.05"})
+    daemon = slow_daemon(model_dir)
     try:
-        for path, body, sse in (("/v1/chat/completions", {**CHAT, "max_tokens": 1000, "stream": True}, True),
-                                ("/api/chat", {**CHAT, "options": {"num_predict": 1000}}, False)):
+        for path, body, sse in LONG_STREAMS:
             wait_for(lambda: daemon.worker("tiny").state == "READY", 60, what="a serving worker")
-            conn = connect(daemon.http_url)
-            conn.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"})
-            response = conn.getresponse()
-            assert response.status == 200 and response.readline().strip()  # generating
+            conn, response = open_stream(daemon, path, body)
             os.kill(daemon.worker("tiny").pid, signal.SIGKILL)
             rest = response.read().decode()
             conn.close()
