@@ -38,6 +38,7 @@ def test_the_daemonset_matches_the_config_it_mounts():
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports["grpc"] == split_host_port(config.address)[1]
     assert ports["health"] == split_host_port(config.health_address)[1]
+    assert ports["http"] == split_host_port(config.http_address)[1] and config.http_tls
     assert ports["metrics"] == split_host_port(config.metrics_address)[1] == int(pod["metadata"]["annotations"]["prometheus.io/port"])
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[probe]["grpc"]["port"] == ports["health"]  # kubelet's gRPC probes speak no TLS
