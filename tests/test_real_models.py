@@ -9,7 +9,7 @@ import pytest
 
 from llm_supervisor.v1 import supervisor_pb2 as pb
 from supervisor.settings.demo_model import CHAT_TEMPLATE, QUANTIZABLE, write_model
-from tests.conftest import launch, model_table, quantize_beside, wait_for
+from tests.conftest import HTTP, launch, model_table, quantize_beside, wait_for
 
 KINDS = ("Q4_0", "Q8_0", "Q4_K_M")
 
@@ -53,6 +53,30 @@ def test_a_chat_template_of_200_kb_loads(real_models):
         # llama.cpp's metadata line is in the log, cut to a readable length and saying what was cut.
         tail = [line.line for line in daemon.stub.TailModel(pb.TailModelRequest(name="long"))]
         assert any("bytes more]" in line and len(line) < 20_000 for line in tail)
+    finally:
+        daemon.stop()
+
+
+def test_real_clients_on_a_quantized_model_with_a_200_kb_template_on_defaults(real_models):
+    import ollama
+    import openai
+
+    daemon = launch(real_models, model_table("q4", "Q4_K_M.gguf") + "\n" + model_table("long", "long-template.gguf"),
+                    extra=HTTP)
+    try:
+        client = openai.OpenAI(base_url=f"{daemon.http_url}/v1", api_key="unused", max_retries=0)
+        for model in ("q4", "long"):
+            chunks = list(client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": "hello"}], max_tokens=8, stream=True,
+                stream_options={"include_usage": True}))
+            assert chunks[-1].usage.completion_tokens == 8
+            reply = ollama.Client(host=daemon.http_url).chat(model=f"{model}:latest",
+                                                             messages=[{"role": "user", "content": "hello"}],
+                                                             options={"num_predict": 8})
+            assert reply.eval_count == 8 and reply.done_reason == "length"
+        shown = ollama.Client(host=daemon.http_url).show("q4")
+        assert shown.details.quantization_level == "Q4_K_M" and len(shown.template) < 1000
+        assert len(ollama.Client(host=daemon.http_url).show("long").template) > 200_000
     finally:
         daemon.stop()
 
