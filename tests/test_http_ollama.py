@@ -165,6 +165,11 @@ def test_empty_prompt_loads_and_keep_alive_0_unloads(model_dir):
         client.chat(model="tiny", messages=MESSAGES, options={"num_predict": 2}, keep_alive="1h0m0s")
         assert client.generate(model="tiny", prompt="", keep_alive="2h30m").done_reason == "load"
         assert 2.4 * 3600 < daemon.worker("tiny").unload_in_s <= 2.5 * 3600
+        client.generate(model="tiny", prompt="", keep_alive="99999999h")  # past year 9999
+        assert client.ps().models[0].expires_at.year == 9999
+        with pytest.raises(ollama.ResponseError) as e:
+            client.generate(model="tiny", prompt="", keep_alive=True)
+        assert e.value.status_code == 400 and "keep_alive" in e.value.error
     finally:
         daemon.stop()
 

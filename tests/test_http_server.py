@@ -365,3 +365,13 @@ def test_metrics_and_logs_label_requests_by_api(model_dir):
             ("openai", "/v1/chat/completions", 200), ("openai", "/v1/chat/completions", 400), ("ollama", "/api/chat", 200)}
     finally:
         daemon.stop()
+
+
+def test_configured_origins_match_with_star_only():
+    from supervisor.api.http_server import origin_allowed
+
+    assert origin_allowed("http://[fd00::5]:8080", ("http://[fd00::5]:8080",))  # brackets are brackets
+    assert origin_allowed("chrome-extension://abc", ("chrome-extension://*",))
+    assert origin_allowed("https://chat.example.com", ("https://*.example.com",))
+    assert not origin_allowed("https://evil.com", ("https://*.example.com",))
+    assert origin_allowed("http://localhost:3000", ()) and not origin_allowed("null", ())

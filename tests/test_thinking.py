@@ -49,6 +49,14 @@ def test_a_prompt_that_opened_the_reasoning_starts_in_it():
     assert s.feed("Okay, the user wants") == ("Okay, the user wants", "")
     assert s.feed(" a greeting.\n</th") == (" a greeting.\n", "")
     assert s.feed("ink>\n\nHello!") == ("", "Hello!")
+    assert split_opened(["<think>", "\nhmm</think>hi"]) == ("\nhmm", "hi")  # the tag written again is dropped
+    assert split_opened(["<thi"]) == ("<thi", "")
+
+
+def split_opened(pieces: list[str]) -> tuple[str, str]:
+    s = ThinkSplit(opened=True)
+    out = [s.feed(piece) for piece in pieces] + [s.end()]
+    return "".join(t for t, _ in out), "".join(c for _, c in out)
 
 
 def test_which_templates_open_the_reasoning():
@@ -59,4 +67,9 @@ def test_which_templates_open_the_reasoning():
                     "defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}{%- endif %}")
     chatml = "{% if add_generation_prompt %}<|im_start|>assistant\\n{% endif %}"
     assert opens_thinking(deepseek) and not opens_thinking(qwen3_hybrid) and not opens_thinking(chatml)
-    assert not opens_thinking("")
+    # Branches decide, not the text: a flag nobody passes, and thinking opened unless told otherwise.
+    optional = "{%- if add_generation_prompt %}A:{%- if enable_thinking %}{{ '<think>\\n' }}{%- endif %}{%- endif %}"
+    nemotron = ("{% if add_generation_prompt %}A:{% if thinking is false %}<think></think>{% else %}<think>\\n"
+                "{% endif %}{% endif %}")
+    assert not opens_thinking(optional) and opens_thinking(nemotron)
+    assert not opens_thinking("") and not opens_thinking("{% if %}")  # unrenderable: no

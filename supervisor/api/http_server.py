@@ -12,7 +12,6 @@ cancels its handler (handler_cancellation), and with it the worker's sequence.
 from __future__ import annotations
 
 import asyncio
-import fnmatch
 import ipaddress
 import json
 import re
@@ -83,7 +82,7 @@ def dumps_in_pieces(value: Any) -> bytes:
     """JSON in many small encoder calls, one per vector: the C encoder holds the GIL for a whole call,
     so a single call over tens of MB would stop the event loop's thread however it was started."""
     if isinstance(value, dict):
-        return b"{" + b",".join(dumps(k) + b":" + dumps_in_pieces(v) for k, v in value.items()) + b"}"
+        return b"{" + b",".join(dumps(str(k)) + b":" + dumps_in_pieces(v) for k, v in value.items()) + b"}"
     if isinstance(value, list) and value and isinstance(value[0], (list, dict)):
         return b"[" + b",".join(dumps_in_pieces(item) for item in value) + b"]"
     return dumps(value)
@@ -267,8 +266,11 @@ LOCAL_ORIGIN = re.compile(r"(https?://(localhost|127\.0\.0\.1|\[::1\]|0\.0\.0\.0
 
 def origin_allowed(origin: str, configured: tuple[str, ...]) -> bool:
     """This machine's own origins, or one the config allows; `*` in a configured origin matches anything,
-    as in OLLAMA_ORIGINS (`chrome-extension://*`, `https://*.example.com`)."""
-    return LOCAL_ORIGIN.fullmatch(origin) is not None or any(fnmatch.fnmatchcase(origin, o) for o in configured)
+    as in OLLAMA_ORIGINS (`chrome-extension://*`, `https://*.example.com`), and nothing else is special
+    (an IPv6 origin's brackets are brackets)."""
+    origin = origin.lower()
+    return LOCAL_ORIGIN.fullmatch(origin) is not None or any(
+        re.fullmatch(".*".join(map(re.escape, o.lower().split("*"))), origin) for o in configured)
 
 
 def local_host(host: str | None) -> bool:

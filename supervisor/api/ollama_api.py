@@ -9,6 +9,7 @@ pull, push, create and copy answer 501 with how models get here.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import math
@@ -39,6 +40,7 @@ NOT_HERE = ("llm-supervisor does not download or build models: put a GGUF file i
             "([supervisor] model_dirs) and load it with `llmctl load NAME FILE`, or name it in [models.NAME]")
 NUMBER_OPTIONS = ("temperature", "top_p", "min_p", "repeat_penalty", "frequency_penalty", "presence_penalty")
 UINT32 = (1 << 32) - 1
+FOREVER = "9999-12-31T23:59:59Z"
 IGNORED_LOGGED = 1024  # distinct (model, ignored options) pairs logged before the memory of them starts over
 
 
@@ -49,7 +51,7 @@ class Loose(BaseModel):
 class Request(Loose):
     model: str
     options: dict[str, Any] | None = None
-    keep_alive: str | float | None = None
+    keep_alive: str | float | bool | None = None  # bool kept as given, to be refused by name
     format: str | dict[str, Any] | None = None
     stream: bool = True
     think: bool | str | None = None
@@ -81,14 +83,14 @@ class EmbedBody(Loose):
     model: str
     input: str | list[str] = []
     truncate: bool = True  # Ollama's default: an input longer than the context is cut to fit
-    keep_alive: str | float | None = None
+    keep_alive: str | float | bool | None = None
     dimensions: int | None = None
 
 
 class LegacyEmbedBody(Loose):
     model: str
     prompt: str = ""
-    keep_alive: str | float | None = None
+    keep_alive: str | float | bool | None = None
 
 
 class NameBody(Loose):
@@ -118,16 +120,20 @@ def keep_alive_text(value: str | float | None) -> str:
     prints them), any negative meaning forever. What is neither is passed on for the usual check to refuse."""
     if value is None or value == "":
         return ""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    if isinstance(value, bool):
+        raise bad_request(f"keep_alive must be a duration or a number of seconds, got {value!r}", "keep_alive")
+    if isinstance(value, (int, float)):
         return "-1" if value < 0 else f"{float(value):f}"
-    text = str(value).strip()
-    if text.startswith("-"):
-        return "-1"
-    if GO_DURATION.fullmatch(text) and not text.replace(".", "").isdigit():
+    text = str(value).strip().replace("\u03bc", "µ")  # Go takes the Greek mu as well as the micro sign
+    sign, rest = ("-", text[1:]) if text.startswith("-") else ("", text)
+    if GO_DURATION.fullmatch(rest):
         seconds = sum(float(n) * GO_UNITS[unit] for n, _, _, unit in
-                      re.findall(r"((\d+(\.\d*)?|\.\d+))(ns|us|µs|ms|s|m|h)", text))
-        return f"{seconds:f}"
-    return text
+                      re.findall(r"((\d+(\.\d*)?|\.\d+))(ns|us|µs|ms|s|m|h)", rest))
+        rest = f"{seconds:f}"
+    if sign:  # any negative is forever; "-0s" is 0, as in Go; nonsense after the sign is left to be refused
+        return rest if rest.replace(".", "", 1).isdigit() and float(rest) == 0 else \
+            "-1" if rest.replace(".", "", 1).isdigit() else text
+    return rest
 
 
 def human_count(n: int) -> str:
@@ -200,6 +206,14 @@ def digest(runtime: ModelRuntime) -> str:
     return hashlib.sha256(f"{runtime.gguf.path}:{runtime.gguf.file_size}:{runtime.gguf.modified_ns}".encode()).hexdigest()
 
 
+def expires_at(seconds: float) -> str:
+    """`until` seconds from now in ISO 8601; -1 (keep_alive forever) and past year 9999 are Ollama's far date."""
+    try:
+        return (datetime.now(timezone.utc) + timedelta(seconds=seconds)).isoformat() if seconds >= 0 else FOREVER
+    except OverflowError:
+        return FOREVER
+
+
 def iso(ns: int) -> str:
     return datetime.fromtimestamp(ns / 1e9, timezone.utc).isoformat()
 
@@ -252,8 +266,7 @@ class Ollama:
             if not live:
                 continue
             until = max(replica.unload_in() for replica in live) if all(r.unload_in() >= 0 for r in live) else -1
-            expires = (datetime.now(timezone.utc) + timedelta(seconds=until)).isoformat() if until >= 0 \
-                else "9999-12-31T23:59:59Z"  # keep_alive forever
+            expires = expires_at(until)
             e = runtime.estimate
             models.append({"name": tagged(runtime.name), "model": tagged(runtime.name),
                            "size": e.weights_mapped + e.total_private + e.total_gpu, "size_vram": e.total_gpu,
@@ -300,7 +313,7 @@ class Ollama:
                                                         keep_alive=keep_alive_text(body.keep_alive)), "ollama")
         return await self._respond(request, body, chunks, lambda text, thinking: {
             "response": text, **({"thinking": thinking} if thinking else {})},
-            opened=not body.raw and opens_thinking(runtime.gguf.chat_template))
+            template="" if body.raw else runtime.gguf.chat_template)
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await read_body(request, ChatBody)
@@ -319,7 +332,7 @@ class Ollama:
                               keep_alive=keep_alive_text(body.keep_alive))
         return await self._respond(request, body, self.inference.chat(chat, "ollama"), lambda text, thinking: {
             "message": {"role": "assistant", "content": text, **({"thinking": thinking} if thinking else {})}},
-            opened=opens_thinking(runtime.gguf.chat_template))
+            template=runtime.gguf.chat_template)
 
     def _options(self, runtime: ModelRuntime, body: Request) -> pb.SamplingOptions:
         options, ignored = sampling(body.options, body.format)
@@ -349,10 +362,11 @@ class Ollama:
         return json_response({"model": body.model, "created_at": now_iso(), **empty, "done": True, "done_reason": reason})
 
     async def _respond(self, request: web.Request, body: Request, chunks: AsyncIterator[pb.GenerateChunk],
-                       shape, opened: bool) -> web.StreamResponse:
-        """`opened`: the prompt ends inside <think>, so the reply starts with reasoning (opens_thinking)."""
+                       shape, template: str) -> web.StreamResponse:
+        """`template`: the chat template the prompt was made with ("" for none), which may have opened the
+        reasoning itself (opens_thinking: rendered once per template, on a thread)."""
         started = time.monotonic()
-        split = ThinkSplit(opened) if body.think else None
+        split = ThinkSplit(await asyncio.to_thread(opens_thinking, template)) if body.think else None
 
         def line(text: str, last: pb.GenerateChunk | None = None) -> dict:
             thinking, content = split.feed(text) if split else ("", text)

@@ -4,6 +4,10 @@ still be the start of one is held back until the next piece says."""
 
 from __future__ import annotations
 
+import functools
+
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
 OPEN, CLOSE = "<think>", "</think>"
 
 
@@ -15,24 +19,33 @@ def held_back(text: str, tag: str) -> int:
     return 0
 
 
+@functools.lru_cache(maxsize=32)
 def opens_thinking(template: str) -> bool:
-    """Whether a chat template's generation prompt ends inside an opened <think> (DeepSeek-R1's newer
-    templates, QwQ, Qwen3's thinking-only models): the reply then starts with reasoning and only closes
-    it. Qwen3's hybrid template, which writes `<think>\n\n</think>` to turn thinking off, does not."""
-    at = template.rfind("add_generation_prompt")
-    if at < 0:
+    """Whether a chat template's generation prompt leaves a <think> open (DeepSeek-R1's newer templates,
+    QwQ, Qwen3's thinking-only models): the reply then starts with reasoning and only closes it. Found by
+    rendering a one-message chat with and without the generation prompt, as the worker renders it — the
+    template's text alone misleads (Qwen3's hybrid writes `<think></think>` to turn thinking off; others
+    open it in one branch only). Cached: the template is rendered once per model."""
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals.update(raise_exception=lambda message: "", strftime_now=lambda fmt: "")
+    messages = [{"role": "user", "content": "hello"}]
+    try:
+        rendered = env.from_string(template)
+        base, full = (rendered.render(messages=messages, add_generation_prompt=prompt, bos_token="", eos_token="")
+                      for prompt in (False, True))
+    except Exception:  # a template this context cannot render: the worker's own error is what users see
         return False
-    part = template[at:]
-    end = part.find("endif")
-    part = part[:end] if end >= 0 else part
-    return OPEN in part and CLOSE not in part
+    added = full[len(base):] if full.startswith(base) else full
+    return added.rfind(OPEN) > added.rfind(CLOSE)
 
 
 class ThinkSplit:
     def __init__(self, opened: bool = False) -> None:
-        # "start" → "thinking" → "content", or "start" → "content" for a reply without reasoning;
-        # "thinking" at once when the prompt opened the reasoning itself (opens_thinking).
-        self._state = "thinking" if opened else "start"
+        # "start" → "thinking" → "content", or "start" → "content" for a reply without reasoning. With
+        # `opened` (the prompt opened the reasoning itself: opens_thinking) "start" leads to "thinking"
+        # whether or not the model writes <think> again, as distilled models often do.
+        self._opened = opened
+        self._state = "start"
         self._held = ""
         self._strip = False  # the whitespace after </think> is the template's, not the answer's
 
@@ -49,7 +62,7 @@ class ThinkSplit:
                 self._held = held
                 return "", ""
             else:
-                self._state = "content"
+                self._state = "thinking" if self._opened else "content"
         if self._state == "thinking":
             end = held.find(CLOSE)
             if end < 0:
@@ -66,4 +79,5 @@ class ThinkSplit:
     def end(self) -> tuple[str, str]:
         """What was held back, once the reply is complete: an unfinished tag is text after all."""
         held, self._held = self._held, ""
-        return (held, "") if self._state == "thinking" else ("", held)
+        thinking = self._state == "thinking" or (self._state == "start" and self._opened)
+        return (held, "") if thinking else ("", held)

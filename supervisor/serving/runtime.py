@@ -112,9 +112,9 @@ class ModelRuntime:
         if replica.queue.full and self.waiting >= self.config.max_queue:
             raise QueueFull(f"model {self.name!r}: queue is full ({self.waiting} waiting, max_queue = "
                             f"{self.config.max_queue}); retry later or raise max_queue")
-        if keep_alive is not None:
-            self.keep_alive(keep_alive)
         await replica.queue.enter()
+        if keep_alive is not None:  # admitted: a request refused or cancelled while waiting changes nothing
+            self.keep_alive(keep_alive)
 
     async def generate(self, request: worker_pb2.WorkerGenerateRequest,
                        keep_alive: float | None = None) -> AsyncIterator[pb.GenerateChunk]:
