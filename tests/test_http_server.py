@@ -114,6 +114,8 @@ def test_malformed_json_and_bad_fields_are_400_with_the_reason(daemon, path, sha
     b'{"model": "tiny", "prompt": "hi", "options": {"temperature": NaN}}',
     b'{"model": "tiny", "prompt": "hi", "options": {"stop": 3}}',
     b'{"model": "tiny", "prompt": "hi", "format": "yaml"}',
+    b'{"model": "tiny", "prompt": "", "keep_alive": true}',
+    b'{"model": "tiny", "prompt": "", "keep_alive": "-soon"}',
     b"[" * 100_000,
 ])
 def test_bad_values_are_400_never_500(daemon, body):
