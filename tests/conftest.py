@@ -131,6 +131,11 @@ class Daemon:
         shutil.rmtree(self.base, ignore_errors=True)
 
 
+def loaded_models(daemon) -> list[pb.ModelInfo]:
+    """ListModels without what is only on disk (state AVAILABLE)."""
+    return [m for m in daemon.stub.ListModels(pb.ListModelsRequest()).models if m.state != "AVAILABLE"]
+
+
 def model_table(name: str, path: Path | str, **options) -> str:
     lines = [f"[models.{name}]", f'path = "{path}"']
     for key, value in options.items():
@@ -201,9 +206,12 @@ HTTP = '[http]\naddress = "127.0.0.1:0"\n'  # the HTTP API on a free port (Daemo
 
 
 @pytest.fixture(scope="module")
-def http_daemon(model_dir: Path):
-    """One daemon with the HTTP API serving `tiny` (text) and `emb` (embeddings, the same GGUF)."""
-    daemon = launch(model_dir, model_table("tiny", "tiny.gguf", n_ctx=1024) + "\n"
+def http_daemon(model_dir: Path, tmp_path_factory):
+    """One daemon with the HTTP API serving `tiny` (text) and `emb` (embeddings, the same GGUF), in a
+    model directory of its own: what other tests leave in the shared one would be listed as on disk."""
+    own = tmp_path_factory.mktemp("http-models")
+    shutil.copy(model_dir / "tiny.gguf", own / "tiny.gguf")
+    daemon = launch(own, model_table("tiny", "tiny.gguf", n_ctx=1024) + "\n"
                     + model_table("emb", "tiny.gguf", n_ctx=512, embedding=True), extra=HTTP)
     yield daemon
     daemon.stop()

@@ -78,9 +78,9 @@ THINKER = ("{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['
            "{% if add_generation_prompt %}<|assistant|>\n<think>\n{% endif %}")
 
 
-def test_think_puts_a_thinking_models_reasoning_in_thinking(model_dir):
-    write_model(model_dir / "thinker.gguf", chat_template=THINKER)
-    daemon = launch(model_dir, model_table("thinker", "thinker.gguf", n_ctx=512), extra=HTTP)
+def test_think_puts_a_thinking_models_reasoning_in_thinking(tmp_path):
+    write_model(tmp_path / "thinker.gguf", chat_template=THINKER)
+    daemon = launch(tmp_path, model_table("thinker", "thinker.gguf", n_ctx=512), extra=HTTP)
     try:
         client = ollama.Client(host=daemon.http_url)
         said = grpc_chat(daemon, MESSAGES, 10, model="thinker")
@@ -188,6 +188,7 @@ def test_delete_unloads_with_an_admin_token_only(model_dir, tmp_path):
         assert e.value.status_code == 403
         assert inference.chat(model="tiny", messages=MESSAGES, options={"num_predict": 2}).eval_count == 2
         admin.delete("tiny:latest")
-        assert not admin.list().models
+        assert not admin.ps().models
+        assert "tiny:latest" in [m.model for m in admin.list().models]  # the file stays, and may load again
     finally:
         daemon.stop()

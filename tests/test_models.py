@@ -11,7 +11,7 @@ import pytest
 from llm_supervisor.v1 import supervisor_pb2 as pb
 from supervisor.settings.config import Host, load_config
 from supervisor.server.daemon import ensure_demo_model
-from tests.conftest import pid_alive
+from tests.conftest import loaded_models, pid_alive
 
 
 def load(daemon, name, path, **options):
@@ -33,7 +33,7 @@ def test_load_generate_unload(start_daemon):
     pid = daemon.worker("mine").pid
     daemon.stub.UnloadModel(pb.UnloadModelRequest(name="mine"))
     assert not pid_alive(pid)
-    assert not daemon.stub.ListModels(pb.ListModelsRequest()).models
+    assert not loaded_models(daemon)
     with pytest.raises(grpc.RpcError) as caught:
         daemon.stub.UnloadModel(pb.UnloadModelRequest(name="mine"))
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND

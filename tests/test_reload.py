@@ -10,7 +10,7 @@ import psutil
 from llm_supervisor.v1 import supervisor_pb2 as pb
 from supervisor.settings.config import Host, parse_config
 from supervisor.catalog.reload_plan import keep_bound, plan
-from tests.conftest import in_background, model_table, wait_for
+from tests.conftest import in_background, loaded_models, model_table, wait_for
 from tests.test_llmctl import llmctl
 from tests.test_notify import NotifySocket
 
@@ -86,7 +86,7 @@ def test_sighup_applies_added_removed_and_changed_models_without_failing_a_reque
     assert "resized: changed (n_batch, n_ctx) — would apply, worker recycled" in shown.stdout
     assert "tuned: changed (max_requests) — would apply, running worker kept" in shown.stdout
     assert "keep" not in shown.stdout and "extra" not in shown.stdout
-    assert {m.name for m in daemon.stub.ListModels(pb.ListModelsRequest()).models} == set(pids)  # nothing applied
+    assert {m.name for m in loaded_models(daemon)} == set(pids)  # nothing applied
 
     # A request in flight on each of the removed and the recycled model: both must finish whole.
     on_gone, gone_result = in_background(stream(daemon, "gone", 60))
@@ -104,7 +104,7 @@ def test_sighup_applies_added_removed_and_changed_models_without_failing_a_reque
     for result in (gone_result, resized_result):
         assert "error" not in result, result.get("error")
         assert result["chunks"][-1].usage.completion_tokens == 60
-    models = {m.name: m for m in daemon.stub.ListModels(pb.ListModelsRequest()).models}
+    models = {m.name: m for m in loaded_models(daemon)}
     assert set(models) == {"keep", "resized", "tuned", "fresh", "extra"}
     assert models["fresh"].state == "READY" and models["fresh"].source == "config"
     assert models["resized"].n_ctx == 512
@@ -128,7 +128,7 @@ def test_a_broken_config_changes_nothing_and_says_why(start_daemon):
     assert "FAILED_PRECONDITION" in refused.stderr and "n_ctx" in refused.stderr and "nothing was changed" in refused.stderr
     daemon.proc.send_signal(signal.SIGHUP)
     wait_for(lambda: '"reload_refused"' in daemon.log(), what="the refused reload in the log")
-    assert [m.name for m in daemon.stub.ListModels(pb.ListModelsRequest()).models] == ["tiny"]
+    assert [m.name for m in loaded_models(daemon)] == ["tiny"]
     assert list(stream(daemon, "tiny", 2))[-1].usage.completion_tokens == 2
 
     # A model that fails to load is reported as failed; the rest of the update still applies.

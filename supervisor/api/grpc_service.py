@@ -14,9 +14,11 @@ from llm_supervisor.v1 import supervisor_pb2 as pb
 from llm_supervisor.v1 import supervisor_pb2_grpc
 
 from supervisor import __version__
-from supervisor.settings.config import ConfigError
+from supervisor.settings.config import ConfigError, ModelConfig
 from supervisor.errors import ApiError, exhausted, invalid, precondition
-from supervisor.decide.estimate import Estimate
+from supervisor.catalog.catalog import Available
+from supervisor.decide.estimate import Estimate, estimate
+from supervisor.settings.gguf_file import GGUFInfo
 from supervisor.observe.fanout import QUEUED, FellBehind, too_many_followers
 from supervisor.observe.gpu import GpuReading
 from supervisor.supervision.replica import Replica
@@ -32,7 +34,6 @@ from supervisor.process.output import OutputLine
 from supervisor.serving.runtime import ModelRuntime
 from supervisor.catalog.persisted import LoadedModel
 from supervisor.api.inference import Inference
-from supervisor.api.validation import check_model_name
 
 log = structlog.get_logger("llm_supervisor.api")
 
@@ -72,8 +73,7 @@ class SupervisorService(supervisor_pb2_grpc.SupervisorServicer):
 
     async def Tokenize(self, request: pb.TokenizeRequest, context) -> pb.TokenizeResponse:
         try:
-            check_model_name(request.model)
-            return await self.registry.get(request.model).tokenize(request)
+            return await (await self.inference.runtime(request.model)).tokenize(request)
         except ApiError as e:
             await _abort(context, e)
 
@@ -167,7 +167,9 @@ class SupervisorService(supervisor_pb2_grpc.SupervisorServicer):
         return pb.UnloadModelResponse()
 
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
-        return pb.ListModelsResponse(models=[model_info(rt) for rt in self.registry.models.values()])
+        loaded = [model_info(rt) for rt in list(self.registry.models.values())]
+        return pb.ListModelsResponse(models=loaded + [available_info(*entry)
+                                                      for entry in await self.inference.catalog.listing()])
 
     async def RecycleModel(self, request: pb.RecycleModelRequest, context) -> pb.RecycleModelResponse:
         try:
@@ -275,7 +277,24 @@ def model_info(runtime: ModelRuntime) -> pb.ModelInfo:
         use_mmap=c.use_mmap, source=runtime.source, architecture=g.architecture, file_size_bytes=g.file_size,
         has_chat_template=g.has_chat_template, estimate=estimate_message(runtime.estimate),
         memory_lines=memory_lines_message(runtime.replicas[0].lines), embedding=c.embedding,
+        quantization=g.file_type, context_length=g.n_ctx_train,
     )
+
+
+def available_info(model: Available, gguf: GGUFInfo | None, config: ModelConfig | None) -> pb.ModelInfo:
+    """A model on disk, not loaded: what its header says, and what it would cost with the settings it
+    would load with."""
+    info = pb.ModelInfo(name=model.name, path=str(model.path), state="AVAILABLE", source=model.source)
+    if gguf is not None:
+        info.MergeFrom(pb.ModelInfo(architecture=gguf.architecture, file_size_bytes=gguf.file_size,
+                                    has_chat_template=gguf.has_chat_template, quantization=gguf.file_type,
+                                    context_length=gguf.n_ctx_train))
+    if config is not None:
+        info.MergeFrom(pb.ModelInfo(n_ctx=config.n_ctx, n_gpu_layers=config.n_gpu_layers, use_mmap=config.use_mmap,
+                                    embedding=config.embedding))
+        if gguf is not None:
+            info.estimate.CopyFrom(estimate_message(estimate(gguf.shape, config)))
+    return info
 
 
 def memory_lines_message(lines: MemoryLines) -> pb.MemoryLines:

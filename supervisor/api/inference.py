@@ -12,6 +12,7 @@ from llm_supervisor.v1 import worker_pb2
 
 from worker.history import drop_oldest, strip_thinking
 
+from supervisor.catalog.on_demand import OnDemand
 from supervisor.catalog.registry import Registry
 from supervisor.errors import ApiError, precondition
 from supervisor.serving.runtime import ModelRuntime
@@ -25,10 +26,12 @@ class Inference:
     def __init__(self, registry: Registry, metrics: RequestMetrics | None = None) -> None:
         self.registry = registry
         self.metrics = metrics
+        self.catalog = OnDemand(registry)
 
-    def runtime(self, model: str) -> ModelRuntime:
+    async def runtime(self, model: str) -> ModelRuntime:
+        """The model a request names, loaded now if it is on disk and not loaded (load_on_demand)."""
         check_model_name(model)
-        return self.registry.get(model)
+        return await self.catalog.runtime(model)
 
     def generate(self, request: pb.GenerateRequest, api: str) -> AsyncIterator[pb.GenerateChunk]:
         work = worker_pb2.WorkerGenerateRequest(prompt=request.prompt, options=request.options)
@@ -51,7 +54,8 @@ class Inference:
         model = request.model
         try:
             check_inputs(request.input)
-            runtime = self.runtime(model)
+            runtime = await self.runtime(model)
+            model = runtime.name  # as resolved: `llama3` may have meant `llama3:latest`
             if not runtime.config.embedding:
                 raise precondition(f"model {model!r} generates text and does not embed: set `embedding = true` in "
                                    f"[models.{model}] for a model that serves Embed")
@@ -74,7 +78,8 @@ class Inference:
         fits it to the model's settings and says how many chat messages that left out. Raises ApiError."""
         try:
             check()
-            runtime = self.runtime(model)
+            runtime = await self.runtime(model)
+            model = runtime.name  # as resolved: `llama3` may have meant `llama3:latest`
             if runtime.config.embedding:  # its worker would refuse it too: say so before it queues
                 raise precondition(f"model {model!r} is an embedding model: use Embed (/v1/embeddings, /api/embed)")
             request.options.CopyFrom(check_options(request.options, runtime.config))

@@ -31,6 +31,8 @@ from supervisor.api.inference import Inference, request_keep_alive
 from supervisor.api.openai_api import FINISH, JSON_OBJECT
 from supervisor.api.thinking import ThinkSplit, opens_thinking
 from supervisor.serving.runtime import ModelRuntime
+from supervisor.settings.config import ModelConfig
+from supervisor.settings.gguf_file import GGUFInfo
 
 log = structlog.get_logger("llm_supervisor.ollama")
 
@@ -201,9 +203,9 @@ def stats(last: pb.GenerateChunk, started: float) -> dict:
             "eval_duration": int(max(t.total_s - t.time_to_first_token_s, 0.0) * 1e9)}
 
 
-def digest(runtime: ModelRuntime) -> str:
+def digest(gguf: GGUFInfo) -> str:
     """A stable stand-in for Ollama's manifest digest, cheap on a file of many GB: path, size, mtime."""
-    return hashlib.sha256(f"{runtime.gguf.path}:{runtime.gguf.file_size}:{runtime.gguf.modified_ns}".encode()).hexdigest()
+    return hashlib.sha256(f"{gguf.path}:{gguf.file_size}:{gguf.modified_ns}".encode()).hexdigest()
 
 
 def expires_at(seconds: float) -> str:
@@ -218,8 +220,7 @@ def iso(ns: int) -> str:
     return datetime.fromtimestamp(ns / 1e9, timezone.utc).isoformat()
 
 
-def details(runtime: ModelRuntime) -> dict:
-    gguf = runtime.gguf
+def details(gguf: GGUFInfo) -> dict:
     return {"parent_model": "", "format": "gguf", "family": gguf.architecture, "families": [gguf.architecture],
             "parameter_size": human_count(gguf.parameter_count), "quantization_level": gguf.file_type}
 
@@ -241,8 +242,23 @@ class Ollama:
                 *(web.post(f"/api/{verb}", self.not_here) for verb in ("pull", "push", "create", "copy")),
                 web.route("*", "/api/blobs/{digest}", self.not_here)]
 
-    def runtime(self, name: str) -> ModelRuntime:
-        return self.inference.runtime(self.registry.resolve(name))
+    async def runtime(self, name: str) -> ModelRuntime:
+        return await self.inference.runtime(name)
+
+    async def described(self, name: str) -> tuple[GGUFInfo, ModelConfig]:
+        """A model's header and settings, loaded or only on disk (nothing is loaded to tell)."""
+        name = self.inference.catalog.resolve(name)
+        if name not in self.registry.models:
+            for model, header, config in await self.inference.catalog.listing():
+                if model.name == name and header is not None and config is not None:
+                    return header, config
+        runtime = self.registry.get(self.inference.catalog.resolve(name))  # NOT_FOUND, listing what there is
+        return runtime.gguf, runtime.config
+
+    @staticmethod
+    def tag(name: str, gguf: GGUFInfo) -> dict:
+        return {"name": tagged(name), "model": tagged(name), "modified_at": iso(gguf.modified_ns),
+                "size": gguf.file_size, "digest": digest(gguf), "details": details(gguf)}
 
     # -- looking -------------------------------------------------------------------------------------
     async def root(self, request: web.Request) -> web.Response:
@@ -252,12 +268,11 @@ class Ollama:
         return json_response({"version": OLLAMA_VERSION})
 
     async def tags(self, request: web.Request) -> web.Response:
-        models = []
-        for runtime in list(self.registry.models.values()):
-            models.append({"name": tagged(runtime.name), "model": tagged(runtime.name),
-                           "modified_at": iso(runtime.gguf.modified_ns), "size": runtime.gguf.file_size,
-                           "digest": digest(runtime), "details": details(runtime)})
-        return json_response({"models": models})
+        """Every model there is: loaded, and on disk (read afresh)."""
+        loaded = [self.tag(runtime.name, runtime.gguf) for runtime in list(self.registry.models.values())]
+        on_disk = [self.tag(model.name, header) for model, header, _ in await self.inference.catalog.listing()
+                   if header is not None]
+        return json_response({"models": loaded + on_disk})
 
     async def ps(self, request: web.Request) -> web.Response:
         models = []
@@ -270,14 +285,13 @@ class Ollama:
             e = runtime.estimate
             models.append({"name": tagged(runtime.name), "model": tagged(runtime.name),
                            "size": e.weights_mapped + e.total_private + e.total_gpu, "size_vram": e.total_gpu,
-                           "digest": digest(runtime), "details": details(runtime), "expires_at": expires,
+                           "digest": digest(runtime.gguf), "details": details(runtime.gguf), "expires_at": expires,
                            "context_length": runtime.config.n_ctx})
         return json_response({"models": models})
 
     async def show(self, request: web.Request) -> web.Response:
         body = await read_body(request, NameBody)
-        runtime = self.runtime(body.which)
-        gguf, config = runtime.gguf, runtime.config
+        gguf, config = await self.described(body.which)
         arch = gguf.architecture
         info = {"general.architecture": arch, "general.name": gguf.name, "general.parameter_count": gguf.parameter_count,
                 f"{arch}.context_length": gguf.n_ctx_train, f"{arch}.block_count": gguf.n_layer,
@@ -286,9 +300,9 @@ class Ollama:
             # The file's name, not its path: inference clients have no business with the server's layout.
             "license": "", "modelfile": f"# served by llm-supervisor\nFROM {gguf.path.name}\n",
             # What this daemon runs it with: the operator's settings, not the file's maximum.
-            "parameters": f"num_ctx {config.n_ctx}", "template": gguf.chat_template, "details": details(runtime),
+            "parameters": f"num_ctx {config.n_ctx}", "template": gguf.chat_template, "details": details(gguf),
             "model_info": info, "capabilities": ["embedding"] if config.embedding else ["completion"],
-            "modified_at": iso(runtime.gguf.modified_ns)})
+            "modified_at": iso(gguf.modified_ns)})
 
     # -- generating ----------------------------------------------------------------------------------
     async def generate(self, request: web.Request) -> web.StreamResponse:
@@ -299,7 +313,7 @@ class Ollama:
                                           "template": "the model's own chat template is used",
                                           "images": "this daemon serves text models",
                                           "context": "send the conversation with /api/chat"}[field])
-        runtime = self.runtime(body.model)
+        runtime = await self.runtime(body.model)
         if not body.prompt and not body.system:
             return await self._load_or_unload(runtime, body, {"response": ""})
         options = self._options(runtime, body)
@@ -319,7 +333,7 @@ class Ollama:
         body = await read_body(request, ChatBody)
         if body.tools:
             raise unsupported("tools", "tool calling is not supported yet")
-        runtime = self.runtime(body.model)
+        runtime = await self.runtime(body.model)
         if not body.messages:
             return await self._load_or_unload(runtime, body, {"message": {"role": "assistant", "content": ""}})
         for i, message in enumerate(body.messages):
@@ -400,7 +414,7 @@ class Ollama:
     # -- embeddings ----------------------------------------------------------------------------------
     async def embed(self, request: web.Request) -> web.Response:
         body = await read_body(request, EmbedBody)
-        runtime = self.runtime(body.model)
+        runtime = await self.runtime(body.model)
         inputs = [body.input] if isinstance(body.input, str) else body.input
         started = time.monotonic()
         if not inputs or inputs == [""]:  # as Ollama: nothing to embed loads the model
@@ -418,7 +432,7 @@ class Ollama:
 
     async def legacy_embed(self, request: web.Request) -> web.Response:
         body = await read_body(request, LegacyEmbedBody)
-        runtime = self.runtime(body.model)
+        runtime = await self.runtime(body.model)
         if not body.prompt:  # as Ollama: nothing to embed loads the model
             await self._load_or_unload(runtime, body, {})
             return json_response({"embedding": []})
@@ -429,7 +443,7 @@ class Ollama:
     # -- changing ------------------------------------------------------------------------------------
     async def delete(self, request: web.Request) -> web.Response:
         body = await read_body(request, NameBody)
-        name = self.registry.resolve(body.which)
+        name = self.inference.catalog.resolve(body.which)
         await self.registry.unload(name)  # the file stays: this daemon never deletes a model
         log.info("model_unloaded", model=name, source="ollama /api/delete")
         return web.Response(status=200)

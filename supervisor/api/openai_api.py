@@ -178,18 +178,23 @@ class OpenAI:
                 web.post("/v1/chat/completions", self.chat), web.post("/v1/completions", self.completions),
                 web.post("/v1/embeddings", self.embeddings)]
 
-    def _card(self, name: str) -> dict:
-        runtime = self.inference.registry.models[name]
-        return {"id": name, "object": "model", "created": runtime.gguf.modified_ns // 10**9, "owned_by": "llm-supervisor"}
+    async def _cards(self) -> list[dict]:
+        """Every model there is: loaded, and on disk (read afresh), which the first request loads."""
+        loaded = [(rt.name, rt.gguf.modified_ns) for rt in list(self.inference.registry.models.values())]
+        on_disk = [(model.name, header.modified_ns) for model, header, _ in await self.inference.catalog.listing()
+                   if header is not None]
+        return [{"id": name, "object": "model", "created": modified // 10**9, "owned_by": "llm-supervisor"}
+                for name, modified in loaded + on_disk]
 
     async def models(self, request: web.Request) -> web.Response:
-        return json_response({"object": "list", "data": [self._card(name) for name in list(self.inference.registry.models)]})
+        return json_response({"object": "list", "data": await self._cards()})
 
     async def model(self, request: web.Request) -> web.Response:
-        return json_response(self._card(self.inference.runtime(self.name(request.match_info["model"])).name))
-
-    def name(self, model: str) -> str:
-        return self.inference.registry.resolve(model)
+        name = self.inference.catalog.resolve(request.match_info["model"])
+        card = next((card for card in await self._cards() if card["id"] == name), None)
+        if card is None:
+            self.inference.registry.get(name)  # NOT_FOUND, naming what is loaded
+        return json_response(card)
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await read_body(request, ChatRequest)
@@ -200,7 +205,7 @@ class OpenAI:
             raise unsupported("top_logprobs")
         options = body.options()
         response_format(body, options)
-        chat = pb.ChatRequest(model=self.name(body.model), messages=chat_messages(body.messages), options=options)
+        chat = pb.ChatRequest(model=body.model, messages=chat_messages(body.messages), options=options)
         return await self._respond(request, body, self.inference.chat(chat, "openai"), "chat.completion", "chatcmpl")
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
@@ -215,7 +220,7 @@ class OpenAI:
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if len(prompts) != 1:
             raise unsupported("prompt", f"one prompt per request, got {len(prompts)}")
-        generate = pb.GenerateRequest(model=self.name(body.model), prompt=prompts[0], options=body.options())
+        generate = pb.GenerateRequest(model=body.model, prompt=prompts[0], options=body.options())
         return await self._respond(request, body, self.inference.generate(generate, "openai"), "text_completion", "cmpl")
 
     async def _respond(self, request: web.Request, body: Sampling, chunks: AsyncIterator[pb.GenerateChunk],
@@ -266,11 +271,11 @@ class OpenAI:
                                        "tokenizer's (LangChain: OpenAIEmbeddings(check_embedding_ctx_length=False))") \
                 if inputs else \
                 bad_request("input is empty", "input")
-        name = self.name(body.model)
-        size = self.inference.runtime(name).gguf.shape.n_embd
-        if body.dimensions is not None and body.dimensions != size:
-            raise unsupported("dimensions", f"model {body.model!r} makes vectors of {size}, no other size")
-        reply = await self.inference.embed(pb.EmbedRequest(model=name, input=inputs), "openai")
+        if body.dimensions is not None:
+            size = (await self.inference.runtime(body.model)).gguf.shape.n_embd
+            if body.dimensions != size:
+                raise unsupported("dimensions", f"model {body.model!r} makes vectors of {size}, no other size")
+        reply = await self.inference.embed(pb.EmbedRequest(model=body.model, input=inputs), "openai")
         return await json_response_off_loop(lambda: {
             "object": "list", "model": body.model,
             "data": [{"object": "embedding", "index": i,

@@ -60,12 +60,6 @@ class Registry:
             raise not_found(f"unknown model {name!r}; loaded models: {loaded}")
         return runtime
 
-    def resolve(self, name: str) -> str:
-        """The loaded model a client's name means: Ollama's clients add a tag, `demo:latest` for `demo`."""
-        if name not in self.models and name.endswith(":latest") and name[:-len(":latest")] in self.models:
-            return name[:-len(":latest")]
-        return name
-
     def model_config(self, name: str, path: str, options: Mapping[str, str]) -> ModelConfig:
         if "path" in options:
             raise invalid("give the path as the request's path, not as an option")

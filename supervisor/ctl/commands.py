@@ -216,15 +216,20 @@ def describe_lines(lines: pb.MemoryLines) -> str:
 
 def cmd_models(args, stub, out: Output) -> int:
     models = stub.ListModels(pb.ListModelsRequest()).models
+    if getattr(args, "available", False):  # only what is on disk and not loaded
+        models = [m for m in models if m.state == "AVAILABLE"]
     if out.as_json:
         for m in models:
             out.json(as_dict(m))
         return 0
-    rows = [[m.name, m.state, m.architecture, human_bytes(m.file_size_bytes), str(m.n_ctx), str(m.n_gpu_layers),
+    rows = [[m.name, m.state, m.architecture, m.quantization, human_bytes(m.file_size_bytes), str(m.n_ctx),
+             str(m.context_length), human_bytes(m.estimate.private_peak_bytes), str(m.n_gpu_layers),
              "yes" if m.use_mmap else "no", m.source, m.path] for m in models]
-    out.table(["NAME", "STATE", "ARCH", "SIZE", "N_CTX", "GPU LAYERS", "MMAP", "SOURCE", "PATH"], rows)
+    out.table(["NAME", "STATE", "ARCH", "QUANT", "SIZE", "N_CTX", "TRAINED", "MEMORY", "GPU LAYERS", "MMAP", "SOURCE",
+               "PATH"], rows)
     for m in models:
-        out.text(f"{m.name} lines: {describe_lines(m.memory_lines)}\n")
+        if m.state != "AVAILABLE":
+            out.text(f"{m.name} lines: {describe_lines(m.memory_lines)}\n")
     return 0
 
 

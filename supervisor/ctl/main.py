@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", help="every worker (or MODEL's): state, pid, memory, requests, uptime")
     p.add_argument("model", nargs="?", default="")
-    sub.add_parser("models", help="loaded models and their settings")
+    p = sub.add_parser("models", help="loaded models and their settings, and the models on disk a request would load")
+    p.add_argument("--available", action="store_true", help="only the models on disk that are not loaded")
 
     p = sub.add_parser("load", help="load a GGUF from a model directory under NAME")
     p.add_argument("name")

@@ -92,6 +92,7 @@ class SupervisorConfig:
     shutdown_timeout: float = 30.0
     shutdown_delay: float = 0.0  # on SIGTERM: NOT_SERVING at once, new calls still taken this long
     standby_workers: int = 1  # spare processes with the runtime imported, taken by the next worker start
+    load_on_demand: bool = True  # a request for a model on disk that is not loaded loads it (catalog/)
     log_level: str = "info"
     journald: bool = False
     metrics_address: str = ""
@@ -187,8 +188,9 @@ _MODEL_TYPES = {"int": int, "bool": bool, "str": str, "float": float}
 
 def model_config(name: str, values: Mapping[str, Any], defaults: Mapping[str, Any], host: Host) -> ModelConfig:
     """A model's config: [defaults] overlaid by its own table (or by LoadModel's options)."""
-    if not name or not all(c.isalnum() or c in "-_.:" for c in name) or len(name) > 64:
-        raise ConfigError(f"model name {name!r} is not allowed: use 1-64 letters, digits, '-', '_', '.' or ':'")
+    if not name or not all(c.isalnum() or c in "-_.:/" for c in name) or len(name) > 64 or name.startswith("/"):
+        raise ConfigError(f"model name {name!r} is not allowed: use 1-64 letters, digits, '-', '_', '.', ':' or "
+                          f"'/' (an Ollama store's namespace/name:tag), not starting with '/'")
     merged = {**defaults, **values}
     kwargs: dict[str, Any] = {}
     for key, value in merged.items():
@@ -249,7 +251,7 @@ def _check_model(cfg: ModelConfig) -> None:
 _SUPERVISOR_KEYS = {"address", "state_dir", "runtime_dir", "model_dirs", "poll_interval", "memory_budget",
                     "gpu_memory_budget", "max_loaded_models", "shutdown_timeout", "standby_workers", "insecure",
                     "socket_group", "max_message_size", "max_concurrent_streams", "shutdown_delay", "health_address",
-                    "max_followers"}
+                    "max_followers", "load_on_demand"}
 _SECTION_KEYS = {"logging": {"level", "journald"}, "metrics": {"address"}, "tls": {"cert", "key", "client_ca"},
                  "auth": {"inference_tokens_file", "admin_tokens_file"},
                  "http": {"address", "tls", "insecure", "cors_origins"}}
@@ -300,6 +302,7 @@ def parse_config(text: str, host: Host, base_dir: Path | None = None) -> Supervi
             shutdown_timeout=parse_duration(sup.get("shutdown_timeout", 30.0)),
             shutdown_delay=parse_duration(sup.get("shutdown_delay", 0.0)),
             standby_workers=int(sup.get("standby_workers", 1)),
+            load_on_demand=sup.get("load_on_demand", True),
             log_level=str(data.get("logging", {}).get("level", "info")).lower(),
             journald=data.get("logging", {}).get("journald", False),
             metrics_address=str(data.get("metrics", {}).get("address", "")),
@@ -334,6 +337,7 @@ def parse_config(text: str, host: Host, base_dir: Path | None = None) -> Supervi
         except ValueError:
             raise ConfigError(f"{key} must be host:port (or :port for every interface), got {value!r}") from None
     for key, value in (("[supervisor] insecure", cfg.insecure), ("[http] insecure", cfg.http_insecure),
+                       ("[supervisor] load_on_demand", cfg.load_on_demand),
                        ("[http] tls", cfg.http_tls)):
         if not isinstance(value, bool):
             raise ConfigError(f"{key} must be true or false, got {value!r}")

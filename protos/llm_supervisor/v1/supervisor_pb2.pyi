@@ -210,7 +210,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "path", "state", "n_ctx", "n_gpu_layers", "use_mmap", "source", "architecture", "file_size_bytes", "has_chat_template", "estimate", "memory_lines", "embedding")
+    __slots__ = ("name", "path", "state", "n_ctx", "n_gpu_layers", "use_mmap", "source", "architecture", "file_size_bytes", "has_chat_template", "estimate", "memory_lines", "embedding", "quantization", "context_length")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -224,6 +224,8 @@ class ModelInfo(_message.Message):
     ESTIMATE_FIELD_NUMBER: _ClassVar[int]
     MEMORY_LINES_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_FIELD_NUMBER: _ClassVar[int]
+    QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
     name: str
     path: str
     state: str
@@ -237,7 +239,9 @@ class ModelInfo(_message.Message):
     estimate: MemoryEstimate
     memory_lines: MemoryLines
     embedding: bool
-    def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., state: _Optional[str] = ..., n_ctx: _Optional[int] = ..., n_gpu_layers: _Optional[int] = ..., use_mmap: _Optional[bool] = ..., source: _Optional[str] = ..., architecture: _Optional[str] = ..., file_size_bytes: _Optional[int] = ..., has_chat_template: _Optional[bool] = ..., estimate: _Optional[_Union[MemoryEstimate, _Mapping]] = ..., memory_lines: _Optional[_Union[MemoryLines, _Mapping]] = ..., embedding: _Optional[bool] = ...) -> None: ...
+    quantization: str
+    context_length: int
+    def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., state: _Optional[str] = ..., n_ctx: _Optional[int] = ..., n_gpu_layers: _Optional[int] = ..., use_mmap: _Optional[bool] = ..., source: _Optional[str] = ..., architecture: _Optional[str] = ..., file_size_bytes: _Optional[int] = ..., has_chat_template: _Optional[bool] = ..., estimate: _Optional[_Union[MemoryEstimate, _Mapping]] = ..., memory_lines: _Optional[_Union[MemoryLines, _Mapping]] = ..., embedding: _Optional[bool] = ..., quantization: _Optional[str] = ..., context_length: _Optional[int] = ...) -> None: ...
 
 class MemoryEstimate(_message.Message):
     __slots__ = ("n_ctx", "replicas", "weights_mapped_bytes", "weights_private_bytes", "weights_gpu_bytes", "kv_cache_cpu_bytes", "kv_cache_gpu_bytes", "compute_cpu_at_load_bytes", "compute_cpu_peak_bytes", "compute_gpu_bytes", "runtime_bytes", "gpu_runtime_bytes", "private_at_load_bytes", "private_peak_bytes", "gpu_bytes", "total_private_bytes", "total_gpu_bytes", "weights_repacked_bytes", "outputs_bytes", "parallel")

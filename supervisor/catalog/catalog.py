@@ -1,0 +1,149 @@
+"""Which models are on disk: every GGUF directly inside the model directories, and every model of an
+Ollama store (a model directory that holds `manifests/` and `blobs/`), by name. Reading only: nothing is
+copied, a model's file is mmap'd where it lies. Pure apart from reading the directories given.
+
+Ollama's store: `manifests/<registry>/<namespace>/<name>/<tag>` are JSON manifests whose layers name
+content-addressed blobs (`blobs/sha256-<hex>`): the `…image.model` layer is the GGUF, the `…image.params`
+layer holds defaults (stop words, sampling, num_ctx), the `…image.system` layer a system prompt. A manifest
+is data from disk: one that is malformed, names a blob that is missing, or reaches outside the store
+(a symlink, a digest that is not a digest) is skipped and reported, naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+OLLAMA_REGISTRY = "registry.ollama.ai"
+MODEL_LAYER = "application/vnd.ollama.image.model"
+PARAMS_LAYER = "application/vnd.ollama.image.params"
+SYSTEM_LAYER = "application/vnd.ollama.image.system"
+DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+MAX_SMALL_BLOB = 1 << 20  # a manifest, params or system layer larger than this is not one
+MAX_NAME = 64
+
+
+@dataclass(frozen=True)
+class Available:
+    name: str
+    path: Path  # the GGUF (a store's blob), resolved
+    source: str  # "model_dir" or "ollama"
+    params: dict[str, Any] = field(default_factory=dict)  # an Ollama params layer, as written
+    system: str = ""  # an Ollama system layer
+
+
+@dataclass(frozen=True)
+class Scan:
+    models: dict[str, Available]
+    problems: tuple[str, ...] = ()  # what was skipped and why, each naming its file
+
+
+def model_name(stem: str) -> str:
+    """A file's stem as a model name: what names may not hold becomes '_', cut to 64 characters."""
+    return re.sub(r"[^A-Za-z0-9._:-]", "_", stem)[:MAX_NAME] or "_"
+
+
+def is_store(directory: Path) -> bool:
+    return (directory / "manifests").is_dir() and (directory / "blobs").is_dir()
+
+
+def scan(model_dirs: Sequence[Path]) -> Scan:
+    """Every model the directories hold; the first of two that map to one name wins, the other is reported."""
+    models: dict[str, Available] = {}
+    problems: list[str] = []
+
+    def add(model: Available) -> None:
+        if model.name in models:
+            problems.append(f"{model.path}: its name {model.name!r} is taken by {models[model.name].path}; skipped")
+        else:
+            models[model.name] = model
+
+    roots = [d.resolve() for d in model_dirs]
+    for directory in model_dirs:
+        if not directory.is_dir():
+            continue
+        if is_store(directory):
+            found, skipped = read_store(directory)
+            problems += skipped
+            for model in found:
+                add(model)
+        for entry in sorted(directory.iterdir()):
+            if entry.suffix.lower() == ".gguf" and entry.is_file():
+                real = entry.resolve()
+                if not any(real.is_relative_to(root) for root in roots):  # as loading refuses it
+                    problems.append(f"{entry}: resolves to {real}, outside the model directories; skipped")
+                    continue
+                add(Available(model_name(entry.stem), real, "model_dir"))
+    return Scan(models, tuple(problems))
+
+
+def read_store(store: Path) -> tuple[list[Available], list[str]]:
+    root = store.resolve()
+    found, problems = [], []
+    manifests = root / "manifests"
+    for directory, dirs, files in os.walk(manifests):  # symlinked directories are not followed
+        for file in sorted(files):
+            path = Path(directory) / file
+            parts = path.relative_to(manifests).parts
+            if len(parts) != 4:
+                problems.append(f"{path}: not at manifests/<registry>/<namespace>/<name>/<tag>; skipped")
+                continue
+            try:
+                found.append(read_manifest(root, path, *parts))
+            except ValueError as e:
+                problems.append(f"{path}: {e}; skipped")
+    return found, problems
+
+
+def store_name(registry: str, namespace: str, model: str, tag: str) -> str:
+    """As Ollama shows them: `llama3.2:latest` for its own library, `namespace/name:tag` for others."""
+    if registry == OLLAMA_REGISTRY:
+        return f"{model}:{tag}" if namespace == "library" else f"{namespace}/{model}:{tag}"
+    return f"{registry}/{namespace}/{model}:{tag}"
+
+
+def read_manifest(root: Path, path: Path, registry: str, namespace: str, model: str, tag: str) -> Available:
+    manifest = json.loads(small_file(root, path))
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("layers"), list):
+        raise ValueError("not a manifest: no list of layers")
+    layers = {layer.get("mediaType"): layer.get("digest") for layer in manifest["layers"] if isinstance(layer, dict)}
+    if MODEL_LAYER not in layers:
+        raise ValueError("no model layer")
+    name = store_name(registry, namespace, model, tag)
+    if len(name) > MAX_NAME or not all(c.isalnum() or c in "-_.:/" for c in name):
+        raise ValueError(f"the name {name!r} is not one this daemon takes (1-64 letters, digits, -_.:/)")
+    params: Any = json.loads(small_file(root, blob(root, layers[PARAMS_LAYER]))) if PARAMS_LAYER in layers else {}
+    if not isinstance(params, dict):
+        raise ValueError("its params layer is not a JSON object")
+    system = small_file(root, blob(root, layers[SYSTEM_LAYER])).decode() if SYSTEM_LAYER in layers else ""
+    return Available(name, blob(root, layers[MODEL_LAYER]), "ollama", params, system)
+
+
+def blob(root: Path, digest: Any) -> Path:
+    """The blob a digest names, which must be a file inside the store's blobs/ once symlinks are resolved."""
+    if not isinstance(digest, str) or not DIGEST.fullmatch(digest):
+        raise ValueError(f"a layer's digest {digest!r} is not sha256:<64 hex digits>")
+    path = (root / "blobs" / digest.replace(":", "-")).resolve()
+    if not path.is_relative_to(root / "blobs"):
+        raise ValueError(f"blob {digest} resolves to {path}, outside the store")
+    if not path.is_file():
+        raise ValueError(f"blob {digest} is missing")
+    return path
+
+
+def small_file(root: Path, path: Path) -> bytes:
+    real = path.resolve()
+    if not real.is_relative_to(root):
+        raise ValueError(f"resolves to {real}, outside the store")
+    try:
+        with real.open("rb") as f:
+            data = f.read(MAX_SMALL_BLOB + 1)
+    except OSError as e:
+        raise ValueError(f"cannot be read: {e.strerror}") from None
+    if len(data) > MAX_SMALL_BLOB:
+        raise ValueError(f"is larger than {MAX_SMALL_BLOB} bytes")
+    return data

@@ -1,0 +1,203 @@
+"""The catalog: every GGUF in the model directories and every model of an Ollama store, by name, loaded
+by the first request for it. Stores are made here as Ollama lays them out: manifests and blobs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import grpc
+import pytest
+
+from llm_supervisor.v1 import supervisor_pb2 as pb
+from supervisor.catalog.catalog import scan
+from tests.conftest import HTTP, launch, loaded_models, model_table, wait_for
+
+MODEL = "application/vnd.ollama.image.model"
+PARAMS = "application/vnd.ollama.image.params"
+SYSTEM = "application/vnd.ollama.image.system"
+
+
+def put_blob(store: Path, data: bytes) -> str:
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    (store / "blobs").mkdir(parents=True, exist_ok=True)
+    (store / "blobs" / digest.replace(":", "-")).write_bytes(data)
+    return digest
+
+
+def put_model(store: Path, name: str, tag: str, gguf: bytes, params: dict | None = None, system: str = "",
+              namespace: str = "library") -> None:
+    layers = [{"mediaType": MODEL, "digest": put_blob(store, gguf), "size": len(gguf)}]
+    if params is not None:
+        layers.append({"mediaType": PARAMS, "digest": put_blob(store, json.dumps(params).encode())})
+    if system:
+        layers.append({"mediaType": SYSTEM, "digest": put_blob(store, system.encode())})
+    manifest = store / "manifests" / "registry.ollama.ai" / namespace / name / tag
+    manifest.parent.mkdir(parents=True, exist_ok=True)
+    manifest.write_text(json.dumps({"schemaVersion": 2, "layers": layers}))
+
+
+@pytest.fixture
+def store(tmp_path, model_dir) -> Path:
+    store = tmp_path / "ollama"
+    put_model(store, "tiny", "latest", (model_dir / "tiny.gguf").read_bytes(),
+              params={"num_ctx": 768, "stop": ["<|end|>"]}, system="You are terse.")
+    put_model(store, "tiny", "q8", (model_dir / "tiny.gguf").read_bytes())
+    put_model(store, "other", "1b", (model_dir / "tiny.gguf").read_bytes(), namespace="someone")
+    return store
+
+
+def test_a_store_is_read_as_ollama_names_it(store):
+    found = scan([store])
+    assert sorted(found.models) == ["someone/other:1b", "tiny:latest", "tiny:q8"]
+    tiny = found.models["tiny:latest"]
+    assert tiny.source == "ollama" and tiny.path.parent == (store / "blobs").resolve()
+    assert tiny.params["num_ctx"] == 768 and tiny.system == "You are terse." and not found.problems
+
+
+def test_a_malformed_manifest_or_an_escaping_blob_is_skipped_and_named(store, tmp_path):
+    bad = store / "manifests" / "registry.ollama.ai" / "library" / "broken" / "latest"
+    bad.parent.mkdir(parents=True)
+    bad.write_text("{not json")
+    outside = tmp_path / "outside.gguf"
+    outside.write_bytes(b"GGUF")
+    digest = "sha256:" + "ab" * 32
+    os.symlink(outside, store / "blobs" / digest.replace(":", "-"))
+    escaping = store / "manifests" / "registry.ollama.ai" / "library" / "escape" / "latest"
+    escaping.parent.mkdir(parents=True)
+    escaping.write_text(json.dumps({"layers": [{"mediaType": MODEL, "digest": digest}]}))
+    sneaky = store / "manifests" / "registry.ollama.ai" / "library" / "sneaky" / "latest"
+    sneaky.parent.mkdir(parents=True)
+    sneaky.write_text(json.dumps({"layers": [{"mediaType": MODEL, "digest": "sha256:../../outside"}]}))
+    found = scan([store])
+    assert "broken:latest" not in found.models and "escape:latest" not in found.models
+    assert "sneaky:latest" not in found.models and "tiny:latest" in found.models
+    problems = "\n".join(found.problems)
+    assert str(bad) in problems and str(escaping) in problems and "outside the store" in problems
+    assert str(sneaky) in problems and "not sha256" in problems
+
+
+def test_gguf_names_and_collisions(tmp_path, model_dir):
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir(), second.mkdir()
+    shutil.copy(model_dir / "tiny.gguf", first / "My Model (v2).gguf")
+    shutil.copy(model_dir / "tiny.gguf", second / "My Model (v2).gguf")
+    found = scan([first, second])
+    assert list(found.models) == ["My_Model__v2_"]
+    assert found.models["My_Model__v2_"].path.parent == first.resolve()
+    assert any("is taken by" in p and str(second) in p for p in found.problems)
+
+
+def test_store_models_generate_by_name_with_no_load_and_take_num_ctx(store):
+    daemon = launch(store, extra=HTTP)
+    try:
+        listed = {m.name: m for m in daemon.stub.ListModels(pb.ListModelsRequest()).models}
+        assert listed["tiny:latest"].state == "AVAILABLE" and listed["tiny:latest"].source == "ollama"
+        assert listed["tiny:latest"].quantization == "F32" and listed["tiny:latest"].context_length > 0
+        assert listed["tiny:latest"].n_ctx == 768 and listed["tiny:latest"].estimate.private_peak_bytes > 0
+        for name in ("tiny:latest", "tiny"):  # a name alone means name:latest
+            chunks = list(daemon.stub.Generate(pb.GenerateRequest(model=name, prompt="hi",
+                                                                  options=pb.SamplingOptions(max_tokens=3))))
+            assert chunks[-1].usage.completion_tokens == 3
+        assert [m.name for m in loaded_models(daemon)] == ["tiny:latest"]  # one load, under its full name
+        assert daemon.worker("tiny:latest").pool.n_ctx >= 768  # the params layer's num_ctx
+        chunks = list(daemon.stub.Generate(pb.GenerateRequest(model="someone/other:1b", prompt="hi",
+                                                              options=pb.SamplingOptions(max_tokens=2))))
+        assert chunks[-1].usage.completion_tokens == 2
+        assert '"model_loaded"' in daemon.log() and '"origin": "ollama"' in daemon.log()
+    finally:
+        daemon.stop()
+
+
+def test_a_gguf_copied_in_while_running_is_served_and_concurrent_first_requests_share_one_load(tmp_path, model_dir):
+    models = tmp_path / "models"
+    models.mkdir()
+    daemon = launch(models)
+    try:
+        with pytest.raises(grpc.RpcError) as missing:
+            list(daemon.stub.Generate(pb.GenerateRequest(model="fresh", prompt="hi")))
+        assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+        shutil.copy(model_dir / "tiny.gguf", models / ".fresh.tmp")
+        os.rename(models / ".fresh.tmp", models / "fresh.gguf")
+        results: list = []
+
+        def ask() -> None:
+            chunks = list(daemon.stub.Generate(pb.GenerateRequest(model="fresh", prompt="hi",
+                                                                  options=pb.SamplingOptions(max_tokens=2))))
+            results.append(chunks[-1].usage.completion_tokens)
+
+        # The miss above was just now: the next scan may wait out its second; poll rather than sleep.
+        wait_for(lambda: "fresh" in [m.name for m in daemon.stub.ListModels(pb.ListModelsRequest()).models],
+                 10, what="the new file to be listed")
+        threads = [threading.Thread(target=ask) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        assert results == [2, 2, 2]
+        assert daemon.log().count('"worker_spawned"') == 1  # one load for the three
+    finally:
+        daemon.stop()
+
+
+def test_two_models_alternate_under_a_budget_for_one(tmp_path, model_dir):
+    models = tmp_path / "models"
+    models.mkdir()
+    for name in ("one", "two"):
+        shutil.copy(model_dir / "tiny.gguf", models / f"{name}.gguf")
+    probe = launch(models)
+    try:
+        list(probe.stub.Generate(pb.GenerateRequest(model="one", prompt="hi", options=pb.SamplingOptions(max_tokens=1))))
+        peak = {m.name: m for m in loaded_models(probe)}["one"].estimate.private_peak_bytes
+    finally:
+        probe.stop()
+    # Room for one model's worker at its peak, not two.
+    daemon = launch(models, extra=f"memory_budget = {int(peak * 1.5)}\nstandby_workers = 0\n")
+    try:
+        for name in ("one", "two") * 3:
+            chunks = list(daemon.stub.Generate(pb.GenerateRequest(model=name, prompt="hi",
+                                                                  options=pb.SamplingOptions(max_tokens=2)),
+                                               timeout=120))
+            assert chunks[-1].usage.completion_tokens == 2
+        assert '"model_evicted"' in daemon.log()
+    finally:
+        daemon.stop()
+
+
+def test_load_on_demand_off_keeps_not_found(tmp_path, model_dir):
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(model_dir / "tiny.gguf", models / "idle.gguf")
+    daemon = launch(models, extra="load_on_demand = false\n")
+    try:
+        with pytest.raises(grpc.RpcError) as missing:
+            list(daemon.stub.Generate(pb.GenerateRequest(model="idle", prompt="hi")))
+        assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+        assert [m.state for m in daemon.stub.ListModels(pb.ListModelsRequest()).models] == ["AVAILABLE"]
+    finally:
+        daemon.stop()
+
+
+def test_llmctl_models_lists_what_is_on_disk(store):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    daemon = launch(store)
+    try:
+        def llmctl(*args: str) -> str:
+            return subprocess.run([sys.executable, "-m", "supervisor.ctl.main", "--address", daemon.address, *args],
+                                  capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                                  timeout=60, check=True).stdout
+
+        listed = llmctl("models", "--available")
+        assert "tiny:latest" in listed and "AVAILABLE" in listed and "ollama" in listed and "F32" in listed
+        list(daemon.stub.Generate(pb.GenerateRequest(model="tiny:q8", prompt="hi", options=pb.SamplingOptions(max_tokens=1))))
+        assert "tiny:q8" not in llmctl("models", "--available") and "tiny:q8" in llmctl("models")
+    finally:
+        daemon.stop()
