@@ -104,7 +104,7 @@ def test_store_models_generate_by_name_with_no_load_and_take_num_ctx(store):
                                                                   options=pb.SamplingOptions(max_tokens=3))))
             assert chunks[-1].usage.completion_tokens == 3
         assert [m.name for m in loaded_models(daemon)] == ["tiny:latest"]  # one load, under its full name
-        assert daemon.worker("tiny:latest").pool.n_ctx >= 768  # the params layer's num_ctx
+        assert daemon.worker("tiny:latest").pool.n_ctx == 768  # the params layer's num_ctx, not the default
         chunks = list(daemon.stub.Generate(pb.GenerateRequest(model="someone/other:1b", prompt="hi",
                                                               options=pb.SamplingOptions(max_tokens=2))))
         assert chunks[-1].usage.completion_tokens == 2
@@ -199,5 +199,52 @@ def test_llmctl_models_lists_what_is_on_disk(store):
         assert "tiny:latest" in listed and "AVAILABLE" in listed and "ollama" in listed and "F32" in listed
         list(daemon.stub.Generate(pb.GenerateRequest(model="tiny:q8", prompt="hi", options=pb.SamplingOptions(max_tokens=1))))
         assert "tiny:q8" not in llmctl("models", "--available") and "tiny:q8" in llmctl("models")
+    finally:
+        daemon.stop()
+
+
+def test_a_broken_store_costs_only_its_broken_parts(store, tmp_path, model_dir):
+    manifests = store / "manifests" / "registry.ollama.ai" / "library"
+    (manifests / "odd").mkdir()
+    (manifests / "odd" / "latest").write_text(json.dumps({"layers": [{"mediaType": ["x"]}]}))  # unhashable
+    (manifests / "deep").mkdir()
+    (manifests / "deep" / "latest").write_text("[" * 200_000)
+    (manifests / "fifo").mkdir()
+    os.mkfifo(manifests / "fifo" / "latest")  # opened naively, it would hold the scan's thread for good
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    shutil.copy(model_dir / "tiny.gguf", outside / "far.gguf")
+    os.symlink(outside / "far.gguf", store / "far.gguf")  # a GGUF whose link leads out of the model directory
+    daemon = launch(store)
+    try:
+        chunks = list(daemon.stub.Generate(pb.GenerateRequest(model="tiny", prompt="hi",
+                                                              options=pb.SamplingOptions(max_tokens=2))))
+        assert chunks[-1].usage.completion_tokens == 2
+        names = [m.name for m in daemon.stub.ListModels(pb.ListModelsRequest()).models]
+        assert "tiny:latest" in names and not {"odd:latest", "deep:latest", "fifo:latest", "far"} & set(names)
+        with pytest.raises(grpc.RpcError) as refused:
+            list(daemon.stub.Generate(pb.GenerateRequest(model="far", prompt="hi")))
+        assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+        log = daemon.log()
+        for name in ("odd", "deep", "fifo"):
+            assert str(manifests / name / "latest") in log
+        assert "outside the model directories" in log
+    finally:
+        daemon.stop()
+
+
+def test_a_model_that_fails_to_load_is_not_tried_again_at_once(tmp_path, model_dir):
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "bad.gguf").write_bytes((model_dir / "tiny.gguf").read_bytes()[:4096])  # cut short
+    daemon = launch(models)
+    try:
+        with pytest.raises(grpc.RpcError) as first:
+            list(daemon.stub.Generate(pb.GenerateRequest(model="bad", prompt="hi")))
+        assert first.value.code() == grpc.StatusCode.UNAVAILABLE and "not a valid GGUF" in first.value.details()
+        with pytest.raises(grpc.RpcError) as second:
+            list(daemon.stub.Generate(pb.GenerateRequest(model="bad", prompt="hi")))
+        assert second.value.code() == first.value.code() and "failed 0 s ago" in second.value.details()
+        assert daemon.log().count('"load_on_demand_failed"') == 1
     finally:
         daemon.stop()

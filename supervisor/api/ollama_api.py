@@ -270,8 +270,9 @@ class Ollama:
     async def tags(self, request: web.Request) -> web.Response:
         """Every model there is: loaded, and on disk (read afresh)."""
         loaded = [self.tag(runtime.name, runtime.gguf) for runtime in list(self.registry.models.values())]
+        names = {tag["name"] for tag in loaded}  # a loaded `tiny` is `tiny:latest`: the one a request gets
         on_disk = [self.tag(model.name, header) for model, header, _ in await self.inference.catalog.listing()
-                   if header is not None]
+                   if header is not None and tagged(model.name) not in names]
         return json_response({"models": loaded + on_disk})
 
     async def ps(self, request: web.Request) -> web.Response:

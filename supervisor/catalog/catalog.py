@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -85,7 +86,9 @@ def read_store(store: Path) -> tuple[list[Available], list[str]]:
     root = store.resolve()
     found, problems = [], []
     manifests = root / "manifests"
-    for directory, dirs, files in os.walk(manifests):  # symlinked directories are not followed
+    if manifests.is_symlink():  # os.walk would follow it, wherever it leads
+        return [], [f"{manifests}: a symlink; a store's manifests must lie in the store; skipped"]
+    for directory, dirs, files in os.walk(manifests):  # symlinked directories below are not followed
         for file in sorted(files):
             path = Path(directory) / file
             parts = path.relative_to(manifests).parts
@@ -94,8 +97,9 @@ def read_store(store: Path) -> tuple[list[Available], list[str]]:
                 continue
             try:
                 found.append(read_manifest(root, path, *parts))
-            except ValueError as e:
-                problems.append(f"{path}: {e}; skipped")
+            except Exception as e:  # a manifest is data from disk: whatever it holds costs it alone
+                reason = str(e) if isinstance(e, ValueError) else f"not a manifest ({type(e).__name__}: {e})"
+                problems.append(f"{path}: {reason}; skipped")
     return found, problems
 
 
@@ -127,7 +131,7 @@ def blob(root: Path, digest: Any) -> Path:
     """The blob a digest names, which must be a file inside the store's blobs/ once symlinks are resolved."""
     if not isinstance(digest, str) or not DIGEST.fullmatch(digest):
         raise ValueError(f"a layer's digest {digest!r} is not sha256:<64 hex digits>")
-    path = (root / "blobs" / digest.replace(":", "-")).resolve()
+    path = (root / "blobs" / digest.replace(":", "-")).resolve()  # a loop raises RuntimeError: skipped too
     if not path.is_relative_to(root / "blobs"):
         raise ValueError(f"blob {digest} resolves to {path}, outside the store")
     if not path.is_file():
@@ -136,14 +140,19 @@ def blob(root: Path, digest: Any) -> Path:
 
 
 def small_file(root: Path, path: Path) -> bytes:
+    """A manifest or small layer: a regular file inside the store. Opened without blocking (a FIFO would
+    hold the scan's thread for good) and checked to be a regular file before it is read."""
     real = path.resolve()
     if not real.is_relative_to(root):
         raise ValueError(f"resolves to {real}, outside the store")
     try:
-        with real.open("rb") as f:
-            data = f.read(MAX_SMALL_BLOB + 1)
+        fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
     except OSError as e:
         raise ValueError(f"cannot be read: {e.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise ValueError("is not a regular file")
+        data = f.read(MAX_SMALL_BLOB + 1)
     if len(data) > MAX_SMALL_BLOB:
         raise ValueError(f"is larger than {MAX_SMALL_BLOB} bytes")
     return data

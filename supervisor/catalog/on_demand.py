@@ -1,18 +1,20 @@
 """Models by name, loaded or not: a request for a model on disk that is not loaded loads it (through
 admission, which evicts idle models as for any start) while the request waits, when `load_on_demand` is
-on. The disk is read again on a miss (at most once a second) and for every listing, so a file added or
-removed is seen without a restart."""
+on. The disk is read again for a listing and for a name not found, at most once a second (callers
+meanwhile share one scan), so a file added or removed is seen without a restart."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 
+import grpc
 import structlog
 
 from supervisor.catalog.catalog import Available, Scan, scan
 from supervisor.catalog.registry import Registry
-from supervisor.errors import ApiError, invalid
+from supervisor.errors import ApiError, invalid, unavailable
 from supervisor.serving.runtime import ModelRuntime
 from supervisor.settings.config import ConfigError, ModelConfig, model_config
 from supervisor.settings.gguf_file import GGUFInfo, read_gguf_info
@@ -20,7 +22,8 @@ from supervisor.tasks import Background
 
 log = structlog.get_logger("llm_supervisor.catalog")
 
-MISS_RESCAN_S = 1.0  # a client asking for names that do not exist cannot make the daemon list directories nonstop
+SCAN_EVERY_S = 1.0  # clients listing, or asking for names that do not exist, cannot make the daemon scan nonstop
+FAILED_LOAD_S = 30.0  # a model that failed to load on demand is not tried again for this long
 
 
 class OnDemand:
@@ -28,30 +31,45 @@ class OnDemand:
         self.registry = registry
         self.last = Scan({})
         self._clock = clock
-        self._scanned_at = -MISS_RESCAN_S
+        self._scanned_at = -SCAN_EVERY_S
+        self._scanning: asyncio.Task | None = None
         self._reported: frozenset[str] = frozenset()
         self._loading: dict[str, asyncio.Task] = {}
+        self._failed: dict[str, tuple[float, ApiError]] = {}  # name → (when, why) of a failed load on demand
         self._background = Background()  # a load goes on for the others when the request that began it goes
-        self._headers: dict[tuple, GGUFInfo] = {}  # by (path, size, mtime): a listing reads each file's once
+        # GGUF headers by (path, size, mtime, inode, ctime): a listing reads each file's once, and again
+        # only when it changed (a copy that kept the mtime still has another ctime).
+        self._headers: dict[tuple, GGUFInfo] = {}
 
     async def rescan(self) -> Scan:
-        self._scanned_at = self._clock()
-        self.last = await asyncio.to_thread(scan, self.registry.config.model_dirs)
+        """The disk read again, unless it was within SCAN_EVERY_S; callers meanwhile share one scan."""
+        if self._scanning is None and self._clock() - self._scanned_at >= SCAN_EVERY_S:
+            self._scanning = self._background.keep(self._scan(), "catalog-scan")
+        if self._scanning is not None:
+            await asyncio.shield(self._scanning)
+        return self.last
+
+    async def _scan(self) -> None:
+        try:
+            self.last = await asyncio.to_thread(scan, self.registry.config.model_dirs)
+        finally:
+            self._scanned_at, self._scanning = self._clock(), None
         for problem in set(self.last.problems) - self._reported:  # each told once, not at every scan
             log.warning("catalog_skipped", reason=problem)
         self._reported = frozenset(self.last.problems)
-        return self.last
 
     def resolve(self, name: str) -> str:
         """The name a client means: Ollama's clients add a tag (`demo:latest` for `demo`) or leave out
-        `:latest` (`llama3` for `llama3:latest`)."""
-        known = lambda n: n in self.registry.models or n in self.last.models  # noqa: E731
-        if known(name):
-            return name
-        if name.endswith(":latest") and known(name[:-len(":latest")]):
-            return name[:-len(":latest")]
-        if ":" not in name.rsplit("/", 1)[-1] and known(f"{name}:latest"):
-            return f"{name}:latest"
+        `:latest` (`llama3` for `llama3:latest`). A loaded model's name wins over one only on disk."""
+        candidates = [name]
+        if name.endswith(":latest"):
+            candidates.append(name[:-len(":latest")])
+        elif ":" not in name.rsplit("/", 1)[-1]:
+            candidates.append(f"{name}:latest")
+        for known in (self.registry.models, self.last.models):
+            for candidate in candidates:
+                if candidate in known:
+                    return candidate
         return name
 
     def available(self) -> list[Available]:
@@ -63,11 +81,17 @@ class OnDemand:
         name = self.resolve(name)
         if name in self.registry.models or not self.registry.config.load_on_demand:
             return self.registry.get(name)
-        if name not in self.last.models and self._clock() - self._scanned_at >= MISS_RESCAN_S:
+        if name not in self.last.models:
             await self.rescan()
             name = self.resolve(name)
         if name in self.registry.models or name not in self.last.models:
             return self.registry.get(name)
+        failed = self._failed.get(name)
+        if failed is not None and self._clock() - failed[0] < FAILED_LOAD_S:
+            # A file the worker cannot load must not cost a process start, and the idle models admission
+            # would evict for it, at every request.
+            raise ApiError(failed[1].code, f"{failed[1].message} (failed {self._clock() - failed[0]:.0f} s ago; "
+                                           f"tried again {FAILED_LOAD_S:g} s after)")
         task = self._loading.get(name)
         if task is None:  # one load for every request that asks meanwhile
             task = self._loading[name] = self._background.keep(self._load(self.last.models[name]), f"load-{name}")
@@ -88,23 +112,30 @@ class OnDemand:
         """Every model on disk not loaded, read afresh, with its header and settings where they can be had
         (a damaged file or a setting the config refuses: None; its load would say why)."""
         await self.rescan()
-        headers: dict[tuple, GGUFInfo] = {}
+        available = self.available()
+        headers = await asyncio.to_thread(self._read_headers, [model.path for model in available])
         listed = []
-        for model in self.available():
-            try:
-                stat = model.path.stat()
-                key = (model.path, stat.st_size, stat.st_mtime_ns)
-                header = self._headers.get(key) or await asyncio.to_thread(read_gguf_info, model.path)
-                headers[key] = header
-            except (OSError, ApiError):
-                header = None
+        for model in available:
             try:
                 config = self.config_for(model)
             except ApiError:
                 config = None
-            listed.append((model, header, config))
-        self._headers = headers  # only what is on disk now: no cache of files long gone
+            listed.append((model, headers.get(model.path), config))
         return listed
+
+    def _read_headers(self, paths: list) -> dict:
+        """On a thread: each file's header, from the cache where the file has not changed; None for one
+        that cannot be read (its load says why). The cache keeps only what is on disk now."""
+        fresh, found = {}, {}
+        for path in dict.fromkeys(paths):  # two tags of one blob: read once
+            try:
+                info = os.stat(path)
+                key = (path, info.st_size, info.st_mtime_ns, info.st_ino, info.st_ctime_ns)
+                fresh[key] = found[path] = self._headers.get(key) or read_gguf_info(path)
+            except (OSError, ApiError):
+                found[path] = None
+        self._headers = fresh
+        return found
 
     async def _load(self, model: Available) -> ModelRuntime:
         config = self.config_for(model)
@@ -113,7 +144,12 @@ class OnDemand:
             runtime = await self.registry.load(config, source="catalog")
         except ApiError as e:
             log.warning("load_on_demand_failed", model=model.name, path=str(model.path), reason=e.message)
-            raise
+            if e.code == grpc.StatusCode.FAILED_PRECONDITION:  # the file or the load, not the request: 503
+                e = unavailable(f"model {model.name!r} cannot start: {e.message}")
+            if e.code != grpc.StatusCode.RESOURCE_EXHAUSTED:  # memory may be free at the next request
+                self._failed[model.name] = (self._clock(), e)
+            raise e from None
+        self._failed.pop(model.name, None)
         log.info("model_loaded", model=model.name, path=str(model.path), source="catalog", origin=model.source,
                  load_s=round(self._clock() - started, 3))
         return runtime

@@ -52,6 +52,7 @@ class Registry:
         self._reserved: set[Replica] = set()  # admitted, waiting for their victims to exit
         self._background = Background()
         self._leaving: set[Replica] = set()  # being stopped after an unload, a removal or fewer replicas
+        self._reading: set[str] = set()  # names whose load is reading its file's header
 
     def get(self, name: str) -> ModelRuntime:
         runtime = self.models.get(name)
@@ -77,11 +78,15 @@ class Registry:
 
     async def load(self, config: ModelConfig, source: str, keep_on_failure: bool = False) -> ModelRuntime:
         """Check the file, then start the worker. A config model that fails stays listed as FATAL."""
-        if config.name in self.models:
+        if config.name in self.models or config.name in self._reading:
             raise ApiError(grpc.StatusCode.ALREADY_EXISTS,
                            f"model {config.name!r} is already loaded; unload it first or pick another name")
-        path = resolve_model_path(config.path, self.config.model_dirs)
-        gguf = await asyncio.to_thread(read_gguf_info, path)
+        self._reading.add(config.name)  # the name is taken from here: two loads of it never both go on
+        try:
+            path = resolve_model_path(config.path, self.config.model_dirs)
+            gguf = await asyncio.to_thread(read_gguf_info, path)
+        finally:
+            self._reading.discard(config.name)
         runtime = ModelRuntime(source, [])  # its replicas tell the registry of their changes: they need it first
         runtime.replicas = [self._replica(runtime, config, gguf, i, OutputLog()) for i in range(config.replicas)]
         self.models[config.name] = runtime  # reserve the name while loading
@@ -89,7 +94,8 @@ class Registry:
         failed = [e for e in started if isinstance(e, BaseException)]
         if failed:
             if not keep_on_failure:
-                del self.models[config.name]
+                if self.models.get(config.name) is runtime:  # an unload meanwhile has taken it already
+                    del self.models[config.name]
                 await runtime.stop()
                 self._on_change(runtime)
             raise failed[0]

@@ -188,9 +188,10 @@ _MODEL_TYPES = {"int": int, "bool": bool, "str": str, "float": float}
 
 def model_config(name: str, values: Mapping[str, Any], defaults: Mapping[str, Any], host: Host) -> ModelConfig:
     """A model's config: [defaults] overlaid by its own table (or by LoadModel's options)."""
-    if not name or not all(c.isalnum() or c in "-_.:/" for c in name) or len(name) > 64 or name.startswith("/"):
+    if (not name or not all(c.isalnum() or c in "-_.:/" for c in name) or len(name) > 64
+            or any(part in ("", ".", "..") for part in name.split("/"))):
         raise ConfigError(f"model name {name!r} is not allowed: use 1-64 letters, digits, '-', '_', '.', ':' or "
-                          f"'/' (an Ollama store's namespace/name:tag), not starting with '/'")
+                          f"'/' between parts (an Ollama store's namespace/name:tag), none of them empty, '.' or '..'")
     merged = {**defaults, **values}
     kwargs: dict[str, Any] = {}
     for key, value in merged.items():

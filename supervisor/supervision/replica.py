@@ -326,8 +326,10 @@ class Replica:
         refused = self.refusal()
         if refused is not None:
             raise refused
-        # '/' (an Ollama namespace) is no part of a file name
-        socket_path = self._socket_dir / f"{self.name.replace('/', '_')}.{self.index}.{next(self._serial)}.sock"
+        # '/' (an Ollama namespace) is no part of a file name: '+', which no name holds, so no two names
+        # meet (and not '%', which gRPC's unix: addresses decode)
+        file_name = self.name.replace("/", "+")
+        socket_path = self._socket_dir / f"{file_name}.{self.index}.{next(self._serial)}.sock"
         worker = WorkerProcess(Spawn(self.config, self.gguf.path, socket_path, self.lines.rlimit_data),
                                self.events, self.output)
         self._launching = worker  # from here it holds memory: no await between admission and this line
