@@ -399,7 +399,8 @@ def cmd_update(args, stub, out: Output) -> int:
 def cmd_health(args, stub, out: Output) -> int:
     """grpc.health.v1, as a load balancer or a probe sees it: exit 0 only if everything asked about serves."""
     health = stub.health
-    names = [args.model] if args.model else [m.name for m in stub.ListModels(pb.ListModelsRequest()).models]
+    names = [args.model] if args.model else [m.name for m in stub.ListModels(pb.ListModelsRequest()).models
+                                             if m.state != "AVAILABLE"]  # on disk only: no health to ask
     services = ([] if args.model else [""]) + [f"model/{name}" for name in names]
     rows = []
     for service in services:
