@@ -15,7 +15,7 @@ import pytest
 
 from llm_supervisor.v1 import supervisor_pb2 as pb
 from supervisor.catalog.catalog import scan
-from tests.conftest import HTTP, launch, loaded_models, model_table, wait_for
+from tests.conftest import HTTP, launch, loaded_models, wait_for
 
 MODEL = "application/vnd.ollama.image.model"
 PARAMS = "application/vnd.ollama.image.params"
