@@ -65,14 +65,17 @@ def scan(model_dirs: Sequence[Path]) -> Scan:
 
     roots = [d.resolve() for d in model_dirs]
     for directory in model_dirs:
-        if not directory.is_dir():
+        try:
+            entries = sorted(directory.iterdir()) if directory.is_dir() else []
+        except OSError as e:  # unreadable (permissions): the other directories still count
+            problems.append(f"{directory}: cannot be listed ({e.strerror}); skipped")
             continue
         if is_store(directory):
             found, skipped = read_store(directory)
             problems += skipped
             for model in found:
                 add(model)
-        for entry in sorted(directory.iterdir()):
+        for entry in entries:
             if entry.suffix.lower() == ".gguf" and entry.is_file():
                 real = entry.resolve()
                 if not any(real.is_relative_to(root) for root in roots):  # as loading refuses it
