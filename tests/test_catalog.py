@@ -248,3 +248,31 @@ def test_a_model_that_fails_to_load_is_not_tried_again_at_once(tmp_path, model_d
         assert daemon.log().count('"load_on_demand_failed"') == 1
     finally:
         daemon.stop()
+
+
+def test_a_stores_params_and_system_are_the_models_defaults(store, model_dir):
+    daemon = launch(store)
+    try:
+        def chat(model: str, messages: list[tuple[str, str]], **options) -> list:
+            return list(daemon.stub.Chat(pb.ChatRequest(
+                model=model, messages=[pb.ChatMessage(role=r, content=c) for r, c in messages],
+                options=pb.SamplingOptions(max_tokens=24, **options))))
+
+        user = [("user", "Say hello")]
+        # tiny:latest's system layer says "You are terse.": a chat without a system message gets it.
+        with_system = chat("tiny:q8", [("system", "You are terse."), *user], temperature=0.0)
+        assert chat("tiny:latest", user)[-1].usage.prompt_tokens == with_system[-1].usage.prompt_tokens
+        assert chat("tiny:q8", user)[-1].usage.prompt_tokens < with_system[-1].usage.prompt_tokens
+        # Stop words and temperature from a params layer: written now, seen on the next request's miss.
+        text = "".join(c.text for c in with_system)
+        stop = text[len(text) // 3:len(text) // 3 + 4]  # four characters from the middle of what it says
+        assert len(text) > 12 and stop.strip(), text
+        put_model(store, "tiny", "stops", (model_dir / "tiny.gguf").read_bytes(),
+                  params={"stop": [stop], "temperature": 0}, system="You are terse.")
+        stopped = chat("tiny:stops", user)  # no temperature: the params' 0, greedy
+        assert "".join(c.text for c in stopped) == text[:text.index(stop)]
+        assert stopped[-1].finish_reason == pb.FINISH_REASON_STOP
+        own = chat("tiny:stops", user, stop=["zzz-never"])  # the request's own stop words replace the model's
+        assert "".join(c.text for c in own) == text
+    finally:
+        daemon.stop()

@@ -17,9 +17,18 @@ MAX_STOP_LENGTH = 256
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 
+MODEL_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty")
+
+
 def check_options(options: pb.SamplingOptions, model: ModelConfig) -> pb.SamplingOptions:
+    """The request's options, checked, with the model's defaults where the request left one unset."""
     out = pb.SamplingOptions()
     out.CopyFrom(options)
+    for field in MODEL_DEFAULTS:
+        if not options.HasField(field) and getattr(model, field) is not None:
+            setattr(out, field, getattr(model, field))
+    if not options.stop:
+        out.stop.extend(model.stop)
 
     def in_range(field: str, low: float, high: float) -> None:
         if options.HasField(field):

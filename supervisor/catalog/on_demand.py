@@ -155,10 +155,19 @@ class OnDemand:
         return runtime
 
 
+# An Ollama params layer's keys this daemon takes as a model's settings, and their names here.
+PARAMS = {"num_ctx": "n_ctx", "stop": "stop", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
+          "min_p": "min_p", "repeat_penalty": "repeat_penalty"}
+
+
 def settings_of(model: Available, defaults) -> dict:
-    """What an Ollama params layer says of the runner and this daemon takes as the model's settings,
-    where [defaults] does not say otherwise: its context length."""
-    num_ctx = model.params.get("num_ctx")
-    if "n_ctx" in defaults or not isinstance(num_ctx, int) or isinstance(num_ctx, bool):
-        return {}
-    return {"n_ctx": num_ctx}
+    """What a store's params and system layers say, as the model's settings where [defaults] does not say
+    otherwise: its context length, and the request defaults (stop words, sampling, system prompt). Values
+    of the wrong type are left out; the rest is checked as the config's own."""
+    settings = {ours: model.params[theirs] for theirs, ours in PARAMS.items()
+                if theirs in model.params and not isinstance(model.params[theirs], (bool, dict))}
+    if model.system:
+        settings["system"] = model.system
+    if not isinstance(settings.get("n_ctx", 0), int):
+        del settings["n_ctx"]
+    return {key: value for key, value in settings.items() if key not in defaults}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import tomllib
@@ -70,6 +71,14 @@ class ModelConfig:
     engine: str = DEFAULT_ENGINE
     # The worker computes embeddings (pooled as the GGUF says, else by mean) instead of generating text.
     embedding: bool = False
+    # Request defaults, for what a request leaves unset (an Ollama store's params and system layers):
+    system: str = ""  # Chat: the system message when a request has none
+    stop: tuple[str, ...] = ()  # stop sequences when a request gives none
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repeat_penalty: float | None = None
 
     def worker_options(self) -> dict[str, Any]:
         """What the worker process needs to load the model (it knows nothing of policies)."""
@@ -153,6 +162,12 @@ def _coerce(key: str, kind: Any, value: Any, host: Host) -> Any:
         return 0 if str(value).strip().lower() == "none" else parse_size(value, host.memory_bytes)
     if key == "keep_alive":
         return parse_duration(value, allow_forever=True)
+    if key == "stop":  # a TOML list, or a LoadModel option's JSON list
+        stops = json.loads(value) if isinstance(value, str) and value.lstrip().startswith("[") else value
+        stops = [stops] if isinstance(stops, str) else stops
+        if not isinstance(stops, list) or not all(isinstance(stop, str) and stop for stop in stops):
+            raise ValueError(f"expected a list of non-empty strings, got {value!r}")
+        return tuple(stops)
     if key in ("request_timeout", "load_timeout", "stream_interval", "heartbeat_timeout"):
         return parse_duration(value)
     if kind is bool:
@@ -245,6 +260,12 @@ def _check_model(cfg: ModelConfig) -> None:
          f"temperature_critical ({cfg.temperature_critical:g}) must be above temperature_throttle ({cfg.temperature_throttle:g})")
     need(0 < cfg.temperature_hysteresis <= 30, f"temperature_hysteresis must be above 0 and at most 30 °C, got {cfg.temperature_hysteresis:g}")
     need(cfg.rlimit_nofile >= 64, f"rlimit_nofile must be at least 64, got {cfg.rlimit_nofile}")
+    need(len(cfg.stop) <= 16 and all(len(stop) <= 256 for stop in cfg.stop),
+         "stop holds at most 16 sequences of at most 256 characters")
+    for key, low, high in (("temperature", 0, 100), ("top_p", 0, 1), ("min_p", 0, 1), ("repeat_penalty", 0.01, 100),
+                           ("top_k", 0, 1_000_000)):
+        value = getattr(cfg, key)
+        need(value is None or low <= value <= high, f"{key} must be between {low:g} and {high:g}, got {value}")
     need(not cfg.rlimit_data or cfg.rlimit_data >= 64 << 20, "rlimit_data below 64MiB cannot even load the runtime")
     need(":" in cfg.engine, f"engine must be 'module:Class', got {cfg.engine!r}")
 
