@@ -252,7 +252,7 @@ class Ollama:
             for model, header, config in await self.inference.catalog.listing():
                 if model.name == name and header is not None and config is not None:
                     return header, config
-        runtime = self.registry.get(self.inference.catalog.resolve(name))  # NOT_FOUND, listing what there is
+        runtime = self.registry.get(name)  # NOT_FOUND, listing what there is
         return runtime.gguf, runtime.config
 
     @staticmethod
@@ -269,11 +269,7 @@ class Ollama:
 
     async def tags(self, request: web.Request) -> web.Response:
         """Every model there is: loaded, and on disk (read afresh)."""
-        loaded = [self.tag(runtime.name, runtime.gguf) for runtime in list(self.registry.models.values())]
-        names = {tag["name"] for tag in loaded}  # a loaded `tiny` is `tiny:latest`: the one a request gets
-        on_disk = [self.tag(model.name, header) for model, header, _ in await self.inference.catalog.listing()
-                   if header is not None and tagged(model.name) not in names]
-        return json_response({"models": loaded + on_disk})
+        return json_response({"models": [self.tag(name, gguf) for name, gguf in await self.inference.catalog.known()]})
 
     async def ps(self, request: web.Request) -> web.Response:
         models = []

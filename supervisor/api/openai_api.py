@@ -180,11 +180,8 @@ class OpenAI:
 
     async def _cards(self) -> list[dict]:
         """Every model there is: loaded, and on disk (read afresh), which the first request loads."""
-        loaded = [(rt.name, rt.gguf.modified_ns) for rt in list(self.inference.registry.models.values())]
-        on_disk = [(model.name, header.modified_ns) for model, header, _ in await self.inference.catalog.listing()
-                   if header is not None]
-        return [{"id": name, "object": "model", "created": modified // 10**9, "owned_by": "llm-supervisor"}
-                for name, modified in loaded + on_disk]
+        return [{"id": name, "object": "model", "created": gguf.modified_ns // 10**9, "owned_by": "llm-supervisor"}
+                for name, gguf in await self.inference.catalog.known()]
 
     async def models(self, request: web.Request) -> web.Response:
         return json_response({"object": "list", "data": await self._cards()})

@@ -123,6 +123,14 @@ class OnDemand:
             listed.append((model, headers.get(model.path), config))
         return listed
 
+    async def known(self) -> list[tuple[str, GGUFInfo]]:
+        """Every model a request can name, with its header: the loaded ones, then those on disk (read
+        afresh) — less any whose name a request would resolve to a loaded model instead."""
+        loaded = [(runtime.name, runtime.gguf) for runtime in list(self.registry.models.values())]
+        on_disk = [(model.name, header) for model, header, _ in await self.listing()
+                   if header is not None and self.resolve(model.name) == model.name]
+        return loaded + on_disk
+
     def _read_headers(self, paths: list) -> dict:
         """On a thread: each file's header, from the cache where the file has not changed; None for one
         that cannot be read (its load says why). The cache keeps only what is on disk now."""

@@ -82,7 +82,8 @@ def read_gguf_info(path: Path) -> GGUFInfo:
     try:
         with path.open("rb") as f:
             head = f.read(24)
-        size = path.stat().st_size
+        stat = path.stat()
+        size = stat.st_size
     except OSError as e:
         raise precondition(f"cannot read model file {path}: {e.strerror}") from None
     if len(head) < 8 or head[:4] != GGUF_MAGIC:
@@ -129,7 +130,7 @@ def read_gguf_info(path: Path) -> GGUFInfo:
         path=path,
         architecture=str(arch),
         name=str(value("general.name", path.stem)),
-        file_size=path.stat().st_size,
+        file_size=size,
         n_ctx_train=int(value(f"{arch}.context_length", 0) or 0),
         n_layer=int(value(f"{arch}.block_count", 0) or 0),
         has_chat_template=value("tokenizer.chat_template") is not None,
@@ -137,7 +138,7 @@ def read_gguf_info(path: Path) -> GGUFInfo:
         chat_template=str(value("tokenizer.chat_template", "")),
         file_type=file_type_name(value("general.file_type")),
         parameter_count=parameters,
-        modified_ns=path.stat().st_mtime_ns,
+        modified_ns=stat.st_mtime_ns,
     )
 
 
