@@ -269,6 +269,9 @@ def test_a_stores_params_and_system_are_the_models_defaults(store, model_dir):
         assert len(text) > 12 and stop.strip(), text
         put_model(store, "tiny", "stops", (model_dir / "tiny.gguf").read_bytes(),
                   params={"stop": [stop], "temperature": 0}, system="You are terse.")
+        # A scan within the last second is not repeated for a miss: poll the listing, which rescans after it.
+        wait_for(lambda: "tiny:stops" in [m.name for m in daemon.stub.ListModels(pb.ListModelsRequest()).models],
+                 10, what="the new manifest to be listed")
         stopped = chat("tiny:stops", user)  # no temperature: the params' 0, greedy
         assert "".join(c.text for c in stopped) == text[:text.index(stop)]
         assert stopped[-1].finish_reason == pb.FINISH_REASON_STOP
