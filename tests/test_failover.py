@@ -39,8 +39,11 @@ def pair(model_dir, tmp_path):
     started = []
 
     def start(port: int):
-        # Slow tokens (10 ms each): requests are still in flight when a daemon goes.
-        daemon = launch(model_dir, model_table("tiny", "tiny.gguf", n_ctx=256, engine="tests.engines:SlowEngine")
+        # Slow tokens (10 ms each): requests are still in flight when a daemon goes. One at a time
+        # (parallel = 1): the kill below may fail only the request the daemon was streaming, which with
+        # continuous batching would be as many as it streams at once.
+        daemon = launch(model_dir, model_table("tiny", "tiny.gguf", n_ctx=256, parallel=1,
+                                               engine="tests.engines:SlowEngine")
                         + "\n" + sections, extra='shutdown_delay = "1s"', address=f"127.0.0.1:{port}",
                         credentials=credentials, env={"TEST_TOKEN_DELAY": "0.01"})
         started.append(daemon)
