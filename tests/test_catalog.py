@@ -8,6 +8,8 @@ import json
 import os
 import shutil
 import threading
+import time
+from datetime import datetime
 from pathlib import Path
 
 import grpc
@@ -129,6 +131,9 @@ def test_a_gguf_copied_in_while_running_is_served_and_concurrent_first_requests_
             chunks = list(daemon.stub.Generate(pb.GenerateRequest(model="fresh", prompt="hi",
                                                                   options=pb.SamplingOptions(max_tokens=2))))
             results.append(chunks[-1].usage.completion_tokens)
+            waits.append(chunks[-1].usage.load_s)
+
+        waits: list[float] = []
 
         # The miss above was just now: the next scan may wait out its second; poll rather than sleep.
         wait_for(lambda: "fresh" in [m.name for m in daemon.stub.ListModels(pb.ListModelsRequest()).models],
@@ -140,6 +145,71 @@ def test_a_gguf_copied_in_while_running_is_served_and_concurrent_first_requests_
             thread.join(120)
         assert results == [2, 2, 2]
         assert daemon.log().count('"worker_spawned"') == 1  # one load for the three
+        # Each waited for that load, and its usage says for how long; the next request waited for none.
+        loaded = json.loads(next(line for line in daemon.log().splitlines() if '"model_loaded"' in line))
+        assert all(0 < wait for wait in waits) and max(waits) >= loaded["load_s"] * 0.5, (waits, loaded)
+        chunks = list(daemon.stub.Generate(pb.GenerateRequest(model="fresh", prompt="hi",
+                                                              options=pb.SamplingOptions(max_tokens=2))))
+        assert chunks[-1].usage.load_s == 0
+    finally:
+        daemon.stop()
+
+
+def test_requests_waiting_for_a_load_on_demand_are_bounded_by_max_queue(tmp_path, model_dir):
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(model_dir / "tiny.gguf", models / "cold.gguf")
+    # One request at a time, one waiting: the third and fourth asking while it loads are refused, as they
+    # would be for a loaded model, rather than waiting in a line nothing bounds.
+    daemon = launch(models, extra="standby_workers = 0\n[defaults]\nparallel = 1\nmax_queue = 1\n")
+    try:
+        outcomes: list = []
+        barrier = threading.Barrier(4)
+
+        def ask() -> None:
+            barrier.wait()
+            try:
+                chunks = list(daemon.stub.Generate(pb.GenerateRequest(model="cold", prompt="hi",
+                                                                      options=pb.SamplingOptions(max_tokens=48)),
+                                                   timeout=120))
+                outcomes.append(chunks[-1].usage.completion_tokens)
+            except grpc.RpcError as e:
+                outcomes.append((e.code(), e.details()))
+                refused_at.append(time.time())
+
+        refused_at: list[float] = []
+
+        threads = [threading.Thread(target=ask) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        served = [o for o in outcomes if o == 48]
+        refused = [o for o in outcomes if o != 48]
+        assert len(served) == 2 and len(refused) == 2, outcomes
+        assert all(code == grpc.StatusCode.RESOURCE_EXHAUSTED and "queue is full" in details
+                   for code, details in refused), refused
+        assert daemon.log().count('"worker_spawned"') == 1
+        # Refused at once, not after waiting out the load.
+        loaded = json.loads(next(line for line in daemon.log().splitlines() if '"model_loaded"' in line))
+        assert max(refused_at) < datetime.fromisoformat(loaded["timestamp"]).timestamp(), (refused_at, loaded)
+    finally:
+        daemon.stop()
+
+
+def test_a_load_on_demand_that_admission_refuses_is_resource_exhausted_with_the_figures(tmp_path, model_dir):
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(model_dir / "tiny.gguf", models / "big.gguf")
+    daemon = launch(models, extra=f"memory_budget = {1 << 20}\n")  # 1 MiB: no model fits
+    try:
+        for _ in range(2):  # refused again, not FATAL: memory may be free at the next request
+            with pytest.raises(grpc.RpcError) as refused:
+                list(daemon.stub.Generate(pb.GenerateRequest(model="big", prompt="hi")))
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "does not fit" in refused.value.details() and "memory_budget is 1.0 MiB" in refused.value.details()
+        assert loaded_models(daemon) == []
+        assert [m.state for m in daemon.stub.ListModels(pb.ListModelsRequest()).models] == ["AVAILABLE"]
     finally:
         daemon.stop()
 

@@ -4,6 +4,7 @@ APIs (http/) are adapters around this: they translate requests and errors, nothi
 
 from __future__ import annotations
 
+import time
 from contextlib import aclosing
 from typing import AsyncIterator, Callable
 
@@ -76,6 +77,7 @@ class Inference:
                       shape: Callable[[ModelConfig], int] = lambda config: 0) -> AsyncIterator[pb.GenerateChunk]:
         """Generate and Chat alike: `check` is the request's own validation (prompt or messages); `shape`
         fits it to the model's settings and says how many chat messages that left out. Raises ApiError."""
+        arrived = time.monotonic()  # a load on demand's wait counts in the usage's load_s
         try:
             check()
             runtime = await self.runtime(model)
@@ -88,7 +90,7 @@ class Inference:
             keep = request_keep_alive(keep_alive, runtime.config)
             # aclosing: a cancelled client must free the model's slot now, not when the generator is collected.
             last = None
-            async with aclosing(runtime.generate(request, keep)) as chunks:
+            async with aclosing(runtime.generate(request, keep, arrived)) as chunks:
                 async for chunk in chunks:
                     if chunk.finish_reason:
                         chunk.usage.messages_dropped += dropped  # the worker's own count is for n_ctx

@@ -193,11 +193,11 @@ def sampling(options: dict[str, Any] | None, fmt: str | dict | None) -> tuple[pb
 
 def stats(last: pb.GenerateChunk, started: float) -> dict:
     """The closing line's figures, in nanoseconds. The worker's time splits into prompt evaluation (up
-    to the first token) and generation; what the request spent before the worker took it (a start on
-    demand, the queue) is its load_duration."""
+    to the first token) and generation; load_duration is the wait for the model's worker to load (0 when
+    it was ready), as Ollama counts it."""
     total = time.monotonic() - started
     t = last.timings
-    return {"total_duration": int(total * 1e9), "load_duration": int(max(total - t.total_s, 0.0) * 1e9),
+    return {"total_duration": int(total * 1e9), "load_duration": int(last.usage.load_s * 1e9),
             "prompt_eval_count": last.usage.prompt_tokens, "prompt_eval_duration": int(t.time_to_first_token_s * 1e9),
             "eval_count": last.usage.completion_tokens,
             "eval_duration": int(max(t.total_s - t.time_to_first_token_s, 0.0) * 1e9)}

@@ -34,7 +34,7 @@ class OnDemand:
         self._scanned_at = -SCAN_EVERY_S
         self._scanning: asyncio.Task | None = None
         self._reported: frozenset[str] = frozenset()
-        self._loading: dict[str, asyncio.Task] = {}
+        self._loading: dict[str, tuple[asyncio.Future, asyncio.Task]] = {}  # name → (listed, whole load)
         self._failed: dict[str, tuple[float, ApiError]] = {}  # name → (when, why) of a failed load on demand
         self._background = Background()  # a load goes on for the others when the request that began it goes
         # GGUF headers by (path, size, mtime, inode, ctime): a listing reads each file's once, and again
@@ -92,11 +92,17 @@ class OnDemand:
             # would evict for it, at every request.
             raise ApiError(failed[1].code, f"{failed[1].message} (failed {self._clock() - failed[0]:.0f} s ago; "
                                            f"tried again {FAILED_LOAD_S:g} s after)")
-        task = self._loading.get(name)
-        if task is None:  # one load for every request that asks meanwhile
-            task = self._loading[name] = self._background.keep(self._load(self.last.models[name]), f"load-{name}")
+        loading = self._loading.get(name)
+        if loading is None:  # one load for every request that asks meanwhile
+            registered = asyncio.get_running_loop().create_future()
+            task = self._background.keep(self._load(self.last.models[name], registered), f"load-{name}")
+            loading = self._loading[name] = (registered, task)
             task.add_done_callback(lambda _: self._loading.pop(name, None))
-        return await asyncio.shield(task)
+        registered, task = loading
+        # Only until the model is listed (its file's header read): from then on the request waits for the
+        # worker in the model's queue, where max_queue bounds the waiting and the load's outcome reaches it.
+        await asyncio.wait([registered, task], return_when=asyncio.FIRST_COMPLETED)
+        return registered.result() if registered.done() else task.result()
 
     def config_for(self, model: Available) -> ModelConfig:
         """Its settings: [models.NAME] if the config has the name, else [defaults], else its store's params."""
@@ -145,11 +151,11 @@ class OnDemand:
         self._headers = fresh
         return found
 
-    async def _load(self, model: Available) -> ModelRuntime:
+    async def _load(self, model: Available, registered: asyncio.Future) -> ModelRuntime:
         config = self.config_for(model)
         started = self._clock()
         try:
-            runtime = await self.registry.load(config, source="catalog")
+            runtime = await self.registry.load(config, source="catalog", registered=registered)
         except ApiError as e:
             log.warning("load_on_demand_failed", model=model.name, path=str(model.path), reason=e.message)
             if e.code == grpc.StatusCode.FAILED_PRECONDITION:  # the file or the load, not the request: 503

@@ -76,8 +76,11 @@ class Registry:
         gguf = await asyncio.to_thread(read_gguf_info, resolve_model_path(config.path, self.config.model_dirs))
         return gguf, estimate(gguf.shape, config)
 
-    async def load(self, config: ModelConfig, source: str, keep_on_failure: bool = False) -> ModelRuntime:
-        """Check the file, then start the worker. A config model that fails stays listed as FATAL."""
+    async def load(self, config: ModelConfig, source: str, keep_on_failure: bool = False,
+                   registered: asyncio.Future | None = None) -> ModelRuntime:
+        """Check the file, then start the worker. A config model that fails stays listed as FATAL.
+        `registered` learns the runtime as soon as it is listed (its start begun): requests may queue on it
+        from then on, and wait there for the worker, as for any start."""
         if config.name in self.models or config.name in self._reading:
             raise ApiError(grpc.StatusCode.ALREADY_EXISTS,
                            f"model {config.name!r} is already loaded; unload it first or pick another name")
@@ -90,13 +93,18 @@ class Registry:
         runtime = ModelRuntime(source, [])  # its replicas tell the registry of their changes: they need it first
         runtime.replicas = [self._replica(runtime, config, gguf, i, OutputLog()) for i in range(config.replicas)]
         self.models[config.name] = runtime  # reserve the name while loading
-        started = await asyncio.gather(*(replica.start() for replica in runtime.replicas), return_exceptions=True)
+        starting = asyncio.gather(*(replica.start() for replica in runtime.replicas), return_exceptions=True)
+        if registered is not None and not registered.done():
+            registered.set_result(runtime)
+        started = await starting
         failed = [e for e in started if isinstance(e, BaseException)]
         if failed:
             if not keep_on_failure:
                 if self.models.get(config.name) is runtime:  # an unload meanwhile has taken it already
                     del self.models[config.name]
-                await runtime.stop()
+                # Requests still queued on it (a load on demand) are told why it is gone.
+                reason = failed[0].message if isinstance(failed[0], ApiError) else repr(failed[0])
+                await runtime.stop(reason=f"could not be loaded: {reason}")
                 self._on_change(runtime)
             raise failed[0]
         return runtime

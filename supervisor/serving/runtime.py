@@ -10,6 +10,7 @@ short answer.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import AsyncIterator
 
 import grpc
@@ -116,11 +117,15 @@ class ModelRuntime:
         if keep_alive is not None:  # admitted: a request refused or cancelled while waiting changes nothing
             self.keep_alive(keep_alive)
 
-    async def generate(self, request: worker_pb2.WorkerGenerateRequest,
-                       keep_alive: float | None = None) -> AsyncIterator[pb.GenerateChunk]:
+    async def generate(self, request: worker_pb2.WorkerGenerateRequest, keep_alive: float | None = None,
+                       arrived: float | None = None) -> AsyncIterator[pb.GenerateChunk]:
         """The request's chunks. `keep_alive`: how long the model stays after it, set once it is admitted
-        (a request refused at the queue changes nothing)."""
+        (a request refused at the queue changes nothing). `arrived` (time.monotonic): when the request
+        came, if before this call (it waited for the model's load on demand); the last chunk's
+        usage.load_s counts from there when the request waited for a worker to load."""
+        arrived = time.monotonic() if arrived is None else arrived
         replica = self.pick()
+        cold = not replica.serving  # no worker ready as it came: it waits for one to load
         await self._enter_queue(replica, keep_alive)
         unfinished: WorkerProcess | None = None  # a live worker still holding this request's sequence
         request_id = 0
@@ -131,7 +136,9 @@ class ModelRuntime:
                     replica.keep(self._release(replica, unfinished, request_id, leave=False),
                                  f"release-{unfinished.pid}-{request_id}")
                     unfinished = None
+                cold = cold or not replica.serving  # a retry after a death waits for a new worker too
                 worker = await self._ready(replica)
+                load_s = time.monotonic() - arrived if cold else 0.0
                 sent = measured = completed = False
                 request_id = request.request_id = worker.new_request_id()
                 worker.begin_request()
@@ -147,6 +154,7 @@ class ModelRuntime:
                             worker.context_high = max(worker.context_high,
                                                       chunk.usage.prompt_tokens + chunk.usage.completion_tokens,
                                                       pool.cells_high if pool else 0)
+                            chunk.usage.load_s = load_s
                         yield chunk
                     self._served(replica, worker)
                     completed = True
