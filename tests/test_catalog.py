@@ -83,6 +83,33 @@ def test_a_malformed_manifest_or_an_escaping_blob_is_skipped_and_named(store, tm
     assert str(sneaky) in problems and "not sha256" in problems
 
 
+def test_an_adapter_layer_or_a_symlinked_blobs_directory_is_refused(store, tmp_path, model_dir):
+    put_model(store, "vision", "latest", (model_dir / "tiny.gguf").read_bytes())
+    put_model(store, "tuned", "latest", (model_dir / "tiny.gguf").read_bytes())
+    for name, media in (("vision", "projector"), ("tuned", "adapter")):
+        manifest = store / "manifests" / "registry.ollama.ai" / "library" / name / "latest"
+        layers = json.loads(manifest.read_text())["layers"]
+        layers.append({"mediaType": f"application/vnd.ollama.image.{media}", "digest": put_blob(store, media.encode())})
+        manifest.write_text(json.dumps({"layers": layers}))
+    found = scan([store])
+    assert "vision:latest" in found.models  # its text model serves; images are refused by name
+    assert "tuned:latest" not in found.models and any("adapter" in p and "tuned" in p for p in found.problems)
+    # blobs/ moved to another disk and linked back: every blob would lie outside the store.
+    elsewhere = tmp_path / "bigdisk"
+    shutil.move(store / "blobs", elsewhere)
+    os.symlink(elsewhere, store / "blobs")
+    found = scan([store])
+    assert found.models == {} and found.problems == (
+        f"{store.resolve() / 'blobs'}: a symlink; a store's blobs must lie in the store (point model_dirs at the real "
+        f"store, or link the whole store instead); skipped",)
+    # The whole store linked from elsewhere is fine: it is read where it lies.
+    shutil.move(elsewhere, tmp_path / "blobs-back")
+    (store / "blobs").unlink()
+    shutil.move(tmp_path / "blobs-back", store / "blobs")
+    os.symlink(store, tmp_path / "linked-store")
+    assert "tiny:latest" in scan([tmp_path / "linked-store"]).models
+
+
 def test_gguf_names_and_collisions(tmp_path, model_dir):
     first, second = tmp_path / "a", tmp_path / "b"
     first.mkdir(), second.mkdir()
@@ -234,6 +261,27 @@ def test_two_models_alternate_under_a_budget_for_one(tmp_path, model_dir):
                                                timeout=120))
             assert chunks[-1].usage.completion_tokens == 2
         assert '"model_evicted"' in daemon.log()
+    finally:
+        daemon.stop()
+
+
+def test_a_config_model_unloaded_by_hand_stays_available_with_its_settings(tmp_path, model_dir):
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(model_dir / "tiny.gguf", models / "tiny.gguf")
+    # A name that is not its file's stem: only the config says the model exists.
+    daemon = launch(models, models='[models.helper]\npath = "tiny.gguf"\nn_ctx = 1024\n')
+    try:
+        daemon.stub.UnloadModel(pb.UnloadModelRequest(name="helper"))
+        listed = {m.name: m for m in daemon.stub.ListModels(pb.ListModelsRequest()).models}
+        assert listed["helper"].state == "AVAILABLE" and listed["helper"].source == "config"
+        assert listed["helper"].n_ctx == 1024 and listed["tiny"].state == "AVAILABLE"
+        chunks = list(daemon.stub.Generate(pb.GenerateRequest(model="helper", prompt="hi",
+                                                              options=pb.SamplingOptions(max_tokens=2))))
+        assert chunks[-1].usage.completion_tokens == 2 and chunks[-1].usage.load_s > 0
+        assert daemon.worker("helper").pool.n_ctx == 1024  # its own settings, not [defaults]
+        assert {m.name: m.source for m in loaded_models(daemon)} == {"helper": "config"}  # a reload's to manage
+        assert "is taken by" not in daemon.log()  # [models.NAME] and a stem naming one file do not clash
     finally:
         daemon.stop()
 

@@ -1,5 +1,5 @@
-"""Which models are on disk: every GGUF directly inside the model directories, and every model of an
-Ollama store (a model directory that holds `manifests/` and `blobs/`), by name. Reading only: nothing is
+"""Which models are on disk: every model the config names, every GGUF directly inside the model
+directories, and every model of an Ollama store (a model directory that holds `manifests/` and `blobs/`), by name. Reading only: nothing is
 copied, a model's file is mmap'd where it lies. Pure apart from reading the directories given.
 
 Ollama's store: `manifests/<registry>/<namespace>/<name>/<tag>` are JSON manifests whose layers name
@@ -17,12 +17,18 @@ import re
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
+
+from supervisor.errors import ApiError
+from supervisor.settings.gguf_file import resolve_model_path
 
 OLLAMA_REGISTRY = "registry.ollama.ai"
 MODEL_LAYER = "application/vnd.ollama.image.model"
 PARAMS_LAYER = "application/vnd.ollama.image.params"
 SYSTEM_LAYER = "application/vnd.ollama.image.system"
+ADAPTER_LAYER = "application/vnd.ollama.image.adapter"
+# A projector layer (images for a vision model) is left aside: the model serves text, and requests with
+# images are refused by name. The template layer (Go templates) is Ollama's; the GGUF's own template serves.
 DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 MAX_SMALL_BLOB = 1 << 20  # a manifest, params or system layer larger than this is not one
 MAX_NAME = 64
@@ -32,7 +38,7 @@ MAX_NAME = 64
 class Available:
     name: str
     path: Path  # the GGUF (a store's blob), resolved
-    source: str  # "model_dir" or "ollama"
+    source: str  # "config", "model_dir" or "ollama"
     params: dict[str, Any] = field(default_factory=dict)  # an Ollama params layer, as written
     system: str = ""  # an Ollama system layer
 
@@ -52,17 +58,25 @@ def is_store(directory: Path) -> bool:
     return (directory / "manifests").is_dir() and (directory / "blobs").is_dir()
 
 
-def scan(model_dirs: Sequence[Path]) -> Scan:
-    """Every model the directories hold; the first of two that map to one name wins, the other is reported."""
+def scan(model_dirs: Sequence[Path], configured: Mapping[str, str] = {}) -> Scan:
+    """Every model the config names (`configured`: name → path, as [models.NAME] gives it) and every model
+    the directories hold; the first of two that map to one name wins, the other is reported — the config's
+    names first: they are the operator's own."""
     models: dict[str, Available] = {}
     problems: list[str] = []
 
     def add(model: Available) -> None:
-        if model.name in models:
-            problems.append(f"{model.path}: its name {model.name!r} is taken by {models[model.name].path}; skipped")
-        else:
+        taken = models.get(model.name)
+        if taken is None:
             models[model.name] = model
+        elif taken.path != model.path:  # [models.tiny] path = "tiny.gguf" names its own file: no clash
+            problems.append(f"{model.path}: its name {model.name!r} is taken by {taken.path}; skipped")
 
+    for name, path in configured.items():
+        try:
+            add(Available(name, resolve_model_path(path, model_dirs), "config"))
+        except ApiError as e:  # the config's load at start said so too; here it is only not on offer
+            problems.append(f"[models.{name}]: {e.message}; not available")
     roots = [d.resolve() for d in model_dirs]
     for directory in model_dirs:
         try:
@@ -89,8 +103,10 @@ def read_store(store: Path) -> tuple[list[Available], list[str]]:
     root = store.resolve()
     found, problems = [], []
     manifests = root / "manifests"
-    if manifests.is_symlink():  # os.walk would follow it, wherever it leads
-        return [], [f"{manifests}: a symlink; a store's manifests must lie in the store; skipped"]
+    for part in (manifests, root / "blobs"):  # os.walk would follow it, and every blob would lead outside
+        if part.is_symlink():
+            return [], [f"{part}: a symlink; a store's {part.name} must lie in the store (point model_dirs at "
+                        f"the real store, or link the whole store instead); skipped"]
     for directory, dirs, files in os.walk(manifests):  # symlinked directories below are not followed
         for file in sorted(files):
             path = Path(directory) / file
@@ -120,6 +136,8 @@ def read_manifest(root: Path, path: Path, registry: str, namespace: str, model: 
     layers = {layer.get("mediaType"): layer.get("digest") for layer in manifest["layers"] if isinstance(layer, dict)}
     if MODEL_LAYER not in layers:
         raise ValueError("no model layer")
+    if ADAPTER_LAYER in layers:  # served without it, it would answer as its base model: not what was asked for
+        raise ValueError("it has an adapter (LoRA) layer, which this daemon does not apply")
     name = store_name(registry, namespace, model, tag)
     if len(name) > MAX_NAME or not all(c.isalnum() or c in "-_.:/" for c in name):
         raise ValueError(f"the name {name!r} is not one this daemon takes (1-64 letters, digits, -_.:/)")

@@ -51,7 +51,8 @@ class OnDemand:
 
     async def _scan(self) -> None:
         try:
-            self.last = await asyncio.to_thread(scan, self.registry.config.model_dirs)
+            config = self.registry.config
+            self.last = await asyncio.to_thread(scan, config.model_dirs, {m.name: m.path for m in config.models})
         finally:
             self._scanned_at, self._scanning = self._clock(), None
         for problem in set(self.last.problems) - self._reported:  # each told once, not at every scan
@@ -155,7 +156,9 @@ class OnDemand:
         config = self.config_for(model)
         started = self._clock()
         try:
-            runtime = await self.registry.load(config, source="catalog", registered=registered)
+            # A model the config names is the config's wherever it was loaded from: a reload manages it.
+            source = "config" if model.source == "config" else "catalog"
+            runtime = await self.registry.load(config, source=source, registered=registered)
         except ApiError as e:
             log.warning("load_on_demand_failed", model=model.name, path=str(model.path), reason=e.message)
             if e.code == grpc.StatusCode.FAILED_PRECONDITION:  # the file or the load, not the request: 503
@@ -164,7 +167,7 @@ class OnDemand:
                 self._failed[model.name] = (self._clock(), e)
             raise e from None
         self._failed.pop(model.name, None)
-        log.info("model_loaded", model=model.name, path=str(model.path), source="catalog", origin=model.source,
+        log.info("model_loaded", model=model.name, path=str(model.path), source=source, origin=model.source,
                  load_s=round(self._clock() - started, 3))
         return runtime
 
