@@ -321,6 +321,48 @@ def test_llmctl_models_lists_what_is_on_disk(store):
         daemon.stop()
 
 
+def test_llmctl_catalog_scan_offers_ollamas_stores_and_reads_none_unasked(store, tmp_path, model_dir):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    models, home = tmp_path / "models", tmp_path / "home"
+    models.mkdir()
+    shutil.copy(model_dir / "tiny.gguf", models / "mine.gguf")
+    put_model(home / ".ollama" / "models", "homely", "latest", (model_dir / "tiny.gguf").read_bytes())
+    (models / "broken.gguf").symlink_to(tmp_path / "nowhere.gguf")
+    daemon = launch(models, env={"OLLAMA_MODELS": str(store), "HOME": str(home)})
+    try:
+        def llmctl(*args: str) -> str:
+            done = subprocess.run([sys.executable, "-m", "supervisor.ctl.main", "--address", daemon.address, *args],
+                                  capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                                  timeout=60)
+            assert done.returncode == 0, done.stderr
+            return done.stdout
+
+        size = len((model_dir / "tiny.gguf").read_bytes())
+        reply = daemon.stub.ScanCatalog(pb.ScanCatalogRequest(find_stores=True, paths=[str(tmp_path / "absent")]))
+        stores = {s.found_by: s for s in reply.stores}
+        assert set(stores) == {"OLLAMA_MODELS", "home directory", "asked"}  # /usr/share/ollama: none here
+        assert (stores["OLLAMA_MODELS"].models, stores["OLLAMA_MODELS"].size_bytes) == (3, size)  # one blob, 3 tags
+        assert not stores["OLLAMA_MODELS"].served and stores["home directory"].models == 1
+        assert stores["asked"].problem == "does not exist" and reply.available == 1
+        text = llmctl("catalog", "--scan")
+        assert f"Ollama store {store} (OLLAMA_MODELS): 3 models" in text and "not served" in text
+        assert f'add "{store}" to [supervisor] model_dirs in {daemon.base / "config.toml"}' in text
+        # Offered, not read: nothing of either store is available until the operator adds it.
+        assert [m.name for m in daemon.stub.ListModels(pb.ListModelsRequest()).models] == ["mine"]
+        plain = llmctl("catalog")
+        assert "1 models available" in plain and "Ollama store" not in plain
+        assert "skipped:" not in plain  # a dangling link is no GGUF: not a model, not a problem
+        with pytest.raises(grpc.RpcError) as relative:
+            daemon.stub.ScanCatalog(pb.ScanCatalogRequest(paths=["models"]))
+        assert relative.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        daemon.stop()
+
+
 def test_a_broken_store_costs_only_its_broken_parts(store, tmp_path, model_dir):
     manifests = store / "manifests" / "registry.ollama.ai" / "library"
     (manifests / "odd").mkdir()

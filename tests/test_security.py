@@ -64,6 +64,7 @@ CALLS = [
     ("StopModel", pb.StopModelRequest(name="missing"), ADMIN),
     ("TailModel", pb.TailModelRequest(name="tiny", lines=1), ADMIN),
     ("ReloadConfig", pb.ReloadConfigRequest(dry_run=True), ADMIN),
+    ("ScanCatalog", pb.ScanCatalogRequest(find_stores=True), ADMIN),  # reads places outside model_dirs
 ]
 STREAMS = {"Generate", "Chat", "WatchEvents", "TailModel"}
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
+from pathlib import Path
 from contextlib import aclosing
 from typing import AsyncIterator
 
@@ -16,7 +18,7 @@ from llm_supervisor.v1 import supervisor_pb2_grpc
 from supervisor import __version__
 from supervisor.settings.config import ConfigError, ModelConfig
 from supervisor.errors import ApiError, exhausted, invalid, precondition
-from supervisor.catalog.catalog import Available
+from supervisor.catalog.catalog import Available, find_stores, store_places
 from supervisor.decide.estimate import Estimate, estimate
 from supervisor.settings.gguf_file import GGUFInfo
 from supervisor.observe.fanout import QUEUED, FellBehind, too_many_followers
@@ -40,6 +42,17 @@ log = structlog.get_logger("llm_supervisor.api")
 
 async def _abort(context: grpc.aio.ServicerContext, error: ApiError) -> None:
     await context.abort(error.code, error.message)
+
+
+MAX_SCAN_PATHS = 16
+
+
+def home_directory() -> Path | None:
+    """The daemon's user's home, if it has one (a DynamicUser service may not)."""
+    try:
+        return Path.home()
+    except (RuntimeError, KeyError):
+        return None
 
 
 class SupervisorService(supervisor_pb2_grpc.SupervisorServicer):
@@ -157,6 +170,21 @@ class SupervisorService(supervisor_pb2_grpc.SupervisorServicer):
             await _abort(context, e)
         return pb.EstimateModelResponse(path=str(gguf.path), architecture=gguf.architecture,
                                         file_size_bytes=gguf.file_size, estimate=estimate_message(figures))
+
+    async def ScanCatalog(self, request: pb.ScanCatalogRequest, context) -> pb.ScanCatalogResponse:
+        if len(request.paths) > MAX_SCAN_PATHS or any(not p.startswith("/") or "\x00" in p for p in request.paths):
+            await _abort(context, invalid(f"paths: at most {MAX_SCAN_PATHS}, each absolute (on the daemon's host)"))
+        catalog = self.inference.catalog
+        found = await catalog.rescan()
+        places = [(Path(p), "asked") for p in request.paths]
+        if request.find_stores:
+            places += store_places(os.environ, home_directory())
+        stores = await asyncio.to_thread(find_stores, places, self.registry.config.model_dirs) if places else []
+        return pb.ScanCatalogResponse(
+            model_dirs=[str(d) for d in self.registry.config.model_dirs], available=len(await catalog.known()),
+            problems=found.problems, config_path=str(self.reloader.config_path) if self.reloader else "",
+            stores=[pb.OllamaStore(path=str(s.path), found_by=s.found_by, models=s.models, size_bytes=s.size,
+                                   served=s.served, problem=s.problem) for s in stores])
 
     async def UnloadModel(self, request: pb.UnloadModelRequest, context) -> pb.UnloadModelResponse:
         try:

@@ -177,3 +177,51 @@ def small_file(root: Path, path: Path) -> bytes:
     if len(data) > MAX_SMALL_BLOB:
         raise ValueError(f"is larger than {MAX_SMALL_BLOB} bytes")
     return data
+
+
+@dataclass(frozen=True)
+class StoreFound:
+    path: Path
+    found_by: str
+    models: int = 0
+    size: int = 0
+    served: bool = False
+    problem: str = ""
+
+
+def store_places(env: Mapping[str, str], home: Path | None) -> list[tuple[Path, str]]:
+    """Where Ollama keeps its store, as Ollama itself looks: $OLLAMA_MODELS, its Linux service's home,
+    the user's home."""
+    places = [(Path(env["OLLAMA_MODELS"]), "OLLAMA_MODELS")] if env.get("OLLAMA_MODELS") else []
+    places.append((Path("/usr/share/ollama/.ollama/models"), "ollama service"))
+    if home is not None:
+        places.append((home / ".ollama" / "models", "home directory"))
+    return places
+
+
+def find_stores(places: Sequence[tuple[Path, str]], model_dirs: Sequence[Path]) -> list[StoreFound]:
+    """Each place that holds an Ollama store, with what it holds and whether the catalog reads it already.
+    A place that does not exist is left out unless it was asked for by name ("asked")."""
+    served = {d.resolve() for d in model_dirs}
+    found: dict[Path, StoreFound] = {}
+    for place, why in places:
+        try:
+            real = place.resolve()
+            if real in found:
+                continue
+            if not place.exists():
+                if why == "asked":
+                    found[real] = StoreFound(place, why, problem="does not exist")
+                continue
+            if not is_store(place):
+                found[real] = StoreFound(place, why, problem="not an Ollama store (no manifests/ and blobs/)")
+                continue
+            models, _ = read_store(place)
+            if not models and not os.access(place / "manifests", os.R_OK | os.X_OK):
+                found[real] = StoreFound(place, why, problem=f"not readable by the daemon's user (uid {os.getuid()})")
+                continue
+            size = sum(path.stat().st_size for path in {m.path for m in models})
+            found[real] = StoreFound(place, why, len(models), size, real in served)
+        except OSError as e:
+            found[place] = StoreFound(place, why, problem=f"cannot be read: {e.strerror}")
+    return list(found.values())

@@ -233,6 +233,31 @@ def cmd_models(args, stub, out: Output) -> int:
     return 0
 
 
+def cmd_catalog(args, stub, out: Output) -> int:
+    """What the catalog reads, and the stores it could: an Ollama store is offered, never read unasked."""
+    reply = stub.ScanCatalog(pb.ScanCatalogRequest(find_stores=args.scan is not None, paths=args.scan or []))
+    if out.as_json:
+        out.json(as_dict(reply))
+        return 0
+    out.text(f"{reply.available} models available from {', '.join(reply.model_dirs) or 'no model directory'}\n")
+    for problem in reply.problems:
+        out.text(f"skipped: {problem}\n")
+    config = reply.config_path or "the config file"
+    for store in reply.stores:
+        where = f"Ollama store {store.path} ({store.found_by})"
+        if store.problem:
+            out.text(f"{where}: {store.problem}\n")
+        elif store.served:
+            out.text(f"{where}: {store.models} models, {human_bytes(store.size_bytes)} — served\n")
+        else:
+            out.text(f"{where}: {store.models} models, {human_bytes(store.size_bytes)} — not served; to serve them "
+                     f"where they lie, add {json.dumps(store.path)} to [supervisor] model_dirs in {config} and run "
+                     f"`llmctl update`\n")
+    if args.scan is not None and not reply.stores:
+        out.text("no Ollama store found\n")
+    return 0
+
+
 def cmd_load(args, stub, out: Output) -> int:
     reply = stub.LoadModel(pb.LoadModelRequest(name=args.name, path=args.path, options=parse_options(args.option)))
     out.result(as_dict(reply.model), f"{reply.model.name}: loaded from {reply.model.path} ({reply.model.state})\n")

@@ -74,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="loaded models and their settings, and the models on disk a request would load")
     p.add_argument("--available", action="store_true", help="only the models on disk that are not loaded")
 
+    p = sub.add_parser("catalog", help="read the model directories afresh: what they offer and what was skipped, "
+                       "and with --scan the Ollama stores on the daemon's host not yet served (admin)")
+    p.add_argument("--scan", nargs="*", metavar="DIR", default=None,
+                   help="also look for Ollama stores: $OLLAMA_MODELS, /usr/share/ollama/.ollama/models and "
+                        "~/.ollama/models as the daemon sees them, and each DIR given")
     p = sub.add_parser("load", help="load a GGUF from a model directory under NAME")
     p.add_argument("name")
     p.add_argument("--path", required=True, help="GGUF file, relative to a model directory")

@@ -316,6 +316,44 @@ class EstimateModelResponse(_message.Message):
     estimate: MemoryEstimate
     def __init__(self, path: _Optional[str] = ..., architecture: _Optional[str] = ..., file_size_bytes: _Optional[int] = ..., estimate: _Optional[_Union[MemoryEstimate, _Mapping]] = ...) -> None: ...
 
+class ScanCatalogRequest(_message.Message):
+    __slots__ = ("find_stores", "paths")
+    FIND_STORES_FIELD_NUMBER: _ClassVar[int]
+    PATHS_FIELD_NUMBER: _ClassVar[int]
+    find_stores: bool
+    paths: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, find_stores: _Optional[bool] = ..., paths: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class OllamaStore(_message.Message):
+    __slots__ = ("path", "found_by", "models", "size_bytes", "served", "problem")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    FOUND_BY_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SERVED_FIELD_NUMBER: _ClassVar[int]
+    PROBLEM_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    found_by: str
+    models: int
+    size_bytes: int
+    served: bool
+    problem: str
+    def __init__(self, path: _Optional[str] = ..., found_by: _Optional[str] = ..., models: _Optional[int] = ..., size_bytes: _Optional[int] = ..., served: _Optional[bool] = ..., problem: _Optional[str] = ...) -> None: ...
+
+class ScanCatalogResponse(_message.Message):
+    __slots__ = ("model_dirs", "available", "problems", "stores", "config_path")
+    MODEL_DIRS_FIELD_NUMBER: _ClassVar[int]
+    AVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    PROBLEMS_FIELD_NUMBER: _ClassVar[int]
+    STORES_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_PATH_FIELD_NUMBER: _ClassVar[int]
+    model_dirs: _containers.RepeatedScalarFieldContainer[str]
+    available: int
+    problems: _containers.RepeatedScalarFieldContainer[str]
+    stores: _containers.RepeatedCompositeFieldContainer[OllamaStore]
+    config_path: str
+    def __init__(self, model_dirs: _Optional[_Iterable[str]] = ..., available: _Optional[int] = ..., problems: _Optional[_Iterable[str]] = ..., stores: _Optional[_Iterable[_Union[OllamaStore, _Mapping]]] = ..., config_path: _Optional[str] = ...) -> None: ...
+
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)
     MODELS_FIELD_NUMBER: _ClassVar[int]

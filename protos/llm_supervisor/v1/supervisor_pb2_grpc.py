@@ -109,6 +109,11 @@ class SupervisorStub:
                 request_serializer=llm__supervisor_dot_v1_dot_supervisor__pb2.EstimateModelRequest.SerializeToString,
                 response_deserializer=llm__supervisor_dot_v1_dot_supervisor__pb2.EstimateModelResponse.FromString,
                 _registered_method=True)
+        self.ScanCatalog = channel.unary_unary(
+                '/llm_supervisor.v1.Supervisor/ScanCatalog',
+                request_serializer=llm__supervisor_dot_v1_dot_supervisor__pb2.ScanCatalogRequest.SerializeToString,
+                response_deserializer=llm__supervisor_dot_v1_dot_supervisor__pb2.ScanCatalogResponse.FromString,
+                _registered_method=True)
 
 
 class SupervisorServicer:
@@ -208,6 +213,14 @@ class SupervisorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ScanCatalog(self, request, context):
+        """The catalog read afresh: its model directories and what it skipped; and, asked, the Ollama stores
+        on the daemon's host that it does not read (offered: the operator adds them to model_dirs).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SupervisorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -285,6 +298,11 @@ def add_SupervisorServicer_to_server(servicer, server):
                     servicer.EstimateModel,
                     request_deserializer=llm__supervisor_dot_v1_dot_supervisor__pb2.EstimateModelRequest.FromString,
                     response_serializer=llm__supervisor_dot_v1_dot_supervisor__pb2.EstimateModelResponse.SerializeToString,
+            ),
+            'ScanCatalog': grpc.unary_unary_rpc_method_handler(
+                    servicer.ScanCatalog,
+                    request_deserializer=llm__supervisor_dot_v1_dot_supervisor__pb2.ScanCatalogRequest.FromString,
+                    response_serializer=llm__supervisor_dot_v1_dot_supervisor__pb2.ScanCatalogResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -692,6 +710,33 @@ class Supervisor:
             '/llm_supervisor.v1.Supervisor/EstimateModel',
             llm__supervisor_dot_v1_dot_supervisor__pb2.EstimateModelRequest.SerializeToString,
             llm__supervisor_dot_v1_dot_supervisor__pb2.EstimateModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ScanCatalog(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llm_supervisor.v1.Supervisor/ScanCatalog',
+            llm__supervisor_dot_v1_dot_supervisor__pb2.ScanCatalogRequest.SerializeToString,
+            llm__supervisor_dot_v1_dot_supervisor__pb2.ScanCatalogResponse.FromString,
             options,
             channel_credentials,
             insecure,
