@@ -110,6 +110,28 @@ def test_an_adapter_layer_or_a_symlinked_blobs_directory_is_refused(store, tmp_p
     assert "tiny:latest" in scan([tmp_path / "linked-store"]).models
 
 
+def test_a_stores_values_this_daemon_does_not_take_are_left_out_and_the_model_serves(store, model_dir):
+    put_model(store, "odd", "latest", (model_dir / "tiny.gguf").read_bytes(),
+              params={"temperature": "hot", "top_k": -1, "repeat_penalty": 0, "num_ctx": 8,
+                      "stop": [f"s{i}" for i in range(40)], "top_p": 0.5})
+    daemon = launch(store)
+    try:
+        listed = {m.name: m for m in daemon.stub.ListModels(pb.ListModelsRequest()).models}
+        assert listed["odd:latest"].estimate.private_peak_bytes > 0  # its settings could be had
+        chunks = list(daemon.stub.Generate(pb.GenerateRequest(model="odd", prompt="hi",
+                                                              options=pb.SamplingOptions(max_tokens=3))))
+        assert chunks[-1].usage.completion_tokens == 3
+        config = daemon.stub.ListModels(pb.ListModelsRequest())
+        assert {m.name: m.n_ctx for m in config.models}["odd:latest"] == listed["tiny:q8"].n_ctx  # num_ctx 8 left out
+        log = daemon.log()
+        ignored = [json.loads(line) for line in log.splitlines() if '"catalog_param_ignored"' in line]
+        assert sorted(e["key"] for e in ignored) == ["n_ctx", "repeat_penalty", "temperature", "top_k"], ignored
+        # Ollama takes any number of stop words, the config at most 16: the first 16 are taken.
+        assert "stop" not in [e["key"] for e in ignored]
+    finally:
+        daemon.stop()
+
+
 def test_gguf_names_and_collisions(tmp_path, model_dir):
     first, second = tmp_path / "a", tmp_path / "b"
     first.mkdir(), second.mkdir()

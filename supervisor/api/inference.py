@@ -112,12 +112,12 @@ def request_keep_alive(text: str, config: ModelConfig) -> float:
 
 
 def chat_history(messages, config: ModelConfig) -> tuple[list[pb.ChatMessage], int]:
-    """The history as the model's settings want it: its system message first if the request has none,
+    """The history as the model's settings want it: its system message first unless the request opens with one,
     reasoning stripped from earlier assistant turns (strip_thinking), the oldest turns beyond
     max_history_messages left out; and how many were."""
     history = [{"role": m.role, "content": m.content} for m in messages]
-    if config.system and not any(m["role"] == "system" for m in history):  # the model's own, as Ollama's SYSTEM
-        history.insert(0, {"role": "system", "content": config.system})
+    if config.system and (not history or history[0]["role"] != "system"):  # the model's own, as Ollama's SYSTEM:
+        history.insert(0, {"role": "system", "content": config.system})  # unless the chat opens with its own
     if config.strip_thinking:
         history = strip_thinking(history)
     dropped = 0

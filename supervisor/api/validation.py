@@ -8,12 +8,10 @@ import math
 
 from llm_supervisor.v1 import supervisor_pb2 as pb
 
-from supervisor.settings.config import ModelConfig
+from supervisor.settings.config import MAX_STOP_LENGTH, MAX_STOP_SEQUENCES, ModelConfig
 from supervisor.errors import invalid
 from supervisor.settings.units import parse_duration
 
-MAX_STOP_SEQUENCES = 16
-MAX_STOP_LENGTH = 256
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 

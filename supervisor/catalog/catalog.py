@@ -144,7 +144,7 @@ def read_manifest(root: Path, path: Path, registry: str, namespace: str, model: 
     params: Any = json.loads(small_file(root, blob(root, layers[PARAMS_LAYER]))) if PARAMS_LAYER in layers else {}
     if not isinstance(params, dict):
         raise ValueError("its params layer is not a JSON object")
-    system = small_file(root, blob(root, layers[SYSTEM_LAYER])).decode() if SYSTEM_LAYER in layers else ""
+    system = small_file(root, blob(root, layers[SYSTEM_LAYER])).decode(errors="replace") if SYSTEM_LAYER in layers else ""
     return Available(name, blob(root, layers[MODEL_LAYER]), "ollama", params, system)
 
 

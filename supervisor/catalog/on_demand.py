@@ -14,9 +14,9 @@ import structlog
 
 from supervisor.catalog.catalog import Available, Scan, scan
 from supervisor.catalog.registry import Registry
-from supervisor.errors import ApiError, invalid, unavailable
+from supervisor.errors import ApiError, precondition, unavailable
 from supervisor.serving.runtime import ModelRuntime
-from supervisor.settings.config import ConfigError, ModelConfig, model_config
+from supervisor.settings.config import MAX_STOP_SEQUENCES, ConfigError, ModelConfig, model_config
 from supervisor.settings.gguf_file import GGUFInfo, read_gguf_info
 from supervisor.tasks import Background
 
@@ -34,6 +34,7 @@ class OnDemand:
         self._scanned_at = -SCAN_EVERY_S
         self._scanning: asyncio.Task | None = None
         self._reported: frozenset[str] = frozenset()
+        self._told: set[tuple] = set()  # warnings about models on disk, each logged once
         self._loading: dict[str, tuple[asyncio.Future, asyncio.Task]] = {}  # name → (listed, whole load)
         self._failed: dict[str, tuple[float, ApiError]] = {}  # name → (when, why) of a failed load on demand
         self._background = Background()  # a load goes on for the others when the request that began it goes
@@ -106,14 +107,31 @@ class OnDemand:
         return registered.result() if registered.done() else task.result()
 
     def config_for(self, model: Available) -> ModelConfig:
-        """Its settings: [models.NAME] if the config has the name, else [defaults], else its store's params."""
+        """Its settings: [models.NAME] if the config has the name, else [defaults], else its store's params.
+        A store's value this daemon does not take is left out, said once in the log: the model serves
+        with the rest, as Ollama would serve it."""
         configured = next((m for m in self.registry.config.models if m.name == model.name), None)
+        if configured is not None:
+            return configured
+        defaults, host = self.registry.config.defaults, self.registry.host
         try:
-            defaults = self.registry.config.defaults
-            return configured or model_config(model.name, {"path": str(model.path), **settings_of(model, defaults)},
-                                              defaults, self.registry.host)
-        except ConfigError as e:
-            raise invalid(f"model {model.name!r} cannot be loaded on demand: {e}") from None
+            settings = {"path": str(model.path)}
+            for key, value in settings_of(model, defaults).items():
+                try:
+                    model_config(model.name, {**settings, key: value}, defaults, host)
+                    settings[key] = value
+                except ConfigError as e:
+                    self._tell_once("catalog_param_ignored", model=model.name, key=key, reason=str(e))
+            return model_config(model.name, settings, defaults, host)
+        except ConfigError as e:  # [defaults] itself, which the config's load checked already
+            raise precondition(f"model {model.name!r} cannot be loaded on demand: {e}") from None
+
+    def _tell_once(self, event: str, **fields) -> None:
+        """A warning about a model on disk, logged the first time only: listings ask again every time."""
+        key = (event, *sorted(fields.items()))
+        if key not in self._told:
+            self._told.add(key)
+            log.warning(event, **fields)
 
     async def listing(self) -> list[tuple[Available, GGUFInfo | None, ModelConfig | None]]:
         """Every model on disk not loaded, read afresh, with its header and settings where they can be had
@@ -153,9 +171,9 @@ class OnDemand:
         return found
 
     async def _load(self, model: Available, registered: asyncio.Future) -> ModelRuntime:
-        config = self.config_for(model)
         started = self._clock()
         try:
+            config = self.config_for(model)
             # A model the config names is the config's wherever it was loaded from: a reload manages it.
             source = "config" if model.source == "config" else "catalog"
             runtime = await self.registry.load(config, source=source, registered=registered)
@@ -183,8 +201,8 @@ def settings_of(model: Available, defaults) -> dict:
     of the wrong type are left out; the rest is checked as the config's own."""
     settings = {ours: model.params[theirs] for theirs, ours in PARAMS.items()
                 if theirs in model.params and not isinstance(model.params[theirs], (bool, dict))}
+    if isinstance(settings.get("stop"), list):  # Ollama takes any number; this daemon its first 16
+        settings["stop"] = settings["stop"][:MAX_STOP_SEQUENCES]
     if model.system:
         settings["system"] = model.system
-    if not isinstance(settings.get("n_ctx", 0), int):
-        del settings["n_ctx"]
     return {key: value for key, value in settings.items() if key not in defaults}

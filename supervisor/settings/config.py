@@ -22,6 +22,7 @@ class ConfigError(ValueError):
 
 
 MAX_PARALLEL = 256  # llama.cpp's LLAMA_MAX_SEQ
+MAX_STOP_SEQUENCES, MAX_STOP_LENGTH = 16, 256  # a model's stop words, and a request's
 
 
 @dataclass(frozen=True)
@@ -163,7 +164,13 @@ def _coerce(key: str, kind: Any, value: Any, host: Host) -> Any:
     if key == "keep_alive":
         return parse_duration(value, allow_forever=True)
     if key == "stop":  # a TOML list, or a LoadModel option's JSON list
-        stops = json.loads(value) if isinstance(value, str) and value.lstrip().startswith("[") else value
+        stops = value
+        if isinstance(value, str) and value.lstrip().startswith("["):  # a JSON list, or a word like "[INST]"
+            try:
+                stops = json.loads(value)
+            except ValueError:
+                pass
+            stops = stops if isinstance(stops, list) else value
         stops = [stops] if isinstance(stops, str) else stops
         if not isinstance(stops, list) or not all(isinstance(stop, str) and stop for stop in stops):
             raise ValueError(f"expected a list of non-empty strings, got {value!r}")
@@ -194,7 +201,9 @@ def _coerce(key: str, kind: Any, value: Any, host: Host) -> Any:
             return int(value)
         except (TypeError, ValueError):
             raise ValueError(f"expected a whole number, got {value!r}") from None
-    return str(value)
+    if not isinstance(value, str):  # TOML's list or number is no prompt or path to stringify
+        raise ValueError(f"expected a string, got {value!r}")
+    return value
 
 
 _MODEL_FIELDS = {f.name: f for f in dataclasses.fields(ModelConfig) if f.name != "name"}
@@ -260,8 +269,8 @@ def _check_model(cfg: ModelConfig) -> None:
          f"temperature_critical ({cfg.temperature_critical:g}) must be above temperature_throttle ({cfg.temperature_throttle:g})")
     need(0 < cfg.temperature_hysteresis <= 30, f"temperature_hysteresis must be above 0 and at most 30 °C, got {cfg.temperature_hysteresis:g}")
     need(cfg.rlimit_nofile >= 64, f"rlimit_nofile must be at least 64, got {cfg.rlimit_nofile}")
-    need(len(cfg.stop) <= 16 and all(len(stop) <= 256 for stop in cfg.stop),
-         "stop holds at most 16 sequences of at most 256 characters")
+    need(len(cfg.stop) <= MAX_STOP_SEQUENCES and all(len(stop) <= MAX_STOP_LENGTH for stop in cfg.stop),
+         f"stop holds at most {MAX_STOP_SEQUENCES} sequences of at most {MAX_STOP_LENGTH} characters")
     for key, low, high in (("temperature", 0, 100), ("top_p", 0, 1), ("min_p", 0, 1), ("repeat_penalty", 0.01, 100),
                            ("top_k", 0, 1_000_000)):
         value = getattr(cfg, key)
