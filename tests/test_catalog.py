@@ -343,6 +343,35 @@ def test_llmctl_models_lists_what_is_on_disk(store):
         daemon.stop()
 
 
+def test_a_loaded_models_file_deleted_or_replaced_is_reported_and_the_worker_serves_on(store, model_dir):
+    daemon = launch(store)
+    try:
+        def generate(name: str) -> int:
+            return list(daemon.stub.Generate(pb.GenerateRequest(model=name, prompt="hi", options=pb.SamplingOptions(
+                max_tokens=2))))[-1].usage.completion_tokens
+
+        assert generate("someone/other:1b") == 2 and generate("tiny:q8") == 2  # one blob, both loaded from it
+        blob = daemon.worker("tiny:q8")  # the worker is up; now `ollama pull` moves the tag, then prunes
+        old = {m.name: m.path for m in loaded_models(daemon)}["tiny:q8"]
+        put_model(store, "tiny", "q8", (model_dir / "tiny.gguf").read_bytes() + b"\0" * 64)  # a new blob
+        Path(old).unlink()
+        def reported() -> bool:
+            daemon.stub.ListModels(pb.ListModelsRequest())  # a listing rescans (once a second at most)
+            return '"model_file_changed"' in daemon.log() and '"model_file_missing"' in daemon.log()
+
+        wait_for(reported, 10, what="the reports")
+        assert generate("tiny:q8") == 2 and daemon.worker("tiny:q8").pid == blob.pid  # serves on from its mapping
+        problems = daemon.stub.ScanCatalog(pb.ScanCatalogRequest()).problems
+        assert any("tiny:q8" in p and "is gone" in p for p in problems)
+        assert any("tiny:q8" in p and "until it is unloaded" in p for p in problems)
+        assert daemon.log().count('"model_file_changed"') == 1  # told once, not at every scan
+        daemon.stub.UnloadModel(pb.UnloadModelRequest(name="tiny:q8"))
+        listed = {m.name: m.path for m in daemon.stub.ListModels(pb.ListModelsRequest()).models}
+        assert listed["tiny:q8"] != old  # the next request would load the new blob
+    finally:
+        daemon.stop()
+
+
 def test_llmctl_catalog_scan_offers_ollamas_stores_and_reads_none_unasked(store, tmp_path, model_dir):
     import subprocess
     import sys

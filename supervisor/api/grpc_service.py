@@ -182,7 +182,7 @@ class SupervisorService(supervisor_pb2_grpc.SupervisorServicer):
         stores = await asyncio.to_thread(find_stores, places, self.registry.config.model_dirs) if places else []
         return pb.ScanCatalogResponse(
             model_dirs=[str(d) for d in self.registry.config.model_dirs], available=len(await catalog.known()),
-            problems=found.problems, config_path=str(self.reloader.config_path) if self.reloader else "",
+            problems=[*found.problems, *catalog.loaded_problems], config_path=str(self.reloader.config_path) if self.reloader else "",
             stores=[pb.OllamaStore(path=str(s.path), found_by=s.found_by, models=s.models, size_bytes=s.size,
                                    served=s.served, problem=s.problem) for s in stores])
 

@@ -35,6 +35,7 @@ class OnDemand:
         self._scanning: asyncio.Task | None = None
         self._reported: frozenset[str] = frozenset()
         self._told: set[tuple] = set()  # warnings about models on disk, each logged once
+        self.loaded_problems: tuple[str, ...] = ()  # loaded models whose file is gone or replaced, at the last scan
         self._loading: dict[str, tuple[asyncio.Future, asyncio.Task]] = {}  # name → (listed, whole load)
         self._failed: dict[str, tuple[float, ApiError]] = {}  # name → (when, why) of a failed load on demand
         self._background = Background()  # a load goes on for the others when the request that began it goes
@@ -51,14 +52,35 @@ class OnDemand:
         return self.last
 
     async def _scan(self) -> None:
+        loaded = {runtime.name: runtime.gguf.path for runtime in list(self.registry.models.values())}
         try:
             config = self.registry.config
             self.last = await asyncio.to_thread(scan, config.model_dirs, {m.name: m.path for m in config.models})
+            gone = await asyncio.to_thread(lambda: {name for name, path in loaded.items() if not path.exists()})
         finally:
             self._scanned_at, self._scanning = self._clock(), None
         for problem in set(self.last.problems) - self._reported:  # each told once, not at every scan
             log.warning("catalog_skipped", reason=problem)
         self._reported = frozenset(self.last.problems)
+        self.loaded_problems = tuple(self._check_loaded(loaded, gone))
+
+    def _check_loaded(self, loaded: dict, gone: set[str]):
+        """What became of the loaded models' files: a file deleted under a worker is still mapped, so it
+        serves on, but no new worker (a recycle, a restart) can start from it; a name the disk now gives
+        another file (`ollama pull` moved a tag) keeps its loaded file until it is unloaded."""
+        for name, path in loaded.items():
+            if name in gone:
+                message = (f"model {name!r}: its file {path} is gone; its workers serve from their mapping, but a "
+                           f"recycle or restart cannot start a new one")
+                self._tell_once("model_file_missing", model=name, path=str(path), reason=message)
+                yield message
+            on_disk = self.last.models.get(name)
+            if on_disk is not None and on_disk.path != path:
+                message = (f"model {name!r}: {on_disk.path} is its file on disk now; the loaded model serves "
+                           f"{path} until it is unloaded (`llmctl unload {name}`: the next request loads the new one)")
+                self._tell_once("model_file_changed", model=name, loaded=str(path), on_disk=str(on_disk.path),
+                                reason=message)
+                yield message
 
     def resolve(self, name: str) -> str:
         """The name a client means: Ollama's clients add a tag (`demo:latest` for `demo`) or leave out
