@@ -159,3 +159,9 @@ def test_a_request_sharing_a_prefix_goes_on_exactly_when_its_source_is_evicted_u
         text_of(other)
     assert_books_match_llama(engine, loop)
     assert loop.stats.cells <= loop.n_ctx
+
+
+def test_stop_words_that_are_control_tokens_are_found_by_id(engine):
+    llama, _ = engine
+    # The generated vocabulary's <s> is a control token but not end-of-generation: a stop word only by id.
+    assert llama.control_tokens(["<s>", "hello", "</s>", "<s>x"]) == {1, 2}

@@ -111,3 +111,13 @@ def test_a_cancelled_stream_ends_with_what_it_held_back_and_counts_every_token()
     assert sum(p.tokens for p in (first, tail)) == 2
     assert stream.outcome.finish_reason == CANCELLED and stream.finished
     assert stream.end(LENGTH) is None and stream.outcome.finish_reason == CANCELLED  # once over, over
+
+
+def test_a_stop_word_that_is_a_control_token_ends_the_request_by_its_id():
+    # `<|im_start|>` and its kind come out of a model as no text at all: only the id can stop it.
+    engine = ByteEngine([b"Hi", b" there", b"", b"user: more"])
+    stream = TextStream(engine, 2, Sampling(stop=("<|im_start|>",)), 1000, Outcome(), stop_tokens=frozenset({2}))
+    pieces = [stream.feed(token) for token in (0, 1, 2)]
+    assert stream.finished and stream.outcome.finish_reason == STOP
+    assert "".join(p.text for p in pieces if p is not None) == "Hi there"
+    assert stream.outcome.completion_tokens == 2  # the stop token is not the reply's, as EOS is not

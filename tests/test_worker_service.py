@@ -36,6 +36,9 @@ class CharEngine:
     def token_bytes(self, token):
         return chr(token).encode()
 
+    def control_tokens(self, texts):
+        return frozenset()
+
     def is_end_of_generation(self, token):
         return False
 

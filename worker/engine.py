@@ -63,6 +63,7 @@ class Engine(Protocol):
     def tokenize(self, text: str, add_special: bool) -> list[int]: ...
     def chat_prompt(self, messages: Sequence[Mapping[str, str]]) -> list[int]: ...
     def token_bytes(self, token: int) -> bytes: ...
+    def control_tokens(self, texts: Sequence[str]) -> frozenset[int]: ...
     def is_end_of_generation(self, token: int) -> bool: ...
     def sampler(self, sampling: Sampling) -> Sampler: ...
     def decode(self, chunks: Sequence[Chunk]) -> None: ...
@@ -288,6 +289,17 @@ class LlamaEngine(LlamaHandles):
             with self._pieces_lock:
                 piece = self._pieces[token] = buf.raw[:n]
         return piece
+
+    def control_tokens(self, texts: Sequence[str]) -> frozenset[int]:
+        """Of these stop words, those that are one control token each (Ollama's stop lists are mostly
+        these: `<|start_header_id|>`, `<|im_start|>`): their ids. A control token's piece is empty text,
+        so no text match can see it."""
+        found = set()
+        for text in texts:
+            tokens = self._model.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+            if len(tokens) == 1 and not self.token_bytes(tokens[0]):
+                found.add(tokens[0])
+        return frozenset(found)
 
     def is_end_of_generation(self, token: int) -> bool:
         import llama_cpp

@@ -96,8 +96,11 @@ class TextStream:
     and its usage and timings in `outcome`. Fed one sampled token at a time by the batch loop."""
 
     def __init__(self, engine: TokenEngine, prompt_tokens: int, sampling: Sampling, n_ctx: int,
-                 outcome: Outcome, clock=time.perf_counter, start: float | None = None) -> None:
-        """`start`: when the request arrived (on `clock`), if before now: timings count from then."""
+                 outcome: Outcome, clock=time.perf_counter, start: float | None = None,
+                 stop_tokens: frozenset[int] = frozenset()) -> None:
+        """`start`: when the request arrived (on `clock`), if before now: timings count from then.
+        `stop_tokens`: stop words that are control tokens (`<|eot_id|>`, `<|im_start|>`), which come out
+        as no text at all, so only their id can stop the request."""
         self.engine = engine
         self.outcome = outcome
         self.clock = clock
@@ -108,6 +111,7 @@ class TextStream:
         self.limit = min(sampling.max_tokens, room) if sampling.max_tokens else room
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.stops = StopMatcher(sampling.stop)
+        self.stop_tokens = stop_tokens
         self.pending_tokens = 0
         self.finished = False
 
@@ -118,6 +122,8 @@ class TextStream:
             outcome.time_to_first_token_s = self.clock() - self.start
         if self.engine.is_end_of_generation(token):
             return self.end(END_OF_TEXT)
+        if token in self.stop_tokens:  # like a stop word's text: not sent, the request ends here
+            return self.end(STOP)
         outcome.completion_tokens += 1
         self.pending_tokens += 1
         text, stopped = self.stops.feed(self.decoder.decode(self.engine.token_bytes(token)))

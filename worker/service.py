@@ -178,7 +178,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"model {self.name!r}: {e}")
             # Time to first token counts the template's render and the wait for a sequence.
             stream = TextStream(self.engine, len(prompt), sampling, self.info.n_ctx, Outcome(messages_dropped=dropped),
-                                start=start)
+                                start=start, stop_tokens=self.engine.control_tokens(sampling.stop))
             work = Request(prompt, sampling, sampler, stream, freed=freed)
             # Client gone, cancelled or past its deadline: freed at the next step. add_callback refuses (False)
             # when the call has already ended, as it may have during a long render.
