@@ -9,6 +9,7 @@ import os
 import shutil
 import threading
 import time
+import urllib.request
 from datetime import datetime
 from pathlib import Path
 
@@ -113,7 +114,7 @@ def test_an_adapter_layer_or_a_symlinked_blobs_directory_is_refused(store, tmp_p
 def test_a_stores_values_this_daemon_does_not_take_are_left_out_and_the_model_serves(store, model_dir):
     put_model(store, "odd", "latest", (model_dir / "tiny.gguf").read_bytes(),
               params={"temperature": "hot", "top_k": -1, "repeat_penalty": 0, "num_ctx": 8,
-                      "stop": [f"s{i}" for i in range(40)], "top_p": 0.5})
+                      "stop": [f"s{i}" for i in range(40)], "top_p": 0.5, "num_predict": 64})
     daemon = launch(store)
     try:
         listed = {m.name: m for m in daemon.stub.ListModels(pb.ListModelsRequest()).models}
@@ -125,7 +126,8 @@ def test_a_stores_values_this_daemon_does_not_take_are_left_out_and_the_model_se
         assert {m.name: m.n_ctx for m in config.models}["odd:latest"] == listed["tiny:q8"].n_ctx  # num_ctx 8 left out
         log = daemon.log()
         ignored = [json.loads(line) for line in log.splitlines() if '"catalog_param_ignored"' in line]
-        assert sorted(e["key"] for e in ignored) == ["n_ctx", "repeat_penalty", "temperature", "top_k"], ignored
+        assert sorted(e["key"] for e in ignored) == ["n_ctx", "num_predict", "repeat_penalty", "temperature",
+                                                    "top_k"], ignored
         # Ollama takes any number of stop words, the config at most 16: the first 16 are taken.
         assert "stop" not in [e["key"] for e in ignored]
     finally:
@@ -462,7 +464,7 @@ def test_a_model_that_fails_to_load_is_not_tried_again_at_once(tmp_path, model_d
 
 
 def test_a_stores_params_and_system_are_the_models_defaults(store, model_dir):
-    daemon = launch(store)
+    daemon = launch(store, extra=HTTP)
     try:
         def chat(model: str, messages: list[tuple[str, str]], **options) -> list:
             return list(daemon.stub.Chat(pb.ChatRequest(
@@ -488,5 +490,10 @@ def test_a_stores_params_and_system_are_the_models_defaults(store, model_dir):
         assert stopped[-1].finish_reason == pb.FINISH_REASON_STOP
         own = chat("tiny:stops", user, stop=["zzz-never"])  # the request's own stop words replace the model's
         assert "".join(c.text for c in own) == text
+        # Ollama's clients see them as Ollama shows a Modelfile's PARAMETER and SYSTEM.
+        shown = json.loads(urllib.request.urlopen(urllib.request.Request(
+            f"{daemon.http_url}/api/show", data=json.dumps({"model": "tiny:stops"}).encode()), timeout=30).read())
+        assert f"stop {json.dumps(stop)}" in shown["parameters"].splitlines()
+        assert "temperature 0" in shown["parameters"].splitlines() and shown["system"] == "You are terse."
     finally:
         daemon.stop()

@@ -191,6 +191,16 @@ def sampling(options: dict[str, Any] | None, fmt: str | dict | None) -> tuple[pb
     return out, ignored
 
 
+def parameters(config: ModelConfig) -> str:
+    """The settings a request gets unless it says otherwise, as Ollama's /api/show writes a Modelfile's
+    PARAMETER lines."""
+    lines = [f"num_ctx {config.n_ctx}", *(f"stop {json.dumps(stop)}" for stop in config.stop)]
+    for key in ("temperature", "top_p", "top_k", "min_p", "repeat_penalty"):
+        if getattr(config, key) is not None:
+            lines.append(f"{key} {getattr(config, key):g}")
+    return "\n".join(lines)
+
+
 def stats(last: pb.GenerateChunk, started: float) -> dict:
     """The closing line's figures, in nanoseconds. The worker's time splits into prompt evaluation (up
     to the first token) and generation; load_duration is the wait for the model's worker to load (0 when
@@ -297,7 +307,8 @@ class Ollama:
             # The file's name, not its path: inference clients have no business with the server's layout.
             "license": "", "modelfile": f"# served by llm-supervisor\nFROM {gguf.path.name}\n",
             # What this daemon runs it with: the operator's settings, not the file's maximum.
-            "parameters": f"num_ctx {config.n_ctx}", "template": gguf.chat_template, "details": details(gguf),
+            "parameters": parameters(config), "template": gguf.chat_template, "details": details(gguf),
+            **({"system": config.system} if config.system else {}),
             "model_info": info, "capabilities": ["embedding"] if config.embedding else ["completion"],
             "modified_at": iso(gguf.modified_ns)})
 

@@ -136,6 +136,8 @@ class OnDemand:
         if configured is not None:
             return configured
         defaults, host = self.registry.config.defaults, self.registry.host
+        for key in sorted(set(model.params) - set(PARAMS)):  # num_predict, seed, penalties …: said, not silent
+            self._tell_once("catalog_param_ignored", model=model.name, key=key, reason="not a setting this daemon takes")
         try:
             settings = {"path": str(model.path)}
             for key, value in settings_of(model, defaults).items():

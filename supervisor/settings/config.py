@@ -73,7 +73,7 @@ class ModelConfig:
     # The worker computes embeddings (pooled as the GGUF says, else by mean) instead of generating text.
     embedding: bool = False
     # Request defaults, for what a request leaves unset (an Ollama store's params and system layers):
-    system: str = ""  # Chat: the system message when a request has none
+    system: str = ""  # Chat: the system message when a request does not open with one
     stop: tuple[str, ...] = ()  # stop sequences when a request gives none
     temperature: float | None = None
     top_p: float | None = None
