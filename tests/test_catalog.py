@@ -9,6 +9,7 @@ import os
 import shutil
 import threading
 import time
+import urllib.error
 import urllib.request
 from datetime import datetime
 from pathlib import Path
@@ -252,13 +253,33 @@ def test_a_load_on_demand_that_admission_refuses_is_resource_exhausted_with_the_
     models = tmp_path / "models"
     models.mkdir()
     shutil.copy(model_dir / "tiny.gguf", models / "big.gguf")
-    daemon = launch(models, extra=f"memory_budget = {1 << 20}\n")  # 1 MiB: no model fits
+    daemon = launch(models, extra=f"memory_budget = {1 << 20}\n[defaults]\nparallel = 2\n")  # 1 MiB: none fits
     try:
         for _ in range(2):  # refused again, not FATAL: memory may be free at the next request
-            with pytest.raises(grpc.RpcError) as refused:
-                list(daemon.stub.Generate(pb.GenerateRequest(model="big", prompt="hi")))
-            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert "does not fit" in refused.value.details() and "memory_budget is 1.0 MiB" in refused.value.details()
+            outcomes: list = []
+            barrier = threading.Barrier(5)
+
+            def ask() -> None:
+                barrier.wait()
+                try:
+                    list(daemon.stub.Generate(pb.GenerateRequest(model="big", prompt="hi"), timeout=60))
+                    outcomes.append("served")
+                except grpc.RpcError as e:
+                    outcomes.append((e.code(), e.details()))
+
+            # Five at once: two share the start, three queue behind them; each is told the refusal itself.
+            threads = [threading.Thread(target=ask) for _ in range(5)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(60)
+            assert len(outcomes) == 5 and all(
+                code == grpc.StatusCode.RESOURCE_EXHAUSTED and "does not fit" in details
+                and "memory_budget is 1.0 MiB" in details for code, details in outcomes), outcomes
+        # One admission per round: a request queued on a load that failed never starts one of its own.
+        wait_for(lambda: daemon.log().count('"load_on_demand_failed"') == 2, 10, what="two refusals logged")
+        starts = [line for line in daemon.log().splitlines() if '"replica_state"' in line and '"new": "STARTING"' in line]
+        assert len(starts) == 2, starts
         assert loaded_models(daemon) == []
         assert [m.state for m in daemon.stub.ListModels(pb.ListModelsRequest()).models] == ["AVAILABLE"]
     finally:
@@ -372,6 +393,61 @@ def test_a_loaded_models_file_deleted_or_replaced_is_reported_and_the_worker_ser
         assert listed["tiny:q8"] != old  # the next request would load the new blob
     finally:
         daemon.stop()
+
+
+def test_a_model_loaded_on_demand_follows_a_moved_tag_when_it_wakes_from_keep_alive(store, tmp_path):
+    from supervisor.settings.demo_model import write_model
+
+    daemon = launch(store, extra='poll_interval = "200ms"\n[defaults]\nkeep_alive = "1s"\n')
+    try:
+        def generate() -> int:
+            return list(daemon.stub.Generate(pb.GenerateRequest(model="tiny:q8", prompt="hi", options=pb.SamplingOptions(
+                max_tokens=2))))[-1].usage.completion_tokens
+
+        assert generate() == 2
+        old = {m.name: m.path for m in loaded_models(daemon)}["tiny:q8"]
+        wait_for(lambda: {m.name: m.state for m in loaded_models(daemon)}["tiny:q8"] == "EXITED", 20,
+                 what="keep_alive to unload it")
+        put_model(store, "tiny", "q8", write_model(tmp_path / "newer.gguf", seed=7).read_bytes())  # ollama pull
+        wait_for(lambda: any("is its file on disk now" in p
+                             for p in daemon.stub.ScanCatalog(pb.ScanCatalogRequest()).problems), 10,
+                 what="the scan to see the new blob")
+        assert generate() == 2  # it wakes on the new file, not the old one
+        now = {m.name: m.path for m in loaded_models(daemon)}["tiny:q8"]
+        assert now != old and Path(now).parent == (store / "blobs").resolve()
+        assert '"model_file_followed"' in daemon.log()
+    finally:
+        daemon.stop()
+
+
+def test_ollama_stop_on_a_model_not_loaded_loads_nothing(store):
+    daemon = launch(store, extra=HTTP)
+    try:
+        def post(body: dict) -> tuple[int, dict]:
+            try:
+                with urllib.request.urlopen(urllib.request.Request(f"{daemon.http_url}/api/generate",
+                                                                   data=json.dumps(body).encode()), timeout=30) as r:
+                    return r.status, json.loads(r.read())
+            except urllib.error.HTTPError as e:
+                return e.code, json.loads(e.read())
+
+        status, reply = post({"model": "tiny:q8", "keep_alive": 0})  # what `ollama stop tiny:q8` sends
+        assert status == 200 and reply["done_reason"] == "unload"
+        assert loaded_models(daemon) == [] and '"worker_spawned"' not in daemon.log()
+        status, reply = post({"model": "nowhere", "keep_alive": 0})
+        assert status == 404 and "nowhere" in reply["error"]
+    finally:
+        daemon.stop()
+
+
+def test_a_store_with_nothing_servable_says_why(store, tmp_path):
+    from supervisor.catalog.catalog import find_stores
+
+    elsewhere = tmp_path / "bigdisk"
+    shutil.move(store / "blobs", elsewhere)
+    os.symlink(elsewhere, store / "blobs")
+    (found,) = find_stores([(store, "asked")], [])
+    assert found.models == 0 and "no model it holds can be served" in found.problem and "a symlink" in found.problem
 
 
 def test_llmctl_catalog_scan_offers_ollamas_stores_and_reads_none_unasked(store, tmp_path, model_dir):

@@ -214,6 +214,7 @@ class LlamaEngine(LlamaHandles):
         self._n_batch = 0
         self._pieces: dict[int, bytes] = {}
         self._pieces_lock = threading.Lock()
+        self._control_tokens: dict[tuple[str, ...], frozenset[int]] = {}  # stop list → its control tokens' ids
         self._formatter = None
         self._prefix_reuse = True
 
@@ -294,12 +295,19 @@ class LlamaEngine(LlamaHandles):
         """Of these stop words, those that are one control token each (Ollama's stop lists are mostly
         these: `<|start_header_id|>`, `<|im_start|>`): their ids. A control token's piece is empty text,
         so no text match can see it."""
-        found = set()
-        for text in texts:
-            tokens = self._model.tokenize(text.encode("utf-8"), add_bos=False, special=True)
-            if len(tokens) == 1 and not self.token_bytes(tokens[0]):
-                found.add(tokens[0])
-        return frozenset(found)
+        key = tuple(texts)
+        found = self._control_tokens.get(key)
+        if found is None:  # a model's stop list comes with every request: tokenized once
+            ids = set()
+            for text in texts:
+                tokens = self._model.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+                if len(tokens) == 1 and not self.token_bytes(tokens[0]):
+                    ids.add(tokens[0])
+            found = frozenset(ids)
+            if len(self._control_tokens) >= 64:  # requests' own stop lists vary: keep the cache bounded
+                self._control_tokens.clear()
+            self._control_tokens[key] = found
+        return found
 
     def is_end_of_generation(self, token: int) -> bool:
         import llama_cpp

@@ -28,6 +28,7 @@ from llm_supervisor.v1 import supervisor_pb2 as pb
 from supervisor.api.http_errors import HttpError, bad_request, unsupported
 from supervisor.api.http_server import Frames, json_response, json_response_off_loop, read_body
 from supervisor.api.inference import Inference, request_keep_alive
+from supervisor.api.validation import check_keep_alive
 from supervisor.api.openai_api import FINISH, JSON_OBJECT
 from supervisor.api.thinking import ThinkSplit, opens_thinking
 from supervisor.serving.runtime import ModelRuntime
@@ -321,9 +322,9 @@ class Ollama:
                                           "template": "the model's own chat template is used",
                                           "images": "this daemon serves text models",
                                           "context": "send the conversation with /api/chat"}[field])
-        runtime = await self.runtime(body.model)
         if not body.prompt and not body.system:
-            return await self._load_or_unload(runtime, body, {"response": ""})
+            return await self._load_or_unload(body, {"response": ""})
+        runtime = await self.runtime(body.model)
         options = self._options(runtime, body)
         if body.raw:
             chunks = self.inference.generate(pb.GenerateRequest(model=runtime.name, prompt=body.prompt, options=options,
@@ -341,9 +342,9 @@ class Ollama:
         body = await read_body(request, ChatBody)
         if body.tools:
             raise unsupported("tools", "tool calling is not supported yet")
-        runtime = await self.runtime(body.model)
         if not body.messages:
-            return await self._load_or_unload(runtime, body, {"message": {"role": "assistant", "content": ""}})
+            return await self._load_or_unload(body, {"message": {"role": "assistant", "content": ""}})
+        runtime = await self.runtime(body.model)
         for i, message in enumerate(body.messages):
             if message.images:
                 raise unsupported(f"messages[{i}].images", "this daemon serves text models")
@@ -369,10 +370,23 @@ class Ollama:
                                 "the rest have no counterpart here")
         return options
 
-    async def _load_or_unload(self, runtime: ModelRuntime, body: Request, empty: dict) -> web.Response:
+    async def _load_or_unload(self, body: Request, empty: dict) -> web.Response:
         """Ollama's empty request: load the model (a worker ready on each replica), or with keep_alive 0
-        unload it (once the requests in flight are done)."""
-        seconds = request_keep_alive(keep_alive_text(body.keep_alive), runtime.config)
+        unload it (once the requests in flight are done) — never loading it to do so (`ollama stop`)."""
+        text = keep_alive_text(body.keep_alive)
+        if text and check_keep_alive(text) == 0:
+            name = self.inference.catalog.resolve(body.model)
+            runtime = self.registry.models.get(name)
+            if runtime is None:  # not loaded: nothing to unload, but an unknown name is still NOT_FOUND
+                if name not in self.inference.catalog.last.models:
+                    await self.inference.catalog.rescan()
+                    if self.inference.catalog.resolve(body.model) not in self.inference.catalog.last.models:
+                        self.registry.get(name)  # NOT_FOUND, naming what there is
+                return json_response({"model": body.model, "created_at": now_iso(), **empty, "done": True,
+                                      "done_reason": "unload"})
+        else:
+            runtime = await self.runtime(body.model)
+        seconds = request_keep_alive(text, runtime.config)
         runtime.keep_alive(seconds)
         if seconds == 0:
             for replica in runtime.replicas:
@@ -422,12 +436,12 @@ class Ollama:
     # -- embeddings ----------------------------------------------------------------------------------
     async def embed(self, request: web.Request) -> web.Response:
         body = await read_body(request, EmbedBody)
-        runtime = await self.runtime(body.model)
         inputs = [body.input] if isinstance(body.input, str) else body.input
         started = time.monotonic()
         if not inputs or inputs == [""]:  # as Ollama: nothing to embed loads the model
-            await self._load_or_unload(runtime, body, {})
+            await self._load_or_unload(body, {})
             return json_response({"model": body.model, "embeddings": []})
+        runtime = await self.runtime(body.model)
         if body.dimensions is not None and body.dimensions != runtime.gguf.shape.n_embd:
             raise unsupported("dimensions", f"model {body.model!r} makes vectors of {runtime.gguf.shape.n_embd}")
         reply = await self.inference.embed(pb.EmbedRequest(model=runtime.name, input=inputs, truncate=body.truncate,
@@ -440,10 +454,10 @@ class Ollama:
 
     async def legacy_embed(self, request: web.Request) -> web.Response:
         body = await read_body(request, LegacyEmbedBody)
-        runtime = await self.runtime(body.model)
         if not body.prompt:  # as Ollama: nothing to embed loads the model
-            await self._load_or_unload(runtime, body, {})
+            await self._load_or_unload(body, {})
             return json_response({"embedding": []})
+        runtime = await self.runtime(body.model)
         reply = await self.inference.embed(pb.EmbedRequest(model=runtime.name, input=[body.prompt], truncate=True,
                                                            keep_alive=keep_alive_text(body.keep_alive)), "ollama")
         return json_response({"embedding": list(reply.embeddings[0].values)})

@@ -77,25 +77,33 @@ def scan(model_dirs: Sequence[Path], configured: Mapping[str, str] = {}) -> Scan
             add(Available(name, resolve_model_path(path, model_dirs), "config"))
         except ApiError as e:  # the config's load at start said so too; here it is only not on offer
             problems.append(f"[models.{name}]: {e.message}; not available")
+        except (OSError, RuntimeError) as e:  # unreadable, a symlink loop: this one costs itself alone
+            problems.append(f"[models.{name}]: {path} cannot be resolved ({e}); not available")
     roots = [d.resolve() for d in model_dirs]
     for directory in model_dirs:
         try:
             entries = sorted(directory.iterdir()) if directory.is_dir() else []
+            store = is_store(directory)
         except OSError as e:  # unreadable (permissions): the other directories still count
             problems.append(f"{directory}: cannot be listed ({e.strerror}); skipped")
             continue
-        if is_store(directory):
+        if store:
             found, skipped = read_store(directory)
             problems += skipped
             for model in found:
                 add(model)
         for entry in entries:
-            if entry.suffix.lower() == ".gguf" and entry.is_file():
-                real = entry.resolve()
-                if not any(real.is_relative_to(root) for root in roots):  # as loading refuses it
-                    problems.append(f"{entry}: resolves to {real}, outside the model directories; skipped")
+            try:
+                if entry.suffix.lower() != ".gguf" or not entry.is_file():
                     continue
-                add(Available(model_name(entry.stem), real, "model_dir"))
+                real = entry.resolve()
+            except (OSError, RuntimeError) as e:
+                problems.append(f"{entry}: cannot be resolved ({e}); skipped")
+                continue
+            if not any(real.is_relative_to(root) for root in roots):  # as loading refuses it
+                problems.append(f"{entry}: resolves to {real}, outside the model directories; skipped")
+                continue
+            add(Available(model_name(entry.stem), real, "model_dir"))
     return Scan(models, tuple(problems))
 
 
@@ -216,9 +224,13 @@ def find_stores(places: Sequence[tuple[Path, str]], model_dirs: Sequence[Path]) 
             if not is_store(place):
                 found[real] = StoreFound(place, why, problem="not an Ollama store (no manifests/ and blobs/)")
                 continue
-            models, _ = read_store(place)
+            models, skipped = read_store(place)
             if not models and not os.access(place / "manifests", os.R_OK | os.X_OK):
                 found[real] = StoreFound(place, why, problem=f"not readable by the daemon's user (uid {os.getuid()})")
+                continue
+            if not models and skipped:  # nothing it holds can be served: say why, not "0 models"
+                more = f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else ""
+                found[real] = StoreFound(place, why, problem=f"no model it holds can be served: {skipped[0]}{more}")
                 continue
             size = sum(path.stat().st_size for path in {m.path for m in models})
             found[real] = StoreFound(place, why, len(models), size, real in served)

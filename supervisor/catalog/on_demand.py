@@ -18,6 +18,7 @@ from supervisor.errors import ApiError, precondition, unavailable
 from supervisor.serving.runtime import ModelRuntime
 from supervisor.settings.config import MAX_STOP_SEQUENCES, ConfigError, ModelConfig, model_config
 from supervisor.settings.gguf_file import GGUFInfo, read_gguf_info
+from supervisor.supervision.states import ReplicaState
 from supervisor.tasks import Background
 
 log = structlog.get_logger("llm_supervisor.catalog")
@@ -52,35 +53,55 @@ class OnDemand:
         return self.last
 
     async def _scan(self) -> None:
-        loaded = {runtime.name: runtime.gguf.path for runtime in list(self.registry.models.values())}
+        # Files of models the catalog resolved (an API load names its file on purpose: not compared).
+        loaded = {runtime.name: (runtime.gguf.path, runtime.serving) for runtime in list(self.registry.models.values())
+                  if runtime.source in ("catalog", "config")}
         try:
             config = self.registry.config
             self.last = await asyncio.to_thread(scan, config.model_dirs, {m.name: m.path for m in config.models})
-            gone = await asyncio.to_thread(lambda: {name for name, path in loaded.items() if not path.exists()})
+            gone = await asyncio.to_thread(lambda: {name for name, (path, _) in loaded.items() if not path.exists()})
         finally:
             self._scanned_at, self._scanning = self._clock(), None
         for problem in set(self.last.problems) - self._reported:  # each told once, not at every scan
             log.warning("catalog_skipped", reason=problem)
         self._reported = frozenset(self.last.problems)
-        self.loaded_problems = tuple(self._check_loaded(loaded, gone))
+        reports = dict(self._check_loaded(loaded, gone))
+        for message in reports.keys() - set(self.loaded_problems):  # told when it appears, again if it comes back
+            event, fields = reports[message]
+            log.warning(event, reason=message, **fields)
+        self.loaded_problems = tuple(reports)
 
     def _check_loaded(self, loaded: dict, gone: set[str]):
-        """What became of the loaded models' files: a file deleted under a worker is still mapped, so it
-        serves on, but no new worker (a recycle, a restart) can start from it; a name the disk now gives
-        another file (`ollama pull` moved a tag) keeps its loaded file until it is unloaded."""
-        for name, path in loaded.items():
+        """What became of the loaded models' files, as (message, (event, fields)): a file deleted under a
+        worker is still mapped, so it serves on, but no new worker (a recycle, a restart) can start from
+        it; a name the disk now gives another file (`ollama pull` moved a tag) keeps its loaded file while
+        it serves. A model loaded on demand whose worker is not running follows the disk at its next
+        request (`refreshed`)."""
+        for name, (path, serving) in loaded.items():
             if name in gone:
-                message = (f"model {name!r}: its file {path} is gone; its workers serve from their mapping, but a "
-                           f"recycle or restart cannot start a new one")
-                self._tell_once("model_file_missing", model=name, path=str(path), reason=message)
-                yield message
+                then = ("its workers serve from their mapping, but a recycle or restart cannot start a new one"
+                        if serving else "no worker of it can start from it")
+                yield (f"model {name!r}: its file {path} is gone; {then}",
+                       ("model_file_missing", {"model": name, "path": str(path)}))
             on_disk = self.last.models.get(name)
             if on_disk is not None and on_disk.path != path:
-                message = (f"model {name!r}: {on_disk.path} is its file on disk now; the loaded model serves "
-                           f"{path} until it is unloaded (`llmctl unload {name}`: the next request loads the new one)")
-                self._tell_once("model_file_changed", model=name, loaded=str(path), on_disk=str(on_disk.path),
-                                reason=message)
-                yield message
+                yield (f"model {name!r}: {on_disk.path} is its file on disk now; the loaded model serves {path} until "
+                       f"it is unloaded (`llmctl unload {name}`, or its keep_alive: the next request loads the new one)",
+                       ("model_file_changed", {"model": name, "loaded": str(path), "on_disk": str(on_disk.path)}))
+
+    async def refreshed(self, runtime: ModelRuntime) -> None:
+        """A model loaded on demand whose worker is not running (keep_alive, an eviction; or FATAL): if the
+        disk now gives its name another file, or none, it is unloaded, so the request that wakes it loads
+        what the disk has — not a file `ollama pull` replaced (and may have deleted)."""
+        if runtime.source != "catalog" or not asleep(runtime):
+            return
+        await self.rescan()
+        on_disk = self.last.models.get(runtime.name)
+        if self.registry.models.get(runtime.name) is runtime and asleep(runtime) and (
+                on_disk is None or on_disk.path != runtime.gguf.path):
+            log.info("model_file_followed", model=runtime.name, loaded=str(runtime.gguf.path),
+                     on_disk=str(on_disk.path) if on_disk else None)
+            await self.registry.unload(runtime.name, reason="was unloaded: its file changed on disk")
 
     def resolve(self, name: str) -> str:
         """The name a client means: Ollama's clients add a tag (`demo:latest` for `demo`) or leave out
@@ -103,8 +124,13 @@ class OnDemand:
     async def runtime(self, name: str) -> ModelRuntime:
         """The model's runtime, loaded now if it is on disk and may be; NOT_FOUND otherwise."""
         name = self.resolve(name)
-        if name in self.registry.models or not self.registry.config.load_on_demand:
+        if not self.registry.config.load_on_demand:
             return self.registry.get(name)
+        runtime = self.registry.models.get(name)
+        if runtime is not None:
+            await self.refreshed(runtime)
+            if name in self.registry.models:
+                return self.registry.get(name)
         if name not in self.last.models:
             await self.rescan()
             name = self.resolve(name)
@@ -117,11 +143,14 @@ class OnDemand:
             raise ApiError(failed[1].code, f"{failed[1].message} (failed {self._clock() - failed[0]:.0f} s ago; "
                                            f"tried again {FAILED_LOAD_S:g} s after)")
         loading = self._loading.get(name)
+        if loading is not None and loading[0].done() and self.registry.models.get(name) is not loading[0].result():
+            loading = None  # that load listed its runtime, which is gone since (its start failed): a load anew
         if loading is None:  # one load for every request that asks meanwhile
             registered = asyncio.get_running_loop().create_future()
             task = self._background.keep(self._load(self.last.models[name], registered), f"load-{name}")
             loading = self._loading[name] = (registered, task)
-            task.add_done_callback(lambda _: self._loading.pop(name, None))
+            task.add_done_callback(lambda _, entry=loading: self._loading.pop(name, None)
+                                   if self._loading.get(name) is entry else None)
         registered, task = loading
         # Only until the model is listed (its file's header read): from then on the request waits for the
         # worker in the model's queue, where max_queue bounds the waiting and the load's outcome reaches it.
@@ -140,6 +169,7 @@ class OnDemand:
             self._tell_once("catalog_param_ignored", model=model.name, key=key, reason="not a setting this daemon takes")
         try:
             settings = {"path": str(model.path)}
+            model_config(model.name, settings, defaults, host)  # [defaults] alone: its fault is not the store's
             for key, value in settings_of(model, defaults).items():
                 try:
                     model_config(model.name, {**settings, key: value}, defaults, host)
@@ -147,7 +177,7 @@ class OnDemand:
                 except ConfigError as e:
                     self._tell_once("catalog_param_ignored", model=model.name, key=key, reason=str(e))
             return model_config(model.name, settings, defaults, host)
-        except ConfigError as e:  # [defaults] itself, which the config's load checked already
+        except ConfigError as e:  # [defaults] itself: a config without [models] tables never checked it
             raise precondition(f"model {model.name!r} cannot be loaded on demand: {e}") from None
 
     def _tell_once(self, event: str, **fields) -> None:
@@ -230,3 +260,10 @@ def settings_of(model: Available, defaults) -> dict:
     if model.system:
         settings["system"] = model.system
     return {key: value for key, value in settings.items() if key not in defaults}
+
+
+def asleep(runtime: ModelRuntime) -> bool:
+    """No worker running or starting: the next request starts one (after keep_alive, an eviction), or
+    none can (FATAL)."""
+    return all(replica.state in (ReplicaState.UNLOADED, ReplicaState.FATAL) and not replica.holds_memory
+               for replica in runtime.replicas)

@@ -13,12 +13,13 @@ import psutil
 import structlog
 
 from supervisor.settings.config import ConfigError, Host, ModelConfig, SupervisorConfig, model_config
-from supervisor.errors import ApiError, exhausted, invalid, not_found, precondition
+from supervisor.errors import ApiError, exhausted, invalid, not_found, precondition, unavailable
 from supervisor.decide.estimate import Estimate, estimate, host_memory_note, mlock_refusal, unmapped_refusal
 from supervisor.settings.gguf_file import GGUFInfo, read_gguf_info, resolve_model_path
 from supervisor.observe.events import EventBus
 from supervisor.serving.queue import RequestQueue
 from supervisor.supervision.replica import Replica
+from supervisor.supervision.states import ReplicaState
 from supervisor.observe.monitor import Monitor
 from supervisor.process.output import OutputLog
 from supervisor.observe.procfs import CAP_IPC_LOCK, has_capability
@@ -80,7 +81,9 @@ class Registry:
                    registered: asyncio.Future | None = None) -> ModelRuntime:
         """Check the file, then start the worker. A config model that fails stays listed as FATAL.
         `registered` learns the runtime as soon as it is listed (its start begun): requests may queue on it
-        from then on, and wait there for the worker, as for any start."""
+        from then on, and wait there for the worker, as for any start. With several replicas, only once
+        all serve: one replica's failed start tears the runtime down, and must not take requests already
+        streaming on another with it."""
         if config.name in self.models or config.name in self._reading:
             raise ApiError(grpc.StatusCode.ALREADY_EXISTS,
                            f"model {config.name!r} is already loaded; unload it first or pick another name")
@@ -93,20 +96,30 @@ class Registry:
         runtime = ModelRuntime(source, [])  # its replicas tell the registry of their changes: they need it first
         runtime.replicas = [self._replica(runtime, config, gguf, i, OutputLog()) for i in range(config.replicas)]
         self.models[config.name] = runtime  # reserve the name while loading
+        for replica in runtime.replicas:
+            replica.close_on_failure = not keep_on_failure
         starting = asyncio.gather(*(replica.start() for replica in runtime.replicas), return_exceptions=True)
-        if registered is not None and not registered.done():
+        if registered is not None and len(runtime.replicas) == 1:
             registered.set_result(runtime)
         started = await starting
+        for replica in runtime.replicas:  # loaded: from here a failed start is a restart's, not the load's
+            replica.close_on_failure = False
         failed = [e for e in started if isinstance(e, BaseException)]
         if failed:
             if not keep_on_failure:
                 if self.models.get(config.name) is runtime:  # an unload meanwhile has taken it already
                     del self.models[config.name]
-                # Requests still queued on it (a load on demand) are told why it is gone.
-                reason = failed[0].message if isinstance(failed[0], ApiError) else repr(failed[0])
-                await runtime.stop(reason=f"could not be loaded: {reason}")
+                # Requests still queued on it (a load on demand) are told why it is gone, with its code.
+                error = failed[0] if isinstance(failed[0], ApiError) else unavailable(repr(failed[0]))
+                reason = f"could not be loaded: {error.message}"
+                for replica in runtime.replicas:
+                    if replica.state != ReplicaState.CLOSED:  # an unload meanwhile has closed it already
+                        replica.refuse_for_good(error, reason)
+                await runtime.stop(reason=reason)
                 self._on_change(runtime)
             raise failed[0]
+        if registered is not None and not registered.done():
+            registered.set_result(runtime)
         return runtime
 
     def _replica(self, runtime: ModelRuntime, config: ModelConfig, gguf: GGUFInfo, index: int,

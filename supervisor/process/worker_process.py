@@ -83,6 +83,7 @@ class WorkerProcess:
         self.state = WorkerState.STARTING
         self.pid = 0
         self.started_at = clock()
+        self.ready_at: float | None = None  # when it began to take requests (time.monotonic), set by its replica
         self.requests_served = 0
         self.exit_reason = ""
         self.returncode: int | None = None  # once it has exited: negative for a signal

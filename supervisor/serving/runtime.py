@@ -122,10 +122,9 @@ class ModelRuntime:
         """The request's chunks. `keep_alive`: how long the model stays after it, set once it is admitted
         (a request refused at the queue changes nothing). `arrived` (time.monotonic): when the request
         came, if before this call (it waited for the model's load on demand); the last chunk's
-        usage.load_s counts from there when the request waited for a worker to load."""
+        usage.load_s counts from there to the worker's readiness, when that came after it."""
         arrived = time.monotonic() if arrived is None else arrived
         replica = self.pick()
-        cold = not replica.serving  # no worker ready as it came: it waits for one to load
         await self._enter_queue(replica, keep_alive)
         unfinished: WorkerProcess | None = None  # a live worker still holding this request's sequence
         request_id = 0
@@ -136,9 +135,11 @@ class ModelRuntime:
                     replica.keep(self._release(replica, unfinished, request_id, leave=False),
                                  f"release-{unfinished.pid}-{request_id}")
                     unfinished = None
-                cold = cold or not replica.serving  # a retry after a death waits for a new worker too
                 worker = await self._ready(replica)
-                load_s = time.monotonic() - arrived if cold else 0.0
+                # Up to the worker's readiness, if that came after the request: the load it waited for,
+                # not the queue behind requests already running on a ready worker.
+                ready_at = worker.ready_at or time.monotonic()
+                load_s = max(ready_at - arrived, 0.0)
                 sent = measured = completed = False
                 request_id = request.request_id = worker.new_request_id()
                 worker.begin_request()
@@ -270,7 +271,7 @@ class ModelRuntime:
 
     async def tokenize(self, request: pb.TokenizeRequest) -> pb.TokenizeResponse:
         replica = self.pick()
-        worker = await replica.ready_worker()
+        worker = await self._ready(replica)
         try:
             return await worker.stub.Tokenize(request, timeout=TOKENIZE_TIMEOUT_S)
         except grpc.aio.AioRpcError as e:

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Awaitable, Callable, Protocol, TypeVar
 
+import grpc
 import structlog
 
 from supervisor.decide.estimate import Estimate, estimate
@@ -100,6 +101,10 @@ class Replica:
         self.output = output or OutputLog()  # its workers' output lines, for llmctl tail (shared by the replicas)
         self.state = ReplicaState.UNLOADED
         self.reason = ""  # why it is in its state: what FATAL, STOPPED and CLOSED tell requests
+        self.closed_code = grpc.StatusCode.UNAVAILABLE  # what CLOSED tells them: a failed first load's own code
+        # A first load that is all or nothing (LoadModel, a load on demand): a failed start closes the replica
+        # in the same step, so no request queued on it starts another (a second admission, evictions).
+        self.close_on_failure = False
         self.worker: WorkerProcess | None = None
         self.retiring: set[WorkerProcess] = set()  # draining after a recycle or an unload, no longer self.worker
         self.restarts = 0
@@ -228,7 +233,7 @@ class Replica:
     def refusal(self) -> ApiError | None:
         """What a request is told while no worker may start for it; None when one may."""
         if self.state == ReplicaState.CLOSED:
-            return unavailable(f"model {self.name!r} {self.reason}")
+            return ApiError(self.closed_code, f"model {self.name!r} {self.reason}")
         if self.state == ReplicaState.STOPPED:
             return unavailable(f"model {self.name!r} is STOPPED: {self.reason}; `llmctl start {self.name}` starts it again")
         if self.state == ReplicaState.FATAL:
@@ -288,7 +293,9 @@ class Replica:
         try:
             worker = await self._launch(warm_after)
         except ApiError as e:
-            if self.state not in REFUSING:
+            if self.close_on_failure and self.state != ReplicaState.CLOSED:
+                self.refuse_for_good(e, f"could not be loaded: {e.message}")
+            elif self.state not in REFUSING:
                 self.change_state(ReplicaState.FATAL, e.message)
             raise
         except Exception as e:  # the OS refused (fork: EAGAIN, ENOMEM): no verdict on the model, try again later
@@ -301,7 +308,9 @@ class Replica:
         never FATAL; what the caller is told."""
         error = e if isinstance(e, ApiError) else unavailable(f"model {self.name!r}: cannot start a worker: {e!r}")
         self.last_exit = error.message
-        if self.state in (ReplicaState.STARTING, ReplicaState.REPLACING):
+        if self.close_on_failure and self.state != ReplicaState.CLOSED:
+            self.refuse_for_good(error, f"could not be loaded: {error.message}")
+        elif self.state in (ReplicaState.STARTING, ReplicaState.REPLACING):
             self.change_state(ReplicaState.UNLOADED, error.message)
         return error
 
@@ -359,6 +368,7 @@ class Replica:
         # may still be reading its last call would cancel that call under the request's feet.
         self.worker = worker
         self.last_used = self._clock()
+        worker.ready_at = time.monotonic()  # not the replica's clock: requests compare it with their arrival
         lines = self.lines
         worker.context_high = lines.warm_context  # its warm-up filled one n_batch
         worker.watch = WorkerHistory(baseline=self.sample(worker))
@@ -531,6 +541,13 @@ class Replica:
         elif new_worker and self.serving:
             self.recycles.graceful(worker, f"config changed: {', '.join(keys)}", kind="config")
             await self.start()
+
+    def refuse_for_good(self, error: ApiError, reason: str) -> None:
+        """CLOSED now, before any await: a load that failed leaves nothing a queued request could start
+        again (a second admission, evicting models for a runtime on its way out); each is told the
+        load's own status (RESOURCE_EXHAUSTED with the figures, say). `stop` then stops what runs."""
+        self.closed_code = error.code
+        self.change_state(ReplicaState.CLOSED, reason)
 
     async def stop(self, grace: float = 5.0, reason: str = "is being unloaded") -> None:
         """Stop for good: what is still running fails with UNAVAILABLE and `reason` ("model 'x' <reason>").
