@@ -175,7 +175,7 @@ class SupervisorService(supervisor_pb2_grpc.SupervisorServicer):
         if len(request.paths) > MAX_SCAN_PATHS or any(not p.startswith("/") or "\x00" in p for p in request.paths):
             await _abort(context, invalid(f"paths: at most {MAX_SCAN_PATHS}, each absolute (on the daemon's host)"))
         catalog = self.inference.catalog
-        found = await catalog.rescan()
+        found = await catalog.rescan(fresh=True)
         places = [(Path(p), "asked") for p in request.paths]
         if request.find_stores:
             places += store_places(os.environ, home_directory())

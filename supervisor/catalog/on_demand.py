@@ -32,7 +32,7 @@ class OnDemand:
         self.registry = registry
         self.last = Scan({})
         self._clock = clock
-        self._scanned_at = -SCAN_EVERY_S
+        self._scan_began = -SCAN_EVERY_S
         self._scanning: asyncio.Task | None = None
         self._reported: frozenset[str] = frozenset()
         self._told: set[tuple] = set()  # warnings about models on disk, each logged once
@@ -44,13 +44,26 @@ class OnDemand:
         # only when it changed (a copy that kept the mtime still has another ctime).
         self._headers: dict[tuple, GGUFInfo] = {}
 
-    async def rescan(self) -> Scan:
-        """The disk read again, unless it was within SCAN_EVERY_S; callers meanwhile share one scan."""
-        if self._scanning is None and self._clock() - self._scanned_at >= SCAN_EVERY_S:
-            self._scanning = self._background.keep(self._scan(), "catalog-scan")
-        if self._scanning is not None:
-            await asyncio.shield(self._scanning)
-        return self.last
+    async def rescan(self, fresh: bool = False) -> Scan:
+        """The disk read again, at most once every SCAN_EVERY_S; callers meanwhile share one scan. Not
+        `fresh` (a listing): within SCAN_EVERY_S of the last scan, that one's result. `fresh` (a request
+        for a name not found): a scan begun after the call, waiting for its turn if need be — a file
+        renamed into place is served by the next request, and a flood of misses costs one scan a second."""
+        asked = self._clock()
+        while True:
+            if self._scanning is None:
+                wait = self._scan_began + SCAN_EVERY_S - self._clock()
+                if wait > 0:
+                    if not fresh:
+                        return self.last
+                    await asyncio.sleep(wait)  # the rate limit's turn; another caller may begin it first
+                    continue
+                self._scan_began = self._clock()
+                self._scanning = self._background.keep(self._scan(), "catalog-scan")
+            scanning, began = self._scanning, self._scan_began
+            await asyncio.shield(scanning)
+            if not fresh or began >= asked:
+                return self.last
 
     async def _scan(self) -> None:
         # Files of models the catalog resolved (an API load names its file on purpose: not compared).
@@ -61,7 +74,7 @@ class OnDemand:
             self.last = await asyncio.to_thread(scan, config.model_dirs, {m.name: m.path for m in config.models})
             gone = await asyncio.to_thread(lambda: {name for name, (path, _) in loaded.items() if not path.exists()})
         finally:
-            self._scanned_at, self._scanning = self._clock(), None
+            self._scanning = None
         for problem in set(self.last.problems) - self._reported:  # each told once, not at every scan
             log.warning("catalog_skipped", reason=problem)
         self._reported = frozenset(self.last.problems)
@@ -132,8 +145,11 @@ class OnDemand:
             if name in self.registry.models:
                 return self.registry.get(name)
         if name not in self.last.models:
-            await self.rescan()
+            await self.rescan()  # the scan in flight, or one just done: others asking for the name share it
             name = self.resolve(name)
+            if name not in self.registry.models and name not in self.last.models:
+                await self.rescan(fresh=True)  # still not there: a scan begun after this request, its turn come
+                name = self.resolve(name)
         if name in self.registry.models or name not in self.last.models:
             return self.registry.get(name)
         failed = self._failed.get(name)
