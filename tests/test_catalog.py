@@ -284,6 +284,47 @@ def test_a_load_on_demand_that_admission_refuses_is_resource_exhausted_with_the_
         daemon.stop()
 
 
+def test_a_model_with_two_replicas_of_which_one_does_not_fit_serves_no_request_it_then_cuts(tmp_path, model_dir):
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(model_dir / "tiny.gguf", models / "pair.gguf")
+    probe = launch(models, extra="[defaults]\nparallel = 1\n")
+    try:
+        list(probe.stub.Generate(pb.GenerateRequest(model="pair", prompt="hi", options=pb.SamplingOptions(max_tokens=1))))
+        peak = loaded_models(probe)[0].estimate.private_peak_bytes
+    finally:
+        probe.stop()
+    # Room for one replica, not two: the load fails whole, and no request may have started on the first.
+    daemon = launch(models, extra=f"memory_budget = {int(peak * 1.5)}\nstandby_workers = 0\n"
+                                  f"[defaults]\nparallel = 1\nreplicas = 2\n")
+    try:
+        outcomes: list = []
+
+        def ask() -> None:
+            try:
+                list(daemon.stub.Generate(pb.GenerateRequest(model="pair", prompt="hi",
+                                                             options=pb.SamplingOptions(max_tokens=8)), timeout=60))
+                outcomes.append("served")
+            except grpc.RpcError as e:
+                outcomes.append(e.code())
+
+        threads = [threading.Thread(target=ask)]
+        threads[0].start()
+        # Listed while its first replica loads: requests now must still wait for the whole load's outcome.
+        wait_for(lambda: any(m.name == "pair" and m.state != "AVAILABLE"
+                             for m in daemon.stub.ListModels(pb.ListModelsRequest()).models), 30, interval=0.005,
+                 what="the load to list the model")
+        threads += [threading.Thread(target=ask) for _ in range(2)]
+        for thread in threads[1:]:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert outcomes == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 3, outcomes
+        assert loaded_models(daemon) == []
+    finally:
+        daemon.stop()
+
+
 def test_two_models_alternate_under_a_budget_for_one(tmp_path, model_dir):
     models = tmp_path / "models"
     models.mkdir()
@@ -402,10 +443,14 @@ def test_a_model_loaded_on_demand_follows_a_moved_tag_when_it_wakes_from_keep_al
             return list(daemon.stub.Generate(pb.GenerateRequest(model="tiny:q8", prompt="hi", options=pb.SamplingOptions(
                 max_tokens=2))))[-1].usage.completion_tokens
 
+        def asleep() -> bool:
+            return {m.name: m.state for m in loaded_models(daemon)}["tiny:q8"] == "EXITED"
+
         assert generate() == 2
         old = {m.name: m.path for m in loaded_models(daemon)}["tiny:q8"]
-        wait_for(lambda: {m.name: m.state for m in loaded_models(daemon)}["tiny:q8"] == "EXITED", 20,
-                 what="keep_alive to unload it")
+        wait_for(asleep, 20, what="keep_alive to unload it")
+        assert generate() == 2 and '"model_file_followed"' not in daemon.log()  # unchanged: it wakes as it was
+        wait_for(asleep, 20, what="keep_alive to unload it again")
         put_model(store, "tiny", "q8", write_model(tmp_path / "newer.gguf", seed=7).read_bytes())  # ollama pull
         wait_for(lambda: any("is its file on disk now" in p
                              for p in daemon.stub.ScanCatalog(pb.ScanCatalogRequest()).problems), 10,

@@ -34,11 +34,15 @@ class Inference:
         check_model_name(model)
         return await self.catalog.runtime(model)
 
-    def generate(self, request: pb.GenerateRequest, api: str) -> AsyncIterator[pb.GenerateChunk]:
+    def generate(self, request: pb.GenerateRequest, api: str,
+                 arrived: float | None = None) -> AsyncIterator[pb.GenerateChunk]:
+        """`arrived` (time.monotonic): when the request came, if its adapter waited before (for a load on
+        demand: that counts in usage.load_s)."""
         work = worker_pb2.WorkerGenerateRequest(prompt=request.prompt, options=request.options)
-        return self._stream(request.model, request.keep_alive, work, api, lambda: check_prompt(request.prompt))
+        return self._stream(request.model, request.keep_alive, work, api, lambda: check_prompt(request.prompt),
+                            arrived=arrived)
 
-    def chat(self, request: pb.ChatRequest, api: str) -> AsyncIterator[pb.GenerateChunk]:
+    def chat(self, request: pb.ChatRequest, api: str, arrived: float | None = None) -> AsyncIterator[pb.GenerateChunk]:
         work = worker_pb2.WorkerGenerateRequest(chat=request, options=request.options)
 
         def shape(config: ModelConfig) -> int:
@@ -48,7 +52,7 @@ class Inference:
             return dropped
 
         return self._stream(request.model, request.keep_alive, work, api, lambda: check_messages(request.messages),
-                            shape)
+                            shape, arrived)
 
     async def embed(self, request: pb.EmbedRequest, api: str) -> pb.EmbedResponse:
         """A vector per input, from a model loaded with `embedding = true`. Raises ApiError."""
@@ -74,10 +78,11 @@ class Inference:
 
     async def _stream(self, model: str, keep_alive: str, request: worker_pb2.WorkerGenerateRequest, api: str,
                       check: Callable[[], None],
-                      shape: Callable[[ModelConfig], int] = lambda config: 0) -> AsyncIterator[pb.GenerateChunk]:
+                      shape: Callable[[ModelConfig], int] = lambda config: 0,
+                      arrived: float | None = None) -> AsyncIterator[pb.GenerateChunk]:
         """Generate and Chat alike: `check` is the request's own validation (prompt or messages); `shape`
         fits it to the model's settings and says how many chat messages that left out. Raises ApiError."""
-        arrived = time.monotonic()  # a load on demand's wait counts in the usage's load_s
+        arrived = time.monotonic() if arrived is None else arrived  # a load on demand's wait counts in load_s
         try:
             check()
             runtime = await self.runtime(model)

@@ -324,16 +324,19 @@ class Ollama:
                                           "context": "send the conversation with /api/chat"}[field])
         if not body.prompt and not body.system:
             return await self._load_or_unload(body, {"response": ""})
+        arrived = time.monotonic()  # its load on demand, if any, is its load_duration
         runtime = await self.runtime(body.model)
         options = self._options(runtime, body)
         if body.raw:
             chunks = self.inference.generate(pb.GenerateRequest(model=runtime.name, prompt=body.prompt, options=options,
-                                                                keep_alive=keep_alive_text(body.keep_alive)), "ollama")
+                                                                keep_alive=keep_alive_text(body.keep_alive)), "ollama",
+                                             arrived)
         else:  # as Ollama: the prompt is the user's turn in the model's chat template
             messages = ([pb.ChatMessage(role="system", content=body.system)] if body.system else []) + \
                        [pb.ChatMessage(role="user", content=body.prompt)]
             chunks = self.inference.chat(pb.ChatRequest(model=runtime.name, messages=messages, options=options,
-                                                        keep_alive=keep_alive_text(body.keep_alive)), "ollama")
+                                                        keep_alive=keep_alive_text(body.keep_alive)), "ollama",
+                                         arrived)
         return await self._respond(request, body, chunks, lambda text, thinking: {
             "response": text, **({"thinking": thinking} if thinking else {})},
             template="" if body.raw else runtime.gguf.chat_template)
@@ -344,6 +347,7 @@ class Ollama:
             raise unsupported("tools", "tool calling is not supported yet")
         if not body.messages:
             return await self._load_or_unload(body, {"message": {"role": "assistant", "content": ""}})
+        arrived = time.monotonic()
         runtime = await self.runtime(body.model)
         for i, message in enumerate(body.messages):
             if message.images:
@@ -353,7 +357,7 @@ class Ollama:
         chat = pb.ChatRequest(model=runtime.name, options=self._options(runtime, body),
                               messages=[pb.ChatMessage(role=m.role, content=m.content or "") for m in body.messages],
                               keep_alive=keep_alive_text(body.keep_alive))
-        return await self._respond(request, body, self.inference.chat(chat, "ollama"), lambda text, thinking: {
+        return await self._respond(request, body, self.inference.chat(chat, "ollama", arrived), lambda text, thinking: {
             "message": {"role": "assistant", "content": text, **({"thinking": thinking} if thinking else {})}},
             template=runtime.gguf.chat_template)
 

@@ -115,7 +115,8 @@ def read_store(store: Path) -> tuple[list[Available], list[str]]:
         if part.is_symlink():
             return [], [f"{part}: a symlink; a store's {part.name} must lie in the store (point model_dirs at "
                         f"the real store, or link the whole store instead); skipped"]
-    for directory, dirs, files in os.walk(manifests):  # symlinked directories below are not followed
+    unreadable = []  # os.walk skips a directory it cannot list: say so, not "0 models"
+    for directory, dirs, files in os.walk(manifests, onerror=unreadable.append):  # symlinks below: not followed
         for file in sorted(files):
             path = Path(directory) / file
             parts = path.relative_to(manifests).parts
@@ -127,6 +128,7 @@ def read_store(store: Path) -> tuple[list[Available], list[str]]:
             except Exception as e:  # a manifest is data from disk: whatever it holds costs it alone
                 reason = str(e) if isinstance(e, ValueError) else f"not a manifest ({type(e).__name__}: {e})"
                 problems.append(f"{path}: {reason}; skipped")
+    problems += [f"{e.filename}: cannot be listed ({e.strerror}); skipped" for e in unreadable]
     return found, problems
 
 
@@ -234,6 +236,6 @@ def find_stores(places: Sequence[tuple[Path, str]], model_dirs: Sequence[Path]) 
                 continue
             size = sum(path.stat().st_size for path in {m.path for m in models})
             found[real] = StoreFound(place, why, len(models), size, real in served)
-        except OSError as e:
-            found[place] = StoreFound(place, why, problem=f"cannot be read: {e.strerror}")
+        except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop
+            found[place] = StoreFound(place, why, problem=f"cannot be read: {getattr(e, 'strerror', None) or e}")
     return list(found.values())

@@ -72,7 +72,10 @@ class OnDemand:
         try:
             config = self.registry.config
             self.last = await asyncio.to_thread(scan, config.model_dirs, {m.name: m.path for m in config.models})
-            gone = await asyncio.to_thread(lambda: {name for name, (path, _) in loaded.items() if not path.exists()})
+            gone = await asyncio.to_thread(missing, {name: path for name, (path, _) in loaded.items()})
+        except Exception as e:  # the disk's trouble: callers go on with the last scan; said once per kind
+            self._tell_once("catalog_scan_failed", reason=f"{type(e).__name__}: {e}")
+            return
         finally:
             self._scanning = None
         for problem in set(self.last.problems) - self._reported:  # each told once, not at every scan
@@ -104,14 +107,16 @@ class OnDemand:
 
     async def refreshed(self, runtime: ModelRuntime) -> None:
         """A model loaded on demand whose worker is not running (keep_alive, an eviction; or FATAL): if the
-        disk now gives its name another file, or none, it is unloaded, so the request that wakes it loads
-        what the disk has — not a file `ollama pull` replaced (and may have deleted)."""
-        if runtime.source != "catalog" or not asleep(runtime):
-            return
+        disk now gives its name another file, or none, or other settings (`ollama create` with a new
+        SYSTEM, a reload's [defaults]), it is unloaded, so the request that wakes it loads what the disk
+        has — not a file `ollama pull` replaced (and may have deleted)."""
+        loading = self._loading.get(runtime.name)
+        if runtime.source != "catalog" or not asleep(runtime) or (loading is not None and not loading[1].done()):
+            return  # (a load in progress: listed, its start not yet begun — not asleep, new)
         await self.rescan()
         on_disk = self.last.models.get(runtime.name)
-        if self.registry.models.get(runtime.name) is runtime and asleep(runtime) and (
-                on_disk is None or on_disk.path != runtime.gguf.path):
+        if self.registry.models.get(runtime.name) is runtime and asleep(runtime) and not runtime.waiting and (
+                on_disk is None or on_disk.path != runtime.gguf.path or self._settings(on_disk) != runtime.config):
             log.info("model_file_followed", model=runtime.name, loaded=str(runtime.gguf.path),
                      on_disk=str(on_disk.path) if on_disk else None)
             await self.registry.unload(runtime.name, reason="was unloaded: its file changed on disk")
@@ -140,6 +145,12 @@ class OnDemand:
         if not self.registry.config.load_on_demand:
             return self.registry.get(name)
         runtime = self.registry.models.get(name)
+        loading = self._loading.get(name)
+        if runtime is not None and loading is not None and not loading[0].done():
+            # Listed but not yet handed over (several replicas: until all serve, as one's failure ends the
+            # load): wait with the others.
+            await asyncio.wait([loading[0], loading[1]], return_when=asyncio.FIRST_COMPLETED)
+            return loading[0].result() if loading[0].done() else loading[1].result()
         if runtime is not None:
             await self.refreshed(runtime)
             if name in self.registry.models:
@@ -159,7 +170,8 @@ class OnDemand:
             raise ApiError(failed[1].code, f"{failed[1].message} (failed {self._clock() - failed[0]:.0f} s ago; "
                                            f"tried again {FAILED_LOAD_S:g} s after)")
         loading = self._loading.get(name)
-        if loading is not None and loading[0].done() and self.registry.models.get(name) is not loading[0].result():
+        if (loading is not None and loading[0].done() and loading[1].done()
+                and self.registry.models.get(name) is not loading[0].result()):
             loading = None  # that load listed its runtime, which is gone since (its start failed): a load anew
         if loading is None:  # one load for every request that asks meanwhile
             registered = asyncio.get_running_loop().create_future()
@@ -195,6 +207,12 @@ class OnDemand:
             return model_config(model.name, settings, defaults, host)
         except ConfigError as e:  # [defaults] itself: a config without [models] tables never checked it
             raise precondition(f"model {model.name!r} cannot be loaded on demand: {e}") from None
+
+    def _settings(self, model: Available) -> ModelConfig | None:
+        try:
+            return self.config_for(model)
+        except ApiError:
+            return None
 
     def _tell_once(self, event: str, **fields) -> None:
         """A warning about a model on disk, logged the first time only: listings ask again every time."""
@@ -251,7 +269,8 @@ class OnDemand:
             log.warning("load_on_demand_failed", model=model.name, path=str(model.path), reason=e.message)
             if e.code == grpc.StatusCode.FAILED_PRECONDITION:  # the file or the load, not the request: 503
                 e = unavailable(f"model {model.name!r} cannot start: {e.message}")
-            if e.code != grpc.StatusCode.RESOURCE_EXHAUSTED:  # memory may be free at the next request
+                # Only this is held against it: memory may be free at the next request, and an unload or a
+                # shutdown during the load says nothing of the file.
                 self._failed[model.name] = (self._clock(), e)
             raise e from None
         self._failed.pop(model.name, None)
@@ -283,3 +302,16 @@ def asleep(runtime: ModelRuntime) -> bool:
     none can (FATAL)."""
     return all(replica.state in (ReplicaState.UNLOADED, ReplicaState.FATAL) and not replica.holds_memory
                for replica in runtime.replicas)
+
+
+def missing(paths: dict) -> set:
+    """On a thread: the names whose file is gone (one that cannot be looked at counts as there: its
+    worker's mapping is what serves, and the scan reports the directory)."""
+    gone = set()
+    for name, path in paths.items():
+        try:
+            if not path.exists():
+                gone.add(name)
+        except OSError:
+            pass
+    return gone

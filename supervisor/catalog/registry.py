@@ -107,16 +107,20 @@ class Registry:
         failed = [e for e in started if isinstance(e, BaseException)]
         if failed:
             if not keep_on_failure:
-                if self.models.get(config.name) is runtime:  # an unload meanwhile has taken it already
-                    del self.models[config.name]
-                # Requests still queued on it (a load on demand) are told why it is gone, with its code.
+                # Requests still queued on it (a load on demand) are told why it is gone, with its code;
+                # it stays listed, closed, until its workers are stopped: a request meanwhile is told so,
+                # rather than finding the name free and starting the same doomed load again.
                 error = failed[0] if isinstance(failed[0], ApiError) else unavailable(repr(failed[0]))
                 reason = f"could not be loaded: {error.message}"
                 for replica in runtime.replicas:
                     if replica.state != ReplicaState.CLOSED:  # an unload meanwhile has closed it already
                         replica.refuse_for_good(error, reason)
-                await runtime.stop(reason=reason)
-                self._on_change(runtime)
+                try:
+                    await runtime.stop(reason=reason)
+                finally:
+                    if self.models.get(config.name) is runtime:  # an unload meanwhile has taken it already
+                        del self.models[config.name]
+                    self._on_change(runtime)
             raise failed[0]
         if registered is not None and not registered.done():
             registered.set_result(runtime)

@@ -367,6 +367,7 @@ class Replica:
         # The previous worker's channel is left to the garbage collector: closing it while a request
         # may still be reading its last call would cancel that call under the request's feet.
         self.worker = worker
+        self.close_on_failure = False  # its first start is done: a later failed start is a restart's
         self.last_used = self._clock()
         worker.ready_at = time.monotonic()  # not the replica's clock: requests compare it with their arrival
         lines = self.lines
