@@ -158,6 +158,8 @@ def test_store_models_generate_by_name_with_no_load_and_take_num_ctx(store):
                                                                   options=pb.SamplingOptions(max_tokens=3))))
             assert chunks[-1].usage.completion_tokens == 3
         assert [m.name for m in loaded_models(daemon)] == ["tiny:latest"]  # one load, under its full name
+        assert daemon.stub.Tokenize(pb.TokenizeRequest(model="tiny:q8", text="hello")).count > 0  # loads it too
+        assert sorted(m.name for m in loaded_models(daemon)) == ["tiny:latest", "tiny:q8"]
         assert daemon.worker("tiny:latest").pool.n_ctx == 768  # the params layer's num_ctx, not the default
         chunks = list(daemon.stub.Generate(pb.GenerateRequest(model="someone/other:1b", prompt="hi",
                                                               options=pb.SamplingOptions(max_tokens=2))))

@@ -234,7 +234,12 @@ def find_stores(places: Sequence[tuple[Path, str]], model_dirs: Sequence[Path]) 
                 more = f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else ""
                 found[real] = StoreFound(place, why, problem=f"no model it holds can be served: {skipped[0]}{more}")
                 continue
-            size = sum(path.stat().st_size for path in {m.path for m in models})
+            blobs = {m.path for m in models}
+            if blobs and not any(os.access(path, os.R_OK) for path in blobs):
+                found[real] = StoreFound(place, why, len(models), problem=f"its model blobs are not readable by the "
+                                                                          f"daemon's user (uid {os.getuid()})")
+                continue
+            size = sum(path.stat().st_size for path in blobs)
             found[real] = StoreFound(place, why, len(models), size, real in served)
         except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop
             found[place] = StoreFound(place, why, problem=f"cannot be read: {getattr(e, 'strerror', None) or e}")
