@@ -495,6 +495,45 @@ def test_a_store_with_nothing_servable_says_why(store, tmp_path):
     assert found.models == 0 and "no model it holds can be served" in found.problem and "a symlink" in found.problem
 
 
+def test_the_ollama_client_lists_shows_and_chats_with_a_quantized_store_model_on_defaults(tmp_path):
+    import ollama
+
+    from supervisor.settings.demo_model import CHAT_TEMPLATE, QUANTIZABLE, write_model
+    from tests.conftest import quantize_beside
+
+    # What an Ollama user has: a Q4_K_M blob whose template is many KB, a params layer, a system layer.
+    made = tmp_path / "made"
+    template = CHAT_TEMPLATE + "{# " + "padding " * 4_000 + "#}"
+    quantize_beside(write_model(made / "f32.gguf", QUANTIZABLE, chat_template=template), ("Q4_K_M",))
+    store = tmp_path / "ollama"
+    put_model(store, "llama3.2", "3b", (made / "Q4_K_M.gguf").read_bytes(),
+              params={"stop": ["<|eot_id|>", "user:"], "temperature": 0.6, "num_ctx": 1024}, system="Be brief.")
+    daemon = launch(store, extra=HTTP)
+    try:
+        client = ollama.Client(host=daemon.http_url)
+        listed = {m.model: m for m in client.list().models}
+        assert listed["llama3.2:3b"].details.quantization_level == "Q4_K_M"
+        shown = client.show("llama3.2:3b")
+        assert "temperature 0.6" in shown.parameters and len(shown.template) > 30_000
+        reply = client.chat("llama3.2:3b", messages=[{"role": "user", "content": "hi"}],
+                            options={"num_predict": 8})  # default settings otherwise: the store's
+        assert reply.message.content is not None and reply.eval_count > 0
+        assert reply.load_duration > 0  # it loaded for this request, and says so
+        assert [m.model for m in client.ps().models] == ["llama3.2:3b"]
+        again = client.chat("llama3.2:3b", messages=[{"role": "user", "content": "hi"}], options={"num_predict": 4})
+        assert again.load_duration == 0 and [m.model for m in client.ps().models] == ["llama3.2:3b"]
+        # OpenAI's client sees the same catalog.
+        import openai
+
+        oa = openai.OpenAI(base_url=f"{daemon.http_url}/v1", api_key="unused", max_retries=0)
+        assert "llama3.2:3b" in [m.id for m in oa.models.list().data]
+        completion = oa.chat.completions.create(model="llama3.2:3b", max_tokens=4,
+                                                messages=[{"role": "user", "content": "hi"}])
+        assert completion.usage.completion_tokens > 0
+    finally:
+        daemon.stop()
+
+
 def test_llmctl_catalog_scan_offers_ollamas_stores_and_reads_none_unasked(store, tmp_path, model_dir):
     import subprocess
     import sys
