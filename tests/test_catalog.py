@@ -45,6 +45,35 @@ def put_model(store: Path, name: str, tag: str, gguf: bytes, params: dict | None
     manifest.write_text(json.dumps({"schemaVersion": 2, "layers": layers}))
 
 
+def models_holding(tmp_path: Path, model_dir: Path, *names: str) -> Path:
+    """A model directory with the tiny model under each of these names."""
+    models = tmp_path / "models"
+    models.mkdir()
+    for name in names:
+        shutil.copy(model_dir / "tiny.gguf", models / f"{name}.gguf")
+    return models
+
+
+def at_once(n: int, call) -> list:
+    """`call()` from n threads released together: each one's result, or (code, details) of its error."""
+    outcomes: list = []
+    barrier = threading.Barrier(n)
+
+    def one() -> None:
+        barrier.wait()
+        try:
+            outcomes.append(call())
+        except grpc.RpcError as e:
+            outcomes.append((e.code(), e.details()))
+
+    threads = [threading.Thread(target=one) for _ in range(n)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    return outcomes
+
+
 @pytest.fixture
 def store(tmp_path, model_dir) -> Path:
     store = tmp_path / "ollama"
@@ -179,23 +208,15 @@ def test_a_gguf_copied_in_while_running_is_served_and_concurrent_first_requests_
         assert missing.value.code() == grpc.StatusCode.NOT_FOUND
         shutil.copy(model_dir / "tiny.gguf", models / ".fresh.tmp")
         os.rename(models / ".fresh.tmp", models / "fresh.gguf")
-        results: list = []
-
-        def ask() -> None:
-            chunks = list(daemon.stub.Generate(pb.GenerateRequest(model="fresh", prompt="hi",
-                                                                  options=pb.SamplingOptions(max_tokens=2))))
-            results.append(chunks[-1].usage.completion_tokens)
-            waits.append(chunks[-1].usage.load_s)
-
-        waits: list[float] = []
+        def ask() -> tuple[int, float]:
+            usage = list(daemon.stub.Generate(pb.GenerateRequest(model="fresh", prompt="hi",
+                                                                 options=pb.SamplingOptions(max_tokens=2))))[-1].usage
+            return usage.completion_tokens, usage.load_s
 
         # The miss above was just now: the scan a miss asks for waits its turn, and sees the new file.
-        threads = [threading.Thread(target=ask) for _ in range(3)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(120)
-        assert results == [2, 2, 2]
+        outcomes = at_once(3, ask)
+        assert [tokens for tokens, _ in outcomes] == [2, 2, 2], outcomes
+        waits = [wait for _, wait in outcomes]
         assert daemon.log().count('"worker_spawned"') == 1  # one load for the three
         # Each waited for that load, and its usage says for how long; the next request waited for none.
         loaded = json.loads(next(line for line in daemon.log().splitlines() if '"model_loaded"' in line))
@@ -208,34 +229,22 @@ def test_a_gguf_copied_in_while_running_is_served_and_concurrent_first_requests_
 
 
 def test_requests_waiting_for_a_load_on_demand_are_bounded_by_max_queue(tmp_path, model_dir):
-    models = tmp_path / "models"
-    models.mkdir()
-    shutil.copy(model_dir / "tiny.gguf", models / "cold.gguf")
+    models = models_holding(tmp_path, model_dir, "cold")
     # One request at a time, one waiting: the third and fourth asking while it loads are refused, as they
     # would be for a loaded model, rather than waiting in a line nothing bounds.
     daemon = launch(models, extra="standby_workers = 0\n[defaults]\nparallel = 1\nmax_queue = 1\n")
     try:
-        outcomes: list = []
-        barrier = threading.Barrier(4)
-
-        def ask() -> None:
-            barrier.wait()
-            try:
-                chunks = list(daemon.stub.Generate(pb.GenerateRequest(model="cold", prompt="hi",
-                                                                      options=pb.SamplingOptions(max_tokens=48)),
-                                                   timeout=120))
-                outcomes.append(chunks[-1].usage.completion_tokens)
-            except grpc.RpcError as e:
-                outcomes.append((e.code(), e.details()))
-                refused_at.append(time.time())
-
         refused_at: list[float] = []
 
-        threads = [threading.Thread(target=ask) for _ in range(4)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(120)
+        def ask() -> int:
+            try:
+                return list(daemon.stub.Generate(pb.GenerateRequest(model="cold", prompt="hi", options=pb.SamplingOptions(
+                    max_tokens=48)), timeout=120))[-1].usage.completion_tokens
+            except grpc.RpcError:
+                refused_at.append(time.time())
+                raise
+
+        outcomes = at_once(4, ask)
         served = [o for o in outcomes if o == 48]
         refused = [o for o in outcomes if o != 48]
         assert len(served) == 2 and len(refused) == 2, outcomes
@@ -250,29 +259,13 @@ def test_requests_waiting_for_a_load_on_demand_are_bounded_by_max_queue(tmp_path
 
 
 def test_a_load_on_demand_that_admission_refuses_is_resource_exhausted_with_the_figures(tmp_path, model_dir):
-    models = tmp_path / "models"
-    models.mkdir()
-    shutil.copy(model_dir / "tiny.gguf", models / "big.gguf")
+    models = models_holding(tmp_path, model_dir, "big")
     daemon = launch(models, extra=f"memory_budget = {1 << 20}\n[defaults]\nparallel = 2\n")  # 1 MiB: none fits
     try:
         for _ in range(2):  # refused again, not FATAL: memory may be free at the next request
-            outcomes: list = []
-            barrier = threading.Barrier(5)
-
-            def ask() -> None:
-                barrier.wait()
-                try:
-                    list(daemon.stub.Generate(pb.GenerateRequest(model="big", prompt="hi"), timeout=60))
-                    outcomes.append("served")
-                except grpc.RpcError as e:
-                    outcomes.append((e.code(), e.details()))
-
             # Five at once: two share the start, three queue behind them; each is told the refusal itself.
-            threads = [threading.Thread(target=ask) for _ in range(5)]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join(60)
+            outcomes = at_once(5, lambda: list(daemon.stub.Generate(pb.GenerateRequest(model="big", prompt="hi"),
+                                                                    timeout=60)))
             assert len(outcomes) == 5 and all(
                 code == grpc.StatusCode.RESOURCE_EXHAUSTED and "does not fit" in details
                 and "memory_budget is 1.0 MiB" in details for code, details in outcomes), outcomes
@@ -287,9 +280,7 @@ def test_a_load_on_demand_that_admission_refuses_is_resource_exhausted_with_the_
 
 
 def test_a_model_with_two_replicas_of_which_one_does_not_fit_serves_no_request_it_then_cuts(tmp_path, model_dir):
-    models = tmp_path / "models"
-    models.mkdir()
-    shutil.copy(model_dir / "tiny.gguf", models / "pair.gguf")
+    models = models_holding(tmp_path, model_dir, "pair")
     probe = launch(models, extra="[defaults]\nparallel = 1\n")
     try:
         list(probe.stub.Generate(pb.GenerateRequest(model="pair", prompt="hi", options=pb.SamplingOptions(max_tokens=1))))
@@ -328,10 +319,7 @@ def test_a_model_with_two_replicas_of_which_one_does_not_fit_serves_no_request_i
 
 
 def test_two_models_alternate_under_a_budget_for_one(tmp_path, model_dir):
-    models = tmp_path / "models"
-    models.mkdir()
-    for name in ("one", "two"):
-        shutil.copy(model_dir / "tiny.gguf", models / f"{name}.gguf")
+    models = models_holding(tmp_path, model_dir, "one", "two")
     probe = launch(models)
     try:
         list(probe.stub.Generate(pb.GenerateRequest(model="one", prompt="hi", options=pb.SamplingOptions(max_tokens=1))))
@@ -373,9 +361,7 @@ def test_a_config_model_unloaded_by_hand_stays_available_with_its_settings(tmp_p
 
 
 def test_load_on_demand_off_keeps_not_found(tmp_path, model_dir):
-    models = tmp_path / "models"
-    models.mkdir()
-    shutil.copy(model_dir / "tiny.gguf", models / "idle.gguf")
+    models = models_holding(tmp_path, model_dir, "idle")
     daemon = launch(models, extra="load_on_demand = false\n")
     try:
         with pytest.raises(grpc.RpcError) as missing:
