@@ -175,14 +175,14 @@ class SupervisorService(supervisor_pb2_grpc.SupervisorServicer):
         if len(request.paths) > MAX_SCAN_PATHS or any(not p.startswith("/") or "\x00" in p for p in request.paths):
             await _abort(context, invalid(f"paths: at most {MAX_SCAN_PATHS}, each absolute (on the daemon's host)"))
         catalog = self.inference.catalog
-        found = await catalog.rescan(fresh=True)
+        found = await catalog.scanner.rescan(fresh=True)
         places = [(Path(p), "asked") for p in request.paths]
         if request.find_stores:
             places += store_places(os.environ, home_directory())
         stores = await asyncio.to_thread(find_stores, places, self.registry.config.model_dirs) if places else []
         return pb.ScanCatalogResponse(
             model_dirs=[str(d) for d in self.registry.config.model_dirs], available=len(await catalog.known()),
-            problems=[*found.problems, *catalog.loaded_problems], config_path=str(self.reloader.config_path) if self.reloader else "",
+            problems=[*found.problems, *catalog.scanner.loaded_problems], config_path=str(self.reloader.config_path) if self.reloader else "",
             stores=[pb.OllamaStore(path=str(s.path), found_by=s.found_by, models=s.models, size_bytes=s.size,
                                    served=s.served, problem=s.problem) for s in stores])
 

@@ -382,9 +382,9 @@ class Ollama:
             name = self.inference.catalog.resolve(body.model)
             runtime = self.registry.models.get(name)
             if runtime is None:  # not loaded: nothing to unload, but an unknown name is still NOT_FOUND
-                if name not in self.inference.catalog.last.models:
-                    await self.inference.catalog.rescan(fresh=True)
-                    if self.inference.catalog.resolve(body.model) not in self.inference.catalog.last.models:
+                if name not in self.inference.catalog.scanner.last.models:
+                    await self.inference.catalog.scanner.rescan(fresh=True)
+                    if self.inference.catalog.resolve(body.model) not in self.inference.catalog.scanner.last.models:
                         self.registry.get(name)  # NOT_FOUND, naming what there is
                 return json_response({"model": body.model, "created_at": now_iso(), **empty, "done": True,
                                       "done_reason": "unload"})

@@ -1,109 +1,39 @@
 """Models by name, loaded or not: a request for a model on disk that is not loaded loads it (through
-admission, which evicts idle models as for any start) while the request waits, when `load_on_demand` is
-on. The disk is read again for a listing and for a name not found, at most once a second (callers
-meanwhile share one scan), so a file added or removed is seen without a restart."""
+admission, which evicts idle models as for any start) while the request waits in its queue, when
+`load_on_demand` is on. What is on disk is the scanner's (catalog/scanner.py): read again for a listing
+and for a name not found, so a file added or removed is seen without a restart."""
 
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 
 import grpc
 import structlog
 
-from supervisor.catalog.catalog import Available, Scan, scan
+from supervisor.catalog.catalog import Available
+from supervisor.catalog.scanner import Scanner
 from supervisor.catalog.registry import Registry
 from supervisor.errors import ApiError, precondition, unavailable
 from supervisor.serving.runtime import ModelRuntime
 from supervisor.settings.config import MAX_STOP_SEQUENCES, ConfigError, ModelConfig, model_config
-from supervisor.settings.gguf_file import GGUFInfo, read_gguf_info
+from supervisor.settings.gguf_file import GGUFInfo
 from supervisor.supervision.states import ReplicaState
 from supervisor.tasks import Background
 
 log = structlog.get_logger("llm_supervisor.catalog")
 
-SCAN_EVERY_S = 1.0  # clients listing, or asking for names that do not exist, cannot make the daemon scan nonstop
 FAILED_LOAD_S = 30.0  # a model that failed to load on demand is not tried again for this long
 
 
 class OnDemand:
     def __init__(self, registry: Registry, clock=time.monotonic) -> None:
         self.registry = registry
-        self.last = Scan({})
+        self.scanner = Scanner(registry, clock)
         self._clock = clock
-        self._scan_began = -SCAN_EVERY_S
-        self._scanning: asyncio.Task | None = None
-        self._reported: frozenset[str] = frozenset()
-        self._told: set[tuple] = set()  # warnings about models on disk, each logged once
-        self.loaded_problems: tuple[str, ...] = ()  # loaded models whose file is gone or replaced, at the last scan
         self._loading: dict[str, tuple[asyncio.Future, asyncio.Task]] = {}  # name → (listed, whole load)
         self._failed: dict[str, tuple[float, ApiError]] = {}  # name → (when, why) of a failed load on demand
         self._background = Background()  # a load goes on for the others when the request that began it goes
-        # GGUF headers by (path, size, mtime, inode, ctime): a listing reads each file's once, and again
-        # only when it changed (a copy that kept the mtime still has another ctime).
-        self._headers: dict[tuple, GGUFInfo] = {}
-
-    async def rescan(self, fresh: bool = False) -> Scan:
-        """The disk read again, at most once every SCAN_EVERY_S; callers meanwhile share one scan. Not
-        `fresh` (a listing): within SCAN_EVERY_S of the last scan, that one's result. `fresh` (a request
-        for a name not found): a scan begun after the call, waiting for its turn if need be — a file
-        renamed into place is served by the next request, and a flood of misses costs one scan a second."""
-        asked = self._clock()
-        while True:
-            if self._scanning is None:
-                wait = self._scan_began + SCAN_EVERY_S - self._clock()
-                if wait > 0:
-                    if not fresh:
-                        return self.last
-                    await asyncio.sleep(wait)  # the rate limit's turn; another caller may begin it first
-                    continue
-                self._scan_began = self._clock()
-                self._scanning = self._background.keep(self._scan(), "catalog-scan")
-            scanning, began = self._scanning, self._scan_began
-            await asyncio.shield(scanning)
-            if not fresh or began >= asked:
-                return self.last
-
-    async def _scan(self) -> None:
-        # Files of models the catalog resolved (an API load names its file on purpose: not compared).
-        loaded = {runtime.name: (runtime.gguf.path, runtime.serving) for runtime in list(self.registry.models.values())
-                  if runtime.source in ("catalog", "config")}
-        try:
-            config = self.registry.config
-            self.last = await asyncio.to_thread(scan, config.model_dirs, {m.name: m.path for m in config.models})
-            gone = await asyncio.to_thread(missing, {name: path for name, (path, _) in loaded.items()})
-        except Exception as e:  # the disk's trouble: callers go on with the last scan; said once per kind
-            self._tell_once("catalog_scan_failed", reason=f"{type(e).__name__}: {e}")
-            return
-        finally:
-            self._scanning = None
-        for problem in set(self.last.problems) - self._reported:  # each told once, not at every scan
-            log.warning("catalog_skipped", reason=problem)
-        self._reported = frozenset(self.last.problems)
-        reports = dict(self._check_loaded(loaded, gone))
-        for message in reports.keys() - set(self.loaded_problems):  # told when it appears, again if it comes back
-            event, fields = reports[message]
-            log.warning(event, reason=message, **fields)
-        self.loaded_problems = tuple(reports)
-
-    def _check_loaded(self, loaded: dict, gone: set[str]):
-        """What became of the loaded models' files, as (message, (event, fields)): a file deleted under a
-        worker is still mapped, so it serves on, but no new worker (a recycle, a restart) can start from
-        it; a name the disk now gives another file (`ollama pull` moved a tag) keeps its loaded file while
-        it serves. A model loaded on demand whose worker is not running follows the disk at its next
-        request (`refreshed`)."""
-        for name, (path, serving) in loaded.items():
-            if name in gone:
-                then = ("its workers serve from their mapping, but a recycle or restart cannot start a new one"
-                        if serving else "no worker of it can start from it")
-                yield (f"model {name!r}: its file {path} is gone; {then}",
-                       ("model_file_missing", {"model": name, "path": str(path)}))
-            on_disk = self.last.models.get(name)
-            if on_disk is not None and on_disk.path != path:
-                yield (f"model {name!r}: {on_disk.path} is its file on disk now; the loaded model serves {path} until "
-                       f"it is unloaded (`llmctl unload {name}`, or its keep_alive: the next request loads the new one)",
-                       ("model_file_changed", {"model": name, "loaded": str(path), "on_disk": str(on_disk.path)}))
 
     async def refreshed(self, runtime: ModelRuntime) -> None:
         """A model loaded on demand whose worker is not running (keep_alive, an eviction; or FATAL): if the
@@ -113,8 +43,8 @@ class OnDemand:
         loading = self._loading.get(runtime.name)
         if runtime.source != "catalog" or not asleep(runtime) or (loading is not None and not loading[1].done()):
             return  # (a load in progress: listed, its start not yet begun — not asleep, new)
-        await self.rescan()
-        on_disk = self.last.models.get(runtime.name)
+        await self.scanner.rescan()
+        on_disk = self.scanner.last.models.get(runtime.name)
         if self.registry.models.get(runtime.name) is runtime and asleep(runtime) and not runtime.waiting and (
                 on_disk is None or on_disk.path != runtime.gguf.path or self._settings(on_disk) != runtime.config):
             log.info("model_file_followed", model=runtime.name, loaded=str(runtime.gguf.path),
@@ -129,7 +59,7 @@ class OnDemand:
             candidates.append(name[:-len(":latest")])
         elif ":" not in name.rsplit("/", 1)[-1]:
             candidates.append(f"{name}:latest")
-        for known in (self.registry.models, self.last.models):
+        for known in (self.registry.models, self.scanner.last.models):
             for candidate in candidates:
                 if candidate in known:
                     return candidate
@@ -137,7 +67,7 @@ class OnDemand:
 
     def available(self) -> list[Available]:
         """On disk, not loaded, as of the last scan."""
-        return [model for name, model in self.last.models.items() if name not in self.registry.models]
+        return [model for name, model in self.scanner.last.models.items() if name not in self.registry.models]
 
     async def runtime(self, name: str) -> ModelRuntime:
         """The model's runtime, loaded now if it is on disk and may be; NOT_FOUND otherwise."""
@@ -155,13 +85,13 @@ class OnDemand:
             await self.refreshed(runtime)
             if name in self.registry.models:
                 return self.registry.get(name)
-        if name not in self.last.models:
-            await self.rescan()  # the scan in flight, or one just done: others asking for the name share it
+        if name not in self.scanner.last.models:
+            await self.scanner.rescan()  # the scan in flight, or one just done: others asking for the name share it
             name = self.resolve(name)
-            if name not in self.registry.models and name not in self.last.models:
-                await self.rescan(fresh=True)  # still not there: a scan begun after this request, its turn come
+            if name not in self.registry.models and name not in self.scanner.last.models:
+                await self.scanner.rescan(fresh=True)  # still not there: a scan begun after this request, its turn come
                 name = self.resolve(name)
-        if name in self.registry.models or name not in self.last.models:
+        if name in self.registry.models or name not in self.scanner.last.models:
             return self.registry.get(name)
         failed = self._failed.get(name)
         if failed is not None and self._clock() - failed[0] < FAILED_LOAD_S:
@@ -175,7 +105,7 @@ class OnDemand:
             loading = None  # that load listed its runtime, which is gone since (its start failed): a load anew
         if loading is None:  # one load for every request that asks meanwhile
             registered = asyncio.get_running_loop().create_future()
-            task = self._background.keep(self._load(self.last.models[name], registered), f"load-{name}")
+            task = self._background.keep(self._load(self.scanner.last.models[name], registered), f"load-{name}")
             loading = self._loading[name] = (registered, task)
             task.add_done_callback(lambda _, entry=loading: self._loading.pop(name, None)
                                    if self._loading.get(name) is entry else None)
@@ -194,7 +124,7 @@ class OnDemand:
             return configured
         defaults, host = self.registry.config.defaults, self.registry.host
         for key in sorted(set(model.params) - set(PARAMS)):  # num_predict, seed, penalties …: said, not silent
-            self._tell_once("catalog_param_ignored", model=model.name, key=key, reason="not a setting this daemon takes")
+            self.scanner.tell_once("catalog_param_ignored", model=model.name, key=key, reason="not a setting this daemon takes")
         try:
             settings = {"path": str(model.path)}
             model_config(model.name, settings, defaults, host)  # [defaults] alone: its fault is not the store's
@@ -203,7 +133,7 @@ class OnDemand:
                     model_config(model.name, {**settings, key: value}, defaults, host)
                     settings[key] = value
                 except ConfigError as e:
-                    self._tell_once("catalog_param_ignored", model=model.name, key=key, reason=str(e))
+                    self.scanner.tell_once("catalog_param_ignored", model=model.name, key=key, reason=str(e))
             return model_config(model.name, settings, defaults, host)
         except ConfigError as e:  # [defaults] itself: a config without [models] tables never checked it
             raise precondition(f"model {model.name!r} cannot be loaded on demand: {e}") from None
@@ -214,19 +144,12 @@ class OnDemand:
         except ApiError:
             return None
 
-    def _tell_once(self, event: str, **fields) -> None:
-        """A warning about a model on disk, logged the first time only: listings ask again every time."""
-        key = (event, *sorted(fields.items()))
-        if key not in self._told:
-            self._told.add(key)
-            log.warning(event, **fields)
-
     async def listing(self) -> list[tuple[Available, GGUFInfo | None, ModelConfig | None]]:
         """Every model on disk not loaded, read afresh, with its header and settings where they can be had
         (a damaged file or a setting the config refuses: None; its load would say why)."""
-        await self.rescan()
+        await self.scanner.rescan()
         available = self.available()
-        headers = await asyncio.to_thread(self._read_headers, [model.path for model in available])
+        headers = await self.scanner.headers([model.path for model in available])
         listed = []
         for model in available:
             try:
@@ -243,20 +166,6 @@ class OnDemand:
         on_disk = [(model.name, header) for model, header, _ in await self.listing()
                    if header is not None and self.resolve(model.name) == model.name]
         return loaded + on_disk
-
-    def _read_headers(self, paths: list) -> dict:
-        """On a thread: each file's header, from the cache where the file has not changed; None for one
-        that cannot be read (its load says why). The cache keeps only what is on disk now."""
-        fresh, found = {}, {}
-        for path in dict.fromkeys(paths):  # two tags of one blob: read once
-            try:
-                info = os.stat(path)
-                key = (path, info.st_size, info.st_mtime_ns, info.st_ino, info.st_ctime_ns)
-                fresh[key] = found[path] = self._headers.get(key) or read_gguf_info(path)
-            except (OSError, ApiError):
-                found[path] = None
-        self._headers = fresh
-        return found
 
     async def _load(self, model: Available, registered: asyncio.Future) -> ModelRuntime:
         started = self._clock()
@@ -303,15 +212,3 @@ def asleep(runtime: ModelRuntime) -> bool:
     return all(replica.state in (ReplicaState.UNLOADED, ReplicaState.FATAL) and not replica.holds_memory
                for replica in runtime.replicas)
 
-
-def missing(paths: dict) -> set:
-    """On a thread: the names whose file is gone (one that cannot be looked at counts as there: its
-    worker's mapping is what serves, and the scan reports the directory)."""
-    gone = set()
-    for name, path in paths.items():
-        try:
-            if not path.exists():
-                gone.add(name)
-        except OSError:
-            pass
-    return gone
