@@ -49,7 +49,7 @@ class OnDemand:
                 on_disk is None or on_disk.path != runtime.gguf.path or self._settings(on_disk) != runtime.config):
             log.info("model_file_followed", model=runtime.name, loaded=str(runtime.gguf.path),
                      on_disk=str(on_disk.path) if on_disk else None)
-            await self.registry.unload(runtime.name, reason="was unloaded: its file changed on disk")
+            await self.registry.unload(runtime.name, reason="was unloaded: its file or settings changed on disk")
 
     def resolve(self, name: str) -> str:
         """The name a client means: Ollama's clients add a tag (`demo:latest` for `demo`) or leave out
