@@ -379,13 +379,11 @@ class Ollama:
         unload it (once the requests in flight are done) — never loading it to do so (`ollama stop`)."""
         text = keep_alive_text(body.keep_alive)
         if text and check_keep_alive(text) == 0:
-            name = self.inference.catalog.resolve(body.model)
+            name = await self.inference.catalog.found(body.model)
             runtime = self.registry.models.get(name)
             if runtime is None:  # not loaded: nothing to unload, but an unknown name is still NOT_FOUND
                 if name not in self.inference.catalog.scanner.last.models:
-                    await self.inference.catalog.scanner.rescan(fresh=True)
-                    if self.inference.catalog.resolve(body.model) not in self.inference.catalog.scanner.last.models:
-                        self.registry.get(name)  # NOT_FOUND, naming what there is
+                    self.registry.get(name)  # NOT_FOUND, naming what there is
                 return json_response({"model": body.model, "created_at": now_iso(), **empty, "done": True,
                                       "done_reason": "unload"})
         else:

@@ -65,6 +65,17 @@ class OnDemand:
                     return candidate
         return name
 
+    async def found(self, name: str) -> str:
+        """The name a client means, the disk read again first if it is neither loaded nor in the last scan."""
+        name = self.resolve(name)
+        if name not in self.registry.models and name not in self.scanner.last.models:
+            await self.scanner.rescan()  # the scan in flight, or one just done: others asking for the name share it
+            name = self.resolve(name)
+            if name not in self.registry.models and name not in self.scanner.last.models:
+                await self.scanner.rescan(fresh=True)  # still not there: a scan begun after this request, its turn come
+                name = self.resolve(name)
+        return name
+
     def available(self) -> list[Available]:
         """On disk, not loaded, as of the last scan."""
         return [model for name, model in self.scanner.last.models.items() if name not in self.registry.models]
@@ -85,12 +96,7 @@ class OnDemand:
             await self.refreshed(runtime)
             if name in self.registry.models:
                 return self.registry.get(name)
-        if name not in self.scanner.last.models:
-            await self.scanner.rescan()  # the scan in flight, or one just done: others asking for the name share it
-            name = self.resolve(name)
-            if name not in self.registry.models and name not in self.scanner.last.models:
-                await self.scanner.rescan(fresh=True)  # still not there: a scan begun after this request, its turn come
-                name = self.resolve(name)
+        name = await self.found(name)
         if name in self.registry.models or name not in self.scanner.last.models:
             return self.registry.get(name)
         failed = self._failed.get(name)
@@ -150,14 +156,7 @@ class OnDemand:
         await self.scanner.rescan()
         available = self.available()
         headers = await self.scanner.headers([model.path for model in available])
-        listed = []
-        for model in available:
-            try:
-                config = self.config_for(model)
-            except ApiError:
-                config = None
-            listed.append((model, headers.get(model.path), config))
-        return listed
+        return [(model, headers.get(model.path), self._settings(model)) for model in available]
 
     async def known(self) -> list[tuple[str, GGUFInfo]]:
         """Every model a request can name, with its header: the loaded ones, then those on disk (read

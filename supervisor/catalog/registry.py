@@ -19,7 +19,6 @@ from supervisor.settings.gguf_file import GGUFInfo, read_gguf_info, resolve_mode
 from supervisor.observe.events import EventBus
 from supervisor.serving.queue import RequestQueue
 from supervisor.supervision.replica import Replica
-from supervisor.supervision.states import ReplicaState
 from supervisor.observe.monitor import Monitor
 from supervisor.process.output import OutputLog
 from supervisor.observe.procfs import CAP_IPC_LOCK, has_capability
@@ -111,12 +110,10 @@ class Registry:
                 # it stays listed, closed, until its workers are stopped: a request meanwhile is told so,
                 # rather than finding the name free and starting the same doomed load again.
                 error = failed[0] if isinstance(failed[0], ApiError) else unavailable(repr(failed[0]))
-                reason = f"could not be loaded: {error.message}"
                 for replica in runtime.replicas:
-                    if replica.state != ReplicaState.CLOSED:  # an unload meanwhile has closed it already
-                        replica.refuse_for_good(error, reason)
+                    replica.refuse_for_good(error)
                 try:
-                    await runtime.stop(reason=reason)
+                    await runtime.stop(reason=f"could not be loaded: {error.message}")
                 finally:
                     if self.models.get(config.name) is runtime:  # an unload meanwhile has taken it already
                         del self.models[config.name]

@@ -293,9 +293,7 @@ class Replica:
         try:
             worker = await self._launch(warm_after)
         except ApiError as e:
-            if self.close_on_failure and self.state != ReplicaState.CLOSED:
-                self.refuse_for_good(e, f"could not be loaded: {e.message}")
-            elif self.state not in REFUSING:
+            if not self._failed_first_load(e) and self.state not in REFUSING:
                 self.change_state(ReplicaState.FATAL, e.message)
             raise
         except Exception as e:  # the OS refused (fork: EAGAIN, ENOMEM): no verdict on the model, try again later
@@ -308,9 +306,7 @@ class Replica:
         never FATAL; what the caller is told."""
         error = e if isinstance(e, ApiError) else unavailable(f"model {self.name!r}: cannot start a worker: {e!r}")
         self.last_exit = error.message
-        if self.close_on_failure and self.state != ReplicaState.CLOSED:
-            self.refuse_for_good(error, f"could not be loaded: {error.message}")
-        elif self.state in (ReplicaState.STARTING, ReplicaState.REPLACING):
+        if not self._failed_first_load(error) and self.state in (ReplicaState.STARTING, ReplicaState.REPLACING):
             self.change_state(ReplicaState.UNLOADED, error.message)
         return error
 
@@ -543,12 +539,19 @@ class Replica:
             self.recycles.graceful(worker, f"config changed: {', '.join(keys)}", kind="config")
             await self.start()
 
-    def refuse_for_good(self, error: ApiError, reason: str) -> None:
+    def refuse_for_good(self, error: ApiError) -> None:
         """CLOSED now, before any await: a load that failed leaves nothing a queued request could start
         again (a second admission, evicting models for a runtime on its way out); each is told the
         load's own status (RESOURCE_EXHAUSTED with the figures, say). `stop` then stops what runs."""
-        self.closed_code = error.code
-        self.change_state(ReplicaState.CLOSED, reason)
+        if self.state != ReplicaState.CLOSED:  # an unload meanwhile has closed it already
+            self.closed_code = error.code
+            self.change_state(ReplicaState.CLOSED, f"could not be loaded: {error.message}")
+
+    def _failed_first_load(self, error: ApiError) -> bool:
+        """Whether this failed start was the first load's (close_on_failure): closed for good, then."""
+        if self.close_on_failure:
+            self.refuse_for_good(error)
+        return self.close_on_failure
 
     async def stop(self, grace: float = 5.0, reason: str = "is being unloaded") -> None:
         """Stop for good: what is still running fails with UNAVAILABLE and `reason` ("model 'x' <reason>").
